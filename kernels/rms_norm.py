@@ -1,0 +1,195 @@
+"""RMSNorm as one fused op: ``liger::rms_norm`` and its backward ``liger::rms_norm_backward``.
+
+Math (x: [..., D], w: [D], all arithmetic in fp32):
+    rstd = 1 / sqrt(mean(x^2) + eps)          saved for backward, fp32 [...]
+    n    = x * rstd
+    cast_before_weight=True  (Llama/Mistral/Qwen): y = (w + offset) * n.to(x.dtype)   -> dtype promote(x, w)
+    cast_before_weight=False (Gemma, OLMo2):      y = (n * (w + offset)).to(x.dtype)
+Backward, with g = dy * (w + offset):
+    dx = rstd * (g - n * mean(g * n))
+    dw = sum over rows of dy * n'    (n' = n rounded to x.dtype in the Llama form, as eager does)
+
+Forward: one pass, a [ROWS, BLOCK_N] tile per program. Backward: a fixed grid of programs, each walking a
+contiguous range of rows, writing dx and one fp32 partial dw row; the partials are summed afterwards.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import num_sms, use_triton
+
+MAX_FUSED_COLS = 65536  # one row must fit one program's tile
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, W, Y, RSTD,
+    x_row_stride, y_row_stride, n_rows, n_cols, eps,
+    OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+):
+    # X: [n_rows, n_cols] (row stride x_row_stride, unit column stride); W: [n_cols]; Y like X; RSTD: [n_rows] fp32
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + OFFSET
+    # Inductor passes Python floats as fp64 scalars: pin eps to fp32 so the row math stays in fp32.
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / n_cols + tl.cast(eps, tl.float32))
+    n = x * rstd[:, None]
+    if CAST_BEFORE_WEIGHT:
+        n = n.to(X.dtype.element_ty).to(tl.float32)
+    y = n * w[None, :]
+    tl.store(Y + rows64 * y_row_stride + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, X, W, RSTD, DX, DW_PARTIAL,
+    dy_row_stride, x_row_stride, dx_row_stride, n_rows, n_cols, rows_per_program,
+    OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+):
+    # Program p owns rows [p * rows_per_program, (p + 1) * rows_per_program) and writes DW_PARTIAL[p, :].
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + OFFSET
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for r in range(row_start, row_end, ROWS):
+        rows = r + tl.arange(0, ROWS)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        n = x * rstd[:, None]
+        g = dy * w[None, :]
+        c = tl.sum(g * n, axis=1) / n_cols
+        dx = (g - n * c[:, None]) * rstd[:, None]
+        tl.store(DX + rows64 * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if CAST_BEFORE_WEIGHT:
+            n = n.to(X.dtype.element_ty).to(tl.float32)
+        dw_acc += tl.sum(dy * n, axis=0)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
+
+
+def fwd_config(n_cols: int) -> dict:
+    """Tile shape for the forward kernel (tuned on the H200; see bench/NOTES.md)."""
+    block_n = triton.next_power_of_2(n_cols)
+    rows = max(1, min(16, 4096 // block_n))
+    num_warps = max(1, min(16, block_n * rows // 512))
+    return dict(BLOCK_N=block_n, ROWS=rows, num_warps=num_warps)
+
+
+def bwd_config(n_cols: int) -> dict:
+    block_n = triton.next_power_of_2(n_cols)
+    rows = max(1, min(16, 2048 // block_n))
+    num_warps = max(1, min(16, block_n * rows // 256))
+    return dict(BLOCK_N=block_n, ROWS=rows, num_warps=num_warps, programs_per_sm=2)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [N, D] with unit column stride (copies only when it must)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def out_dtype(x: torch.Tensor, weight: torch.Tensor, cast_before_weight: bool) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype) if cast_before_weight else x.dtype
+
+
+def launch_forward(x, weight, eps, offset, cast_before_weight, config=None):
+    """Runs the Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    x2 = _as_rows(x)
+    n_rows, n_cols = x2.shape
+    y = torch.empty((n_rows, n_cols), dtype=out_dtype(x, weight, cast_before_weight), device=x.device)
+    rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
+    cfg = dict(config or fwd_config(n_cols))
+    rows = cfg.pop("ROWS")
+    wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, rows),)](
+        x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
+        OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, ROWS=rows, **cfg,
+    )
+    return y.view(x.shape), rstd.view(x.shape[:-1])
+
+
+def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None):
+    x2, dy2 = _as_rows(x), _as_rows(dy)
+    n_rows, n_cols = x2.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    cfg = dict(config or bwd_config(n_cols))
+    rows = cfg.pop("ROWS")
+    programs = num_sms(x.device) * cfg.pop("programs_per_sm")
+    rows_per_program = triton.cdiv(n_rows, programs)
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    wrap_triton(_rms_norm_bwd_kernel)[(programs,)](
+        dy2, x2, weight, rstd, dx, dw_partial,
+        dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+        OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, ROWS=rows, **cfg,
+    )
+    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+
+
+def reference_forward(x, weight, eps, offset, cast_before_weight):
+    """Plain torch, used off CUDA; the same fp32 math as the kernel."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    n = xf * rstd.unsqueeze(-1)
+    w = weight + offset if offset else weight
+    if cast_before_weight:
+        y = w * n.to(x.dtype)
+    else:
+        y = (n * w.float()).to(x.dtype)
+    return y.to(out_dtype(x, weight, cast_before_weight)), rstd
+
+
+def reference_backward(dy, x, weight, rstd, offset, cast_before_weight):
+    xf = x.float()
+    n = xf * rstd.unsqueeze(-1)
+    g = dy.float() * (weight.float() + offset)
+    dx = (g - n * (g * n).mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
+    if cast_before_weight:
+        n = n.to(x.dtype).float()
+    dw = (dy.float() * n).reshape(-1, x.shape[-1]).sum(0)
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+@triton_op("liger::rms_norm", mutates_args=())
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cast_before_weight: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (y, rstd); rstd is what backward needs."""
+    if use_triton(x):
+        return launch_forward(x, weight, eps, offset, cast_before_weight)
+    return reference_forward(x, weight, eps, offset, cast_before_weight)
+
+
+@triton_op("liger::rms_norm_backward", mutates_args=())
+def rms_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
+    cast_before_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return launch_backward(dy, x, weight, rstd, offset, cast_before_weight)
+    return reference_backward(dy, x, weight, rstd, offset, cast_before_weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _eps, offset, cast_before_weight = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.offset, ctx.cast_before_weight = offset, cast_before_weight
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.liger.rms_norm_backward(dy, x, weight, rstd, ctx.offset, ctx.cast_before_weight)
+    return dx, dw, None, None, None
+
+
+rms_norm.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,49 @@
+"""liger-compile: a torch.compile backend that fuses RMSNorm, rotary, gated MLP and lm_head+cross-entropy.
+
+    model = torch.compile(model, backend="liger")       # no import needed once installed
+    report = liger_compile.explain(model, **batch)       # what was fused, and why not
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .backend import liger_backend
+from .pattern import pattern_names
+from .report import Report
+
+__version__ = "0.1.0"
+BACKEND_NAME = "liger"
+
+
+def _register_backend_name() -> None:
+    """Makes backend="liger" work in this process even without the installed entry point.
+
+    When the entry point is installed, torch registers the name itself the first time it is looked up, and
+    asserts on a duplicate; so we only register when no entry point will.
+    """
+    from torch._dynamo.backends import registry  # noqa: PLC0415
+
+    if BACKEND_NAME in registry._COMPILER_FNS:
+        return
+    from importlib.metadata import entry_points  # noqa: PLC0415
+
+    if any(ep.name == BACKEND_NAME for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    registry.register_backend(compiler_fn=liger_backend, name=BACKEND_NAME)
+
+
+_register_backend_name()
+
+
+def explain(model, *args, **kwargs) -> Report:
+    """Runs Dynamo and our rewrite on `model(*args, **kwargs)` (the rewritten graphs run eagerly, no Inductor)
+    and returns the report: `report.counts` per pattern summed over graphs, `print(report)` for the tables."""
+    report = Report(known=pattern_names())
+    backend = functools.partial(liger_backend, options={"report": report, "inductor": False})
+    torch.compile(model, backend=backend)(*args, **kwargs)
+    return report
+
+
+__all__ = ["liger_backend", "explain", "Report", "BACKEND_NAME", "__version__"]

@@ -1,0 +1,247 @@
+"""Structural matching of a pattern graph (a plain torch function, traced by torch.fx) against a Dynamo graph.
+
+Dynamo writes the same math in several surface forms (`x.float()` or `x.to(torch.float32)`, `operator.mul` or
+`torch.mul`, keyword or positional arguments, `a * b` or `b * a`). Both graphs are read through `canonical()`,
+which maps those forms to one key, so a pattern is written once, the way the model's source writes it.
+
+Pattern placeholders are wildcards: they bind a graph node or a constant (so `eps` binds the literal 1e-06),
+and a placeholder used twice must bind the same thing both times. Every other pattern node must match a graph
+node with the same canonical op and matching arguments. Interior nodes of a match may not be used outside it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Graph, Node
+
+COMMUTATIVE = {"add", "mul"}
+# Positional argument names (after the tensor itself) for ops whose arguments are often given by keyword.
+ARG_NAMES = {
+    "mean": ("dim", "keepdim"),
+    "sum": ("dim", "keepdim"),
+    "pow": ("exponent",),
+    "cat": ("dim",),
+    "unsqueeze": ("dim",),
+    "chunk": ("chunks", "dim"),
+    "split": ("split_size", "dim"),
+    "transpose": ("dim0", "dim1"),
+    "softmax": ("dim",),
+    "gelu": (),
+}
+ALIASES = {"truediv": "div", "float": "to", "type_as": "to", "pow_": "pow", "neg_": "neg", "concat": "cat",
+           "concatenate": "cat", "multiply": "mul"}
+
+
+@dataclass(frozen=True)
+class DtypeOf:
+    """The dtype of another value: `y.type_as(x)` is read as `y.to(DtypeOf(x))`."""
+
+    node: Any
+
+
+def op_name(node: Node) -> str | None:
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", None) or str(node.target)
+    else:
+        return None
+    name = name.strip("_") if name.startswith("__") else name
+    return ALIASES.get(name, name)
+
+
+def canonical(node: Node) -> tuple[str | None, list, dict]:
+    """(op, positional args, keyword args) with surface differences removed."""
+    name = op_name(node)
+    args, kwargs = list(node.args), dict(node.kwargs)
+    raw = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if raw == "float":
+        kwargs = {"dtype": torch.float32}
+    elif raw == "type_as":
+        args, kwargs = args[:1], {"dtype": DtypeOf(args[1])}
+    elif name == "to":
+        rest = args[1:]
+        args = args[:1]
+        for a in rest:
+            if isinstance(a, Node) and isinstance(example_value(a), torch.Tensor):
+                kwargs.setdefault("dtype", DtypeOf(a))  # x.to(other_tensor)
+            elif isinstance(a, (torch.dtype, Node)):  # a Node here is a pattern's dtype wildcard
+                kwargs.setdefault("dtype", a)
+            else:
+                kwargs.setdefault("device", a)
+        kwargs.pop("device", None)  # same-device moves are no-ops in a traced graph; dtype is what matters
+        kwargs.pop("copy", None)
+        kwargs.pop("non_blocking", None)
+    elif name in ARG_NAMES:
+        names = ARG_NAMES[name]
+        # args[0] is the tensor (or, for cat, the tensor list); the rest are named
+        for i, a in enumerate(args[1:1 + len(names)]):
+            kwargs.setdefault(names[i], a)
+        args = args[:1] + args[1 + len(names):]
+    return name, args, kwargs
+
+
+class MatchFailure(Exception):
+    def __init__(self, reason: str, progress: int):
+        super().__init__(reason)
+        self.reason, self.progress = reason, progress
+
+
+@dataclass
+class Match:
+    """A pattern found in a graph: what each placeholder bound, and the graph nodes it covers."""
+
+    root: Node
+    bindings: dict[str, Any]
+    nodes: list[Node]  # graph nodes covered by the pattern's call nodes, root included
+    pattern: Any = None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.bindings[name]
+
+    def value(self, name: str) -> Any:
+        """The example value (a fake tensor, or a constant) behind a binding."""
+        return example_value(self.bindings[name])
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        b = self.bindings[name]
+        if isinstance(b, DtypeOf):
+            v = example_value(b.node)
+            return getattr(v, "dtype", None)
+        return b if isinstance(b, torch.dtype) else None
+
+
+def example_value(x: Any) -> Any:
+    if isinstance(x, Node):
+        return x.meta.get("example_value", x.meta.get("val"))
+    return x
+
+
+@dataclass
+class _State:
+    bindings: dict[str, Any] = field(default_factory=dict)
+    node_map: dict[Node, Node] = field(default_factory=dict)  # pattern node -> graph node
+
+    def copy(self) -> "_State":
+        return _State(dict(self.bindings), dict(self.node_map))
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    if isinstance(a, Node) or isinstance(b, Node):
+        return a is b
+    if type(a) in (bool,) or type(b) in (bool,):
+        return type(a) is type(b) and a == b
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+class _Matcher:
+    def __init__(self):
+        self.progress = 0
+        self.visited: set[Node] = set()
+
+    def fail(self, reason: str):
+        raise MatchFailure(reason, self.progress)
+
+    def match(self, p: Any, g: Any, st: _State) -> _State:
+        if isinstance(p, Node):
+            if p.op == "placeholder":
+                if p.target in st.bindings:
+                    if not _same_constant(st.bindings[p.target], g) and not (
+                        isinstance(g, DtypeOf) and isinstance(st.bindings[p.target], DtypeOf)
+                        and g.node is st.bindings[p.target].node
+                    ):
+                        self.fail(f"`{p.target}` must be the same value in both places it is used")
+                    return st
+                st.bindings[p.target] = g
+                return st
+            if p in st.node_map:
+                if st.node_map[p] is not g:
+                    self.fail(f"`{p.name}` feeds two places in the pattern but two different values in the graph")
+                return st
+            if not isinstance(g, Node) or g.op not in ("call_function", "call_method"):
+                self.fail(f"expected `{op_name(p)}` here, found {_describe(g)}")
+            pname, pargs, pkw = canonical(p)
+            gname, gargs, gkw = canonical(g)
+            if pname != gname:
+                self.fail(f"expected `{pname}` where the graph has `{gname}` (node {g.name})")
+            if len(pargs) != len(gargs) or set(pkw) != set(gkw):
+                self.fail(f"`{gname}` at {g.name} is called with other arguments than the pattern's")
+            self.visited.add(g)
+            st.node_map[p] = g
+            self.progress += 1
+            orders = [gargs]
+            if pname in COMMUTATIVE and len(gargs) == 2:
+                orders.append([gargs[1], gargs[0]])
+            last: MatchFailure | None = None
+            for order in orders:
+                trial = st.copy()
+                try:
+                    for pa, ga in zip(pargs, order):
+                        trial = self.match(pa, ga, trial)
+                    for k in pkw:
+                        trial = self.match(pkw[k], gkw[k], trial)
+                    return trial
+                except MatchFailure as e:
+                    last = e if last is None or e.progress >= last.progress else last
+            raise last
+        if isinstance(p, (list, tuple)):
+            if not isinstance(g, (list, tuple)) or len(p) != len(g):
+                self.fail(f"expected a sequence of {len(p)} items, found {_describe(g)}")
+            for pa, ga in zip(p, g):
+                st = self.match(pa, ga, st)
+            return st
+        if isinstance(p, slice):
+            if not isinstance(g, slice):
+                self.fail(f"expected a slice, found {_describe(g)}")
+            for attr in ("start", "stop", "step"):
+                st = self.match(getattr(p, attr), getattr(g, attr), st)
+            return st
+        if isinstance(p, DtypeOf):
+            if not isinstance(g, DtypeOf):
+                # `.type_as(x)` in the pattern also matches a literal dtype equal to x's dtype
+                self.fail(f"expected the dtype of another value, found {_describe(g)}")
+            return self.match(p.node, g.node, st)
+        if not _same_constant(p, g):
+            self.fail(f"expected the constant {p!r}, found {_describe(g)}")
+        return st
+
+
+def _describe(g: Any) -> str:
+    if isinstance(g, Node):
+        return f"`{op_name(g) or g.op}` (node {g.name})"
+    return f"the constant {g!r}"
+
+
+def pattern_root(pattern_graph: Graph) -> Node:
+    out = next(n for n in pattern_graph.nodes if n.op == "output")
+    root = out.args[0]
+    if not isinstance(root, Node):
+        raise TypeError("a search function must return a single tensor")
+    return root
+
+
+def try_match(pattern_graph: Graph, root: Node) -> tuple[Match | None, MatchFailure | None, set[Node]]:
+    """Matches the pattern with its output at `root`. Returns (match, failure, graph nodes looked at)."""
+    m = _Matcher()
+    try:
+        st = m.match(pattern_root(pattern_graph), root, _State())
+    except MatchFailure as e:
+        return None, e, m.visited
+    covered = list(dict.fromkeys(st.node_map.values()))
+    inside = set(covered)
+    for n in covered:
+        if n is root:
+            continue
+        outside = [u for u in n.users if u not in inside]
+        if outside:
+            return None, MatchFailure(
+                f"intermediate `{n.name}` is also used by `{outside[0].name}` outside the pattern", m.progress + 1
+            ), m.visited
+    return Match(root=root, bindings=st.bindings, nodes=covered), None, m.visited
+
+

@@ -1,0 +1,74 @@
+"""What a pattern is, and how the backend finds them all.
+
+A pattern module in `patterns/` (installed as `liger_compile.patterns`) defines `PATTERNS`, a list of `Pattern`:
+the search function (the Hugging Face math as plain torch code), the replacement (a call to our op, same
+parameters), and a check that reads shapes and dtypes from the match and says why a site must not be fused.
+The backend imports every module it finds there; adding a pattern never touches the backend.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.fx import Graph
+
+from .matcher import Match
+
+log = logging.getLogger("liger_compile")
+
+# Report keys that always appear in `report.counts`, so users can rely on them; patterns may add others.
+KNOWN_PATTERNS = ("rms_norm", "rotary", "swiglu", "geglu", "linear_cross_entropy")
+
+
+def _no_objection(match: Match) -> str | None:
+    return None
+
+
+@dataclass
+class Pattern:
+    name: str  # report key, e.g. "rms_norm"
+    variant: str  # which source form it matches, e.g. "llama" or "gemma"
+    search: Callable  # the model's math, as plain torch code; its parameters are the wildcards
+    replace: Callable  # same parameters; builds the fused call
+    check: Callable[[Match], str | None] = _no_objection  # returns why a site must not be fused, or None
+    anchor: str | None = None  # an op that marks a candidate site, for near-miss reports (e.g. "rsqrt")
+    _graph: Graph | None = field(default=None, repr=False)
+
+    @property
+    def graph(self) -> Graph:
+        if self._graph is None:
+            self._graph = torch.fx.symbolic_trace(self.search).graph
+        return self._graph
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}[{self.variant}]"
+
+
+@functools.cache
+def all_patterns() -> tuple[Pattern, ...]:
+    """Every pattern of every module in liger_compile.patterns, in module then list order."""
+    from . import patterns as package  # noqa: PLC0415 - imported lazily: pattern modules import torch ops
+
+    found: list[Pattern] = []
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        try:
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+        except Exception as e:  # a broken optional pattern must not take the backend down
+            log.warning("liger_compile: pattern module %s failed to import (%s); it is skipped", info.name, e)
+            continue
+        found.extend(getattr(module, "PATTERNS", ()))
+    return tuple(found)
+
+
+def pattern_names() -> list[str]:
+    names = list(KNOWN_PATTERNS)
+    names += [p.name for p in all_patterns() if p.name not in names]
+    return names
