@@ -10,7 +10,6 @@ import functools
 import torch
 
 from .backend import liger_backend
-from .pattern import pattern_names
 from .report import Report
 
 __version__ = "0.1.0"
@@ -40,7 +39,7 @@ _register_backend_name()
 def explain(model, *args, **kwargs) -> Report:
     """Runs Dynamo and our rewrite on `model(*args, **kwargs)` (the rewritten graphs run eagerly, no Inductor)
     and returns the report: `report.counts` per pattern summed over graphs, `print(report)` for the tables."""
-    report = Report(known=pattern_names())
+    report = Report()
     backend = functools.partial(liger_backend, options={"report": report, "inductor": False})
     torch.compile(model, backend=backend)(*args, **kwargs)
     return report

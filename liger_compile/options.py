@@ -38,8 +38,8 @@ def parse(mode: str | None = None, options: dict | None = None) -> Options:
     if mode not in (None, "default"):
         try:
             opts.inductor_config.update(list_mode_options(mode))
-        except KeyError:
-            valid = ", ".join(sorted(list_mode_options()))
+        except (KeyError, RuntimeError):
+            valid = ", ".join(list_mode_options())
             raise ValueError(f"liger_compile: unknown mode {mode!r}; valid modes: {valid}") from None
     options = dict(options or {})
     unknown = []

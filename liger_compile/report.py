@@ -76,8 +76,10 @@ class Report:
     """`counts` sums fused sites over every graph; `print(report)` shows each graph's table."""
 
     def __init__(self, known: list[str] | None = None):
+        from .pattern import pattern_names  # noqa: PLC0415 - pattern discovery imports the ops
+
         self.graphs: list[GraphReport] = []
-        self._known = list(known or [])
+        self._known = list(known) if known is not None else pattern_names()
 
     def add(self, graph_report: GraphReport) -> None:
         self.graphs.append(graph_report)

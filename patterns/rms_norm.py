@@ -39,16 +39,21 @@ def gemma(x, weight, eps, dim, offset):
 
 
 # --- what they become --------------------------------------------------------------------------------------
+def _scalar(v):
+    """A constant becomes a Python float; a symbolic one (dynamic=True makes module floats graph inputs) stays."""
+    return float(v) if isinstance(v, (int, float)) else v
+
+
 def fused_llama(x, weight, eps, dim, in_dtype):
-    return torch.ops.liger.rms_norm(x, weight, float(eps), 0.0, True)[0]
+    return torch.ops.liger.rms_norm(x, weight, _scalar(eps), 0.0, True)[0]
 
 
 def fused_scale_then_cast(x, weight, eps, dim, in_dtype):
-    return torch.ops.liger.rms_norm(x, weight, float(eps), 0.0, False)[0]
+    return torch.ops.liger.rms_norm(x, weight, _scalar(eps), 0.0, False)[0]
 
 
 def fused_gemma(x, weight, eps, dim, offset):
-    return torch.ops.liger.rms_norm(x, weight, float(eps), float(offset), False)[0]
+    return torch.ops.liger.rms_norm(x, weight, _scalar(eps), float(offset), False)[0]
 
 
 # --- when it is safe ---------------------------------------------------------------------------------------
@@ -67,8 +72,8 @@ def check(m: Match) -> str | None:
         return f"weight has {w.shape[0]} entries for a last dimension of {cols}"
     if m["dim"] not in (-1, x.dim() - 1):
         return f"reduces over dim {m['dim']}, not the last one"
-    if isinstance(m["eps"], torch.fx.Node) or not isinstance(m["eps"], (int, float)):
-        return "eps is not a constant"
+    if not isinstance(m.value("eps"), (int, float, torch.SymFloat)):
+        return f"eps is not a float scalar (got {type(m.value('eps')).__name__})"
     if "in_dtype" in m.bindings and m.dtype("in_dtype") != x.dtype:
         return f"casts to {m.dtype('in_dtype')} instead of the input dtype {x.dtype}"
     if "offset" in m.bindings and not isinstance(m["offset"], (int, float)):

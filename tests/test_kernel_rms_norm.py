@@ -1,0 +1,83 @@
+"""RMSNorm kernels (Triton: the interpreter on CPU, the real thing on CUDA) against a float64 reference."""
+import pytest
+import torch
+
+from liger_compile.kernels import rms_norm as K
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# dtype -> (atol, rtol) against float64 math; bf16/fp16 include rounding the output (and, in the Llama form,
+# the normalised value) to the input dtype, as eager does
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+FORMS = [(0.0, True), (0.0, False), (1.0, False)]  # (offset, cast_before_weight): Llama, OLMo2, Gemma
+SHAPES = [(1, 123), (7, 123), (2, 3, 64), (2, 5, 3, 72), (33, 1000)]
+
+
+def reference64(x, w, eps, offset, cast_before_weight):
+    x64 = x.double()
+    y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * (w.double() + offset)
+    return y
+
+
+def inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3 + 0.5).to(DEVICE, dtype)
+    w = (torch.randn(shape[-1], generator=g) * 0.5 + 1).to(DEVICE, dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("offset,cast_before", FORMS)
+def test_forward_kernel_matches_float64(shape, dtype, offset, cast_before):
+    x, w = inputs(shape, dtype)
+    y, rstd = K.launch_forward(x, w, 1e-6, offset, cast_before)
+    atol, rtol = TOL[dtype]
+    assert y.shape == x.shape and y.dtype == K.out_dtype(x, w, cast_before)
+    torch.testing.assert_close(y.double(), reference64(x, w, 1e-6, offset, cast_before), atol=atol, rtol=rtol)
+    rstd_ref = torch.rsqrt(x.double().pow(2).mean(-1) + 1e-6)
+    torch.testing.assert_close(rstd.double(), rstd_ref, atol=1e-6, rtol=1e-5)
+    # the kernel computes exactly what the torch path computes (same fp32 math), to rounding
+    y_torch, _ = K.reference_forward(x, w, 1e-6, offset, cast_before)
+    torch.testing.assert_close(y, y_torch, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("offset,cast_before", FORMS)
+def test_backward_kernel_matches_float64(shape, dtype, offset, cast_before):
+    x, w = inputs(shape, dtype, seed=1)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, K.out_dtype(x, w, cast_before))
+    _, rstd = K.launch_forward(x, w, 1e-6, offset, cast_before)
+    dx, dw = K.launch_backward(dy, x, w, rstd, offset, cast_before)
+
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    reference64(x64, w64, 1e-6, offset, cast_before).backward(dy.double())
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(dx.double(), x64.grad, atol=atol * 2, rtol=rtol)
+    # dw sums over all rows: scale the tolerance with the number of rows summed
+    rows = x.numel() // x.shape[-1]
+    torch.testing.assert_close(dw.double(), w64.grad, atol=atol * rows ** 0.5 * 2, rtol=rtol * 2)
+
+
+def test_non_contiguous_input():
+    base = torch.randn(4, 72, 6, device=DEVICE)
+    x = base.transpose(1, 2)  # [4, 6, 72], last-dim stride 6
+    w = torch.randn(72, device=DEVICE)
+    y, _ = K.launch_forward(x, w, 1e-5, 0.0, True)
+    torch.testing.assert_close(y.double(), reference64(x, w, 1e-5, 0.0, True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("offset,cast_before", FORMS)
+def test_op_autograd_matches_float64(offset, cast_before):
+    """The registered op with its autograd formula, as the compiled graph calls it."""
+    x, w = inputs((3, 5, 40), torch.float32, seed=3)
+    x.requires_grad_(), w.requires_grad_()
+    y = torch.ops.liger.rms_norm(x, w, 1e-6, offset, cast_before)[0]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    reference64(x64, w64, 1e-6, offset, cast_before).backward(dy.double())
+    torch.testing.assert_close(y.double(), reference64(x64, w64, 1e-6, offset, cast_before), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-4, rtol=1e-5)
