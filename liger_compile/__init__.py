@@ -6,8 +6,17 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+
+# Installed, `patterns/` and `kernels/` live inside this package. In a source checkout (running from the repo
+# root, or with the repo on PYTHONPATH) they sit beside it: let the package find them there too.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(os.path.dirname(__file__), "kernels")) and os.path.isfile(
+    os.path.join(_root, "kernels", "__init__.py")
+):
+    __path__.append(_root)  # noqa: F821 - a package's __path__
 
 from .backend import liger_backend
 from .report import Report

@@ -1,0 +1,95 @@
+"""Timing, memory and reporting helpers shared by the benchmarks (CUDA only)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+
+import torch
+
+
+def env_info() -> dict:
+    import triton  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    info = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    try:
+        import liger_kernel  # noqa: PLC0415, F401
+        from importlib.metadata import version  # noqa: PLC0415
+
+        info["liger_kernel"] = version("liger-kernel")
+    except Exception:
+        info["liger_kernel"] = "not installed"
+    return info
+
+
+def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 200, grad_to_none=None) -> float:
+    import triton.testing  # noqa: PLC0415
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                   return_mode="median")
+
+
+def extra_peak_gib(fn) -> float:
+    """Peak memory one call allocates beyond what was allocated before it (outputs included)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str, name: str, title: str, rows: list[dict], columns: list[str], notes: str = "") -> str:
+    """Writes <name>.md (table + environment) and <name>.json; returns the markdown."""
+    os.makedirs(out_dir, exist_ok=True)
+    info = env_info()
+    env = ", ".join(f"{k} {v}" for k, v in info.items())
+    md = f"# {title}\n\n{env}\n\n{markdown_table(rows, columns)}\n"
+    if notes:
+        md += f"\n{notes}\n"
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"env": info, "rows": rows}, f, indent=1)
+    return md
+
+
+def bar_chart(path: str, title: str, groups: list[str], series: dict[str, list[float]], ylabel: str):
+    """Grouped bars: one group per kernel/config, one bar per variant."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups) + 2), 4))
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series.items()):
+        xs = [g + i * width for g in range(len(groups))]
+        bars = ax.bar(xs, [v if v == v else 0 for v in values], width, label=label)
+        for b, v in zip(bars, values):
+            if v == v:
+                ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                            va="bottom", fontsize=7)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,51 @@
+"""On a CUDA GPU (the H200 through the device tool): bf16 at real shapes, and the whole backend on CUDA."""
+import pytest
+import torch
+
+import liger_compile
+from models import batch, loss_and_grads, tiny
+
+pytestmark = pytest.mark.gpu
+
+
+def rel_err(a, ref):
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(4, 4096, 4096), (4, 4096, 32, 128)])  # Llama-3-8B hidden; q_norm-like heads
+def test_rms_norm_bf16_vs_hf_module(shape):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    d = shape[-1]
+    hf = LlamaRMSNorm(d, eps=1e-5).to("cuda", torch.bfloat16)
+    hf.weight.data.normal_(1.0, 0.2)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+
+    y_hf = hf(x)
+    dx_hf, dw_hf = torch.autograd.grad(y_hf, (x, hf.weight), dy)
+    y = torch.ops.liger.rms_norm(x, hf.weight, 1e-5, 0.0, True)[0]
+    dx, dw = torch.autograd.grad(y, (x, hf.weight), dy)
+
+    x64, w64 = x.detach().double().requires_grad_(), hf.weight.detach().double().requires_grad_()
+    y64 = w64 * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5))
+    dx64, dw64 = torch.autograd.grad(y64, (x64, w64), dy.double())
+    # ours is at least as close to float64 as HF's own bf16 module (small slack for rounding ties)
+    assert rel_err(y, y64) <= rel_err(y_hf, y64) * 1.05 + 1e-4
+    assert rel_err(dx, dx64) <= rel_err(dx_hf, dx64) * 1.05 + 1e-4
+    assert rel_err(dw, dw64) <= rel_err(dw_hf, dw64) * 1.05 + 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_backend_on_cuda_bf16_matches_eager(family, dynamic):
+    model = tiny(family, hidden=64).to("cuda", torch.bfloat16)
+    inputs = {k: v.cuda() for k, v in batch(t=16).items()}
+    ref_loss, ref_grads = loss_and_grads(model, inputs)
+    report = liger_compile.Report()
+    compiled = torch.compile(model, backend="liger", dynamic=dynamic, options={"report": report})
+    loss, grads = loss_and_grads(model, inputs, run=compiled)
+    assert report.counts["rms_norm"] >= 5 and not report.fallbacks, str(report)
+    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=2e-2, atol=2e-2)
+    for name, g in ref_grads.items():
+        assert rel_err(grads[name], g.double()) < 5e-2, name
