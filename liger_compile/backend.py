@@ -10,6 +10,7 @@ import torch
 from torch.fx import GraphModule
 
 from . import options as _options
+from .lazy import wrap_outputs
 from .pattern import all_patterns, pattern_names
 from .report import GraphReport
 from .rewrite import copy_graph_module, rewrite
@@ -37,7 +38,7 @@ def rewrite_graph(gm: GraphModule, opts: _options.Options) -> tuple[GraphModule,
     new_gm = None
     try:
         new_gm = copy_graph_module(gm)
-        report = rewrite(new_gm, patterns, index=index)
+        report = rewrite(new_gm, patterns, index=index, skip_logits=opts.skip_logits)
         result = new_gm
     except Exception as e:
         if not opts.fallback:
@@ -61,16 +62,18 @@ def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, opti
     opts = _options.parse(mode, options)
     compiled_gm, report = rewrite_graph(gm, opts)
     if not opts.inductor:
-        return compiled_gm.forward
+        return wrap_outputs(compiled_gm.forward, report.lazy_outputs)
     from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
     if report.fused:
         try:
-            return compile_fx(compiled_gm, example_inputs, config_patches=opts.inductor_config)
+            compiled = compile_fx(compiled_gm, example_inputs, config_patches=opts.inductor_config)
+            return wrap_outputs(compiled, report.lazy_outputs)
         except Exception as e:
             if not opts.fallback:
                 raise
             report.fallback = f"Inductor failed on the rewritten graph: {type(e).__name__}: {e}"
+            report.lazy_outputs.clear()
             log.warning("liger_compile: %s; compiling graph %d unchanged", report.fallback, report.index)
     return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)
 

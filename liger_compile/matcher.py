@@ -29,6 +29,14 @@ ARG_NAMES = {
     "transpose": ("dim0", "dim1"),
     "softmax": ("dim",),
     "gelu": (),
+    "linear": ("weight", "bias"),
+    "cross_entropy": ("target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing"),
+}
+# Defaults filled in so that leaving an argument out and passing its default read the same.
+ARG_DEFAULTS = {
+    "linear": {"bias": None},
+    "cross_entropy": {"weight": None, "size_average": None, "ignore_index": -100, "reduce": None,
+                      "reduction": "mean", "label_smoothing": 0.0},
 }
 ALIASES = {"truediv": "div", "float": "to", "type_as": "to", "pow_": "pow", "neg_": "neg", "concat": "cat",
            "concatenate": "cat", "multiply": "mul"}
@@ -80,6 +88,8 @@ def canonical(node: Node) -> tuple[str | None, list, dict]:
         for i, a in enumerate(args[1:1 + len(names)]):
             kwargs.setdefault(names[i], a)
         args = args[:1] + args[1 + len(names):]
+        for k, v in ARG_DEFAULTS.get(name, {}).items():
+            kwargs.setdefault(k, v)
     return name, args, kwargs
 
 
@@ -97,6 +107,8 @@ class Match:
     bindings: dict[str, Any]
     nodes: list[Node]  # graph nodes covered by the pattern's call nodes, root included
     pattern: Any = None
+    # interior nodes whose value is also returned by the graph (allowed only when the pattern can supply it)
+    returned: list[Node] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> Any:
         return self.bindings[name]
@@ -225,8 +237,13 @@ def pattern_root(pattern_graph: Graph) -> Node:
     return root
 
 
-def try_match(pattern_graph: Graph, root: Node) -> tuple[Match | None, MatchFailure | None, set[Node]]:
-    """Matches the pattern with its output at `root`. Returns (match, failure, graph nodes looked at)."""
+def try_match(pattern_graph: Graph, root: Node, allow_returned: bool = False
+              ) -> tuple[Match | None, MatchFailure | None, set[Node]]:
+    """Matches the pattern with its output at `root`. Returns (match, failure, graph nodes looked at).
+
+    With allow_returned, an interior value whose only outside use is the graph's output is allowed and listed
+    in `Match.returned`; the pattern must then say how that value is provided.
+    """
     m = _Matcher()
     try:
         st = m.match(pattern_root(pattern_graph), root, _State())
@@ -234,14 +251,17 @@ def try_match(pattern_graph: Graph, root: Node) -> tuple[Match | None, MatchFail
         return None, e, m.visited
     covered = list(dict.fromkeys(st.node_map.values()))
     inside = set(covered)
+    returned = []
     for n in covered:
         if n is root:
             continue
         outside = [u for u in n.users if u not in inside]
-        if outside:
+        if allow_returned and outside and all(u.op == "output" for u in outside):
+            returned.append(n)
+        elif outside:
             return None, MatchFailure(
                 f"intermediate `{n.name}` is also used by `{outside[0].name}` outside the pattern", m.progress + 1
             ), m.visited
-    return Match(root=root, bindings=st.bindings, nodes=covered), None, m.visited
+    return Match(root=root, bindings=st.bindings, nodes=covered, returned=returned), None, m.visited
 
 

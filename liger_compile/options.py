@@ -12,6 +12,8 @@ OUR_OPTIONS = {
     "fallback": "bool, default True: on an error inside our rewrite, compile the untouched graph with Inductor",
     "inductor": "bool, default True: False runs the rewritten graph eagerly instead of compiling it (debugging)",
     "report": "a liger_compile.Report to collect the per-graph reports into",
+    "skip_logits": "bool, default True: in training, a fused loss returns logits as a LazyTensor computed only if "
+                   "read; False makes the fused op write real logits (input dtype, chunk by chunk)",
 }
 
 
@@ -22,6 +24,7 @@ class Options:
     fallback: bool = True
     inductor: bool = True
     report: Any = None
+    skip_logits: bool = True
     inductor_config: dict[str, Any] = field(default_factory=dict)
 
 

@@ -37,6 +37,11 @@ class Pattern:
     replace: Callable  # same parameters; builds the fused call
     check: Callable[[Match], str | None] = _no_objection  # returns why a site must not be fused, or None
     anchor: str | None = None  # an op that marks a candidate site, for near-miss reports (e.g. "rsqrt")
+    # An interior value the graph also returns (the logits next to a fused loss) may be provided by the rewrite:
+    # lazily (computed from the match's inputs on first use) or, with `replace_keeping`, by the fused op itself,
+    # which then returns (value, kept interior value).
+    returned_ok: bool = False
+    replace_keeping: Callable | None = None
     _graph: Graph | None = field(default=None, repr=False)
 
     @property

@@ -47,6 +47,7 @@ class GraphReport:
     fallback: str | None = None  # set when the rewrite failed and the graph went to Inductor untouched
     nodes_before: int = 0
     nodes_after: int = 0
+    lazy_outputs: list = field(default_factory=list, repr=False)  # liger_compile.lazy.LazyOutput
 
     @property
     def counts(self) -> dict[str, int]:

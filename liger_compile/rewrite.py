@@ -6,7 +6,10 @@ from typing import Iterable
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-from .matcher import DtypeOf, Match, MatchFailure, op_name, pattern_root, try_match
+import torch
+
+from .lazy import LazyOutput, extract
+from .matcher import DtypeOf, Match, MatchFailure, example_value, op_name, pattern_root, try_match
 from .pattern import Pattern
 from .report import GraphReport, NearMiss, Site, where
 
@@ -21,7 +24,11 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     return GraphModule(gm, graph, gm.__class__.__name__)
 
 
-def _insert_replacement(graph: Graph, m: Match, pattern: Pattern) -> Node:
+def _node(x):
+    return x.node if isinstance(x, Proxy) else x
+
+
+def _insert_replacement(graph: Graph, m: Match, pattern: Pattern, keep: bool = False) -> Node:
     tracer = GraphAppendingTracer(graph)
     args = {}
     for name, value in m.bindings.items():
@@ -29,8 +36,14 @@ def _insert_replacement(graph: Graph, m: Match, pattern: Pattern) -> Node:
             value = m.dtype(name)
         args[name] = Proxy(value, tracer) if isinstance(value, Node) else value
     with graph.inserting_before(m.root):
-        out = pattern.replace(**args)
-    new = out.node if isinstance(out, Proxy) else out
+        if keep:
+            out, kept = pattern.replace_keeping(**args)
+            (returned,) = m.returned
+            _node(kept).meta.update({k: returned.meta[k] for k in _COPIED_META if k in returned.meta})
+            returned.replace_all_uses_with(_node(kept), delete_user_cb=lambda u: u.op == "output")
+        else:
+            out = pattern.replace(**args)
+    new = _node(out)
     for key in _COPIED_META:
         if key in m.root.meta:
             new.meta[key] = m.root.meta[key]
@@ -42,7 +55,40 @@ def _insert_replacement(graph: Graph, m: Match, pattern: Pattern) -> Node:
     return new
 
 
-def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0) -> GraphReport:
+def _returned_policy(m: Match, pattern: Pattern, skip_logits: bool) -> str:
+    """How to provide the interior values the graph also returns: 'none' needed, 'lazy', 'keep', or a reason."""
+    if not m.returned:
+        return "none"
+    values = [example_value(n) for n in m.returned]
+    if not all(isinstance(v, torch.Tensor) and v.requires_grad for v in values):
+        return "its intermediate value is returned by a graph without gradients (evaluation); kept as eager does"
+    if len(m.returned) > 1:
+        return "more than one intermediate value is returned by the graph"
+    if skip_logits:
+        return "lazy"
+    return "keep" if pattern.replace_keeping is not None else "an intermediate is returned and skip_logits=False"
+
+
+def _make_lazy(graph: Graph, m: Match, lazy: list[LazyOutput]) -> None:
+    """Replace the returned interior value in the graph's outputs by a LazyTensor built after the call."""
+    (returned,) = m.returned
+    inputs = [b for b in m.bindings.values() if isinstance(b, Node)]
+    compute, used = extract(returned, inputs)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outs = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    slots = [i for i, o in enumerate(outs) if o is returned]
+    start = len(outs)
+    for slot in slots:
+        outs[slot] = used[0]  # a stand-in; the wrapper puts the LazyTensor there
+    outs += used
+    output.args = (tuple(outs),)
+    ev = example_value(returned)
+    for slot in slots:
+        lazy.append(LazyOutput(slot, slice(start, start + len(used)), compute, ev.dtype, ev.device))
+
+
+def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_logits: bool = True
+            ) -> GraphReport:
     """Rewrites gm in place; returns the report. Exceptions propagate (the backend falls back on them)."""
     graph = gm.graph
     patterns = list(patterns)
@@ -58,20 +104,26 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0) -> Gra
         for node in list(graph.nodes):
             if node in covered or node.graph is not graph or op_name(node) != root_op:
                 continue
-            m, failure, visited = try_match(pattern.graph, node)
+            m, failure, visited = try_match(pattern.graph, node, allow_returned=pattern.returned_ok)
             if m is not None and covered.intersection(m.nodes):
                 m, failure = None, MatchFailure("overlaps a site another pattern already fused", 10**6)
+            policy = "none"
             if m is not None:
                 reason = pattern.check(m)
+                policy = _returned_policy(m, pattern, skip_logits) if not reason else "none"
+                reason = reason or (policy if policy not in ("none", "lazy", "keep") else None)
                 if reason:
                     m, failure = None, MatchFailure(reason, 10**6)
             if m is None:
                 failures.append((pattern, failure, visited))
                 continue
             m.pattern = pattern
-            site = Site(pattern.name, pattern.variant, where(m.root))
+            variant = pattern.variant + {"lazy": ", logits lazy", "keep": ", logits kept"}.get(policy, "")
+            site = Site(pattern.name, variant, where(m.root))
             covered.update(m.nodes)
-            _insert_replacement(graph, m, pattern)
+            if policy == "lazy":
+                _make_lazy(graph, m, report.lazy_outputs)
+            _insert_replacement(graph, m, pattern, keep=policy == "keep")
             report.fused.append(site)
 
     for name, nodes in anchor_nodes.items():

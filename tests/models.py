@@ -10,6 +10,7 @@ FAMILIES = {
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, {}),
     "gemma": (T.GemmaConfig, T.GemmaForCausalLM, {}),
     "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, {"eos_token_id": None, "pad_token_id": None}),
+    "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {"final_logit_softcapping": 30.0}),
 }
 
 
