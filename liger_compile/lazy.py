@@ -80,7 +80,7 @@ def extract(returned: Node, inputs: list[Node]) -> tuple[GraphModule, list[Node]
     def copy(n: Node) -> Node:
         if n not in env:
             if n.op not in ("call_function", "call_method"):
-                raise ValueError(f"{returned.name} depends on {n.name}, which the lazy output does not carry")
+                raise ValueError(f"{returned.name} depends on the graph input {n.name}")
             for a in n.all_input_nodes:
                 copy(a)
             env[n] = graph.node_copy(n, lambda a: env[a])

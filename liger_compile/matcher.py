@@ -28,13 +28,19 @@ ARG_NAMES = {
     "split": ("split_size", "dim"),
     "transpose": ("dim0", "dim1"),
     "softmax": ("dim",),
-    "gelu": (),
+    "gelu": ("approximate",),
     "linear": ("weight", "bias"),
+    "silu": ("inplace",),
+    "scaled_dot_product_attention": ("key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
     "cross_entropy": ("target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing"),
 }
 # Defaults filled in so that leaving an argument out and passing its default read the same.
 ARG_DEFAULTS = {
     "linear": {"bias": None},
+    "silu": {"inplace": False},
+    "gelu": {"approximate": "none"},
+    "scaled_dot_product_attention": {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                                     "enable_gqa": False},
     "cross_entropy": {"weight": None, "size_average": None, "ignore_index": -100, "reduce": None,
                       "reduction": "mean", "label_smoothing": 0.0},
 }
@@ -109,6 +115,7 @@ class Match:
     pattern: Any = None
     # interior nodes whose value is also returned by the graph (allowed only when the pattern can supply it)
     returned: list[Node] = field(default_factory=list)
+    roots: list[Node] = field(default_factory=list)  # one per pattern output; roots[0] is `root`
 
     def __getitem__(self, name: str) -> Any:
         return self.bindings[name]
@@ -229,12 +236,17 @@ def _describe(g: Any) -> str:
     return f"the constant {g!r}"
 
 
-def pattern_root(pattern_graph: Graph) -> Node:
+def pattern_roots(pattern_graph: Graph) -> list[Node]:
+    """The pattern's outputs: one tensor, or a tuple of them (e.g. rotary's q and k)."""
     out = next(n for n in pattern_graph.nodes if n.op == "output")
-    root = out.args[0]
-    if not isinstance(root, Node):
-        raise TypeError("a search function must return a single tensor")
-    return root
+    roots = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    if not all(isinstance(r, Node) for r in roots):
+        raise TypeError("a search function must return a tensor or a tuple of tensors")
+    return roots
+
+
+def pattern_root(pattern_graph: Graph) -> Node:
+    return pattern_roots(pattern_graph)[0]
 
 
 def try_match(pattern_graph: Graph, root: Node, allow_returned: bool = False
@@ -245,15 +257,20 @@ def try_match(pattern_graph: Graph, root: Node, allow_returned: bool = False
     in `Match.returned`; the pattern must then say how that value is provided.
     """
     m = _Matcher()
+    proots = pattern_roots(pattern_graph)
     try:
-        st = m.match(pattern_root(pattern_graph), root, _State())
+        st = m.match(proots[0], root, _State())
+        roots = [root]
+        for p in proots[1:]:  # later outputs: any node that matches with the bindings made so far
+            st, found = _match_elsewhere(m, p, root.graph, st, exclude=set(st.node_map.values()))
+            roots.append(found)
     except MatchFailure as e:
         return None, e, m.visited
     covered = list(dict.fromkeys(st.node_map.values()))
     inside = set(covered)
     returned = []
     for n in covered:
-        if n is root:
+        if n in roots:
             continue
         outside = [u for u in n.users if u not in inside]
         if allow_returned and outside and all(u.op == "output" for u in outside):
@@ -262,6 +279,19 @@ def try_match(pattern_graph: Graph, root: Node, allow_returned: bool = False
             return None, MatchFailure(
                 f"intermediate `{n.name}` is also used by `{outside[0].name}` outside the pattern", m.progress + 1
             ), m.visited
-    return Match(root=root, bindings=st.bindings, nodes=covered, returned=returned), None, m.visited
+    return Match(root=root, bindings=st.bindings, nodes=covered, returned=returned, roots=roots), None, m.visited
+
+
+def _match_elsewhere(m: _Matcher, p: Node, graph: Graph, st: _State, exclude: set[Node]) -> tuple[_State, Node]:
+    name = op_name(p)
+    best: MatchFailure | None = None
+    for g in graph.nodes:
+        if g in exclude or op_name(g) != name:
+            continue
+        try:
+            return m.match(p, g, st.copy()), g
+        except MatchFailure as e:
+            best = e if best is None or e.progress > best.progress else best
+    raise best or MatchFailure(f"no `{name}` node completes the pattern's second output", m.progress)
 
 

@@ -43,11 +43,13 @@ def _insert_replacement(graph: Graph, m: Match, pattern: Pattern, keep: bool = F
             returned.replace_all_uses_with(_node(kept), delete_user_cb=lambda u: u.op == "output")
         else:
             out = pattern.replace(**args)
-    new = _node(out)
-    for key in _COPIED_META:
-        if key in m.root.meta:
-            new.meta[key] = m.root.meta[key]
-    m.root.replace_all_uses_with(new)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    for root, value in zip(m.roots or [m.root], outs):
+        new = _node(value)
+        for key in _COPIED_META:
+            if key in root.meta:
+                new.meta[key] = root.meta[key]
+        root.replace_all_uses_with(new)
     order = {n: i for i, n in enumerate(graph.nodes)}
     for n in sorted(m.nodes, key=order.__getitem__, reverse=True):  # users before their inputs
         if not n.users:

@@ -1,0 +1,63 @@
+"""Attention with a mask that is provably plain causal becomes SDPA with `is_causal=True` and no mask.
+
+Under torch.compile, transformers builds an explicit [B, 1, T, T] boolean mask (from position ids, with its
+packed-sequence detection) and calls SDPA with `attn_mask=mask, is_causal=False`; eager passes `is_causal=True`.
+The masked call is several times slower at long context and the mask costs T^2 bytes.
+
+When the mask is computed from shapes alone (positions from an in-graph `arange`, no padding mask, no user
+position ids), its value is fixed for the graph's static shapes: we compute it once while compiling and
+replace the call only if it equals the lower-triangular causal mask. A mask that depends on any runtime tensor
+(padding, packed sequences' position ids) is left exactly as it is.
+"""
+import torch
+import torch.nn.functional as F
+
+from liger_compile.lazy import extract
+from liger_compile.matcher import Match
+from liger_compile.pattern import Pattern
+
+MAX_CHECKED_ELEMENTS = 2**31  # evaluating a bigger mask at compile time is not worth it
+
+
+def masked_sdpa(query, key, value, mask, dropout_p, scale, enable_gqa):
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=False,
+                                          scale=scale, enable_gqa=enable_gqa)
+
+
+def causal_sdpa(query, key, value, mask, dropout_p, scale, enable_gqa):
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=dropout_p, is_causal=True,
+                                          scale=scale, enable_gqa=enable_gqa)
+
+
+def _static(shape) -> bool:
+    return all(isinstance(s, int) for s in shape)
+
+
+def check(m: Match) -> str | None:
+    q, k, mask = m.value("query"), m.value("key"), m.value("mask")
+    if not isinstance(mask, torch.Tensor):
+        return "no mask"
+    if mask.dtype != torch.bool:
+        return f"the mask is additive ({mask.dtype}), not boolean"
+    if not (_static(mask.shape) and _static(q.shape) and _static(k.shape)):
+        return "dynamic shapes: the mask cannot be checked while compiling"
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    if t_q != t_k or mask.shape[-2:] != (t_q, t_k):
+        return f"query length {t_q} and key length {t_k} differ (a KV cache)"
+    if mask.numel() > MAX_CHECKED_ELEMENTS:
+        return f"mask of {mask.numel()} elements is too large to check while compiling"
+    try:
+        compute, used = extract(m["mask"], [])
+    except ValueError as e:
+        return f"the mask depends on runtime inputs ({e})"
+    from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: PLC0415
+
+    with unset_fake_temporarily(), torch.no_grad():
+        value = compute()
+        causal = torch.ones(t_q, t_k, dtype=torch.bool, device=value.device).tril_()
+        same = bool(torch.equal(value, causal.expand_as(value)))
+        del value, causal
+    return None if same else "the mask is computed from shapes alone but is not plain causal"
+
+
+PATTERNS = [Pattern("causal_mask", "sdpa", masked_sdpa, causal_sdpa, check, anchor="scaled_dot_product_attention")]

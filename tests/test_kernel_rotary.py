@@ -1,0 +1,190 @@
+"""liger::rotary against a float64 HF apply_rotary_pos_emb: Triton launcher, op (autograd), torch.compile."""
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; this must be set before triton
+# is first imported. On a CUDA machine the same tests run the real kernels on the GPU.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from liger_compile.kernels import rotary as R  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton launcher runs
+OP_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# dtype -> (atol, rtol). The kernel rounds once from fp32; bf16/fp16 allow a couple of output ulps.
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-2, 1e-2),
+    torch.float16: (2e-3, 2e-3),
+}
+DTYPES = list(TOL)
+
+B, T, HQ, HK, D = 3, 7, 4, 2, 72
+
+
+def rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def hf_rotary_f64(q, k, cos, sin, unsqueeze_dim):
+    """HF apply_rotary_pos_emb, evaluated in float64."""
+    c = cos.double().unsqueeze(unsqueeze_dim)
+    s = sin.double().unsqueeze(unsqueeze_dim)
+    q, k = q.double(), k.double()
+    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+
+
+def hf_rotary_grads_f64(q, k, cos, sin, unsqueeze_dim, dq_out, dk_out):
+    """(dq, dk) by float64 autograd through the HF formula."""
+    q64 = q.detach().double().requires_grad_()
+    k64 = k.detach().double().requires_grad_()
+    qo, ko = hf_rotary_f64(q64, k64, cos, sin, unsqueeze_dim)
+    return torch.autograd.grad((qo, ko), (q64, k64), (dq_out.double(), dk_out.double()))
+
+
+def cos_sin(batch, dtype, device, random_tables=False):
+    """[batch, T, D] tables. batch == B: packed rows whose positions restart inside the row."""
+    if random_tables:  # halves of sin differ: checks the backward for any table, not just HF's cat(f, f)
+        return (torch.randn(batch, T, D, device=device).to(dtype), torch.randn(batch, T, D, device=device).to(dtype))
+    if batch == 1:
+        pos = torch.arange(T, device=device)[None]
+    else:
+        pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4]], device=device)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
+    freqs = pos[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def make_qk(unsqueeze_dim, dtype, device, layout="hf"):
+    """Non-contiguous q, k as models make them ("hf"), or contiguous, or with a non-unit head-dim stride."""
+    def one(h):
+        if layout == "contiguous":
+            shape = (B, h, T, D) if unsqueeze_dim == 1 else (B, T, h, D)
+            return torch.randn(shape, device=device).to(dtype)
+        if layout == "strided_d":  # d is not the innermost axis in memory
+            x = torch.randn(B, D, T, h, device=device).to(dtype)
+            return x.permute(0, 3, 2, 1) if unsqueeze_dim == 1 else x.permute(0, 2, 3, 1)
+        if unsqueeze_dim == 1:  # linear(x).view(B, T, H, D).transpose(1, 2)
+            return torch.randn(B, T, h * D, device=device).to(dtype).view(B, T, h, D).transpose(1, 2)
+        # [B, T, H, D] out of a fused qkv projection: a slice, then a view
+        qkv = torch.randn(B, T, (h + 3) * D, device=device).to(dtype)
+        return qkv[..., D: (h + 1) * D].view(B, T, h, D)
+
+    q, k = one(HQ), one(HK)
+    if layout != "contiguous":
+        assert not q.is_contiguous() and not k.is_contiguous()
+    return q, k
+
+
+def assert_close(actual, expected, dtype):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+@pytest.mark.parametrize("cos_batch", [1, B])
+def test_launcher_forward_backward(dtype, unsqueeze_dim, cos_batch):
+    torch.manual_seed(0)
+    q, k = make_qk(unsqueeze_dim, dtype, DEV)
+    cos, sin = cos_sin(cos_batch, dtype, DEV)
+    qo, ko = R.launch(q, k, cos, sin, unsqueeze_dim)
+    rq, rk = hf_rotary_f64(q, k, cos, sin, unsqueeze_dim)
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
+    assert qo.is_contiguous() and ko.is_contiguous()
+    assert_close(qo, rq, dtype)
+    assert_close(ko, rk, dtype)
+
+    dq_out, dk_out = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = R.launch(dq_out, dk_out, cos, sin, unsqueeze_dim, backward=True)
+    rdq, rdk = hf_rotary_grads_f64(q, k, cos, sin, unsqueeze_dim, dq_out, dk_out)
+    assert_close(dq, rdq, dtype)
+    assert_close(dk, rdk, dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided_d"])
+@pytest.mark.parametrize("unsqueeze_dim", [1, -2])
+def test_launcher_any_strides_and_tables(layout, unsqueeze_dim):
+    # Random cos/sin (sin halves differ), non-contiguous grads, small head tiles so the head loop runs twice.
+    torch.manual_seed(1)
+    dtype = torch.float32
+    q, k = make_qk(2 if unsqueeze_dim == -2 else 1, dtype, DEV, layout)
+    cos, sin = cos_sin(B, dtype, DEV, random_tables=True)
+    cfg = dict(BLOCK_H=2, BLOCK_HALF=64, num_warps=1)
+    qo, ko = R.launch(q, k, cos, sin, unsqueeze_dim, config=cfg)
+    rq, rk = hf_rotary_f64(q, k, cos, sin, unsqueeze_dim)
+    assert_close(qo, rq, dtype)
+    assert_close(ko, rk, dtype)
+    dq_out = torch.randn(*reversed(q.shape), device=DEV).permute(3, 2, 1, 0)  # grads with odd strides too
+    dk_out = torch.randn(*k.shape[:-1], 1, device=DEV).expand(k.shape)  # a zero inner stride
+    dq, dk = R.launch(dq_out, dk_out, cos, sin, unsqueeze_dim, backward=True, config=cfg)
+    rdq, rdk = hf_rotary_grads_f64(q, k, cos, sin, unsqueeze_dim, dq_out, dk_out)
+    assert_close(dq, rdq, dtype)
+    assert_close(dk, rdk, dtype)
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_op_autograd(device, dtype, unsqueeze_dim):
+    torch.manual_seed(2)
+    q, k = make_qk(unsqueeze_dim, dtype, device)
+    q.requires_grad_()
+    k.requires_grad_()
+    cos, sin = cos_sin(B, dtype, device)
+    qo, ko = torch.ops.liger.rotary(q, k, cos, sin, unsqueeze_dim)
+    rq, rk = hf_rotary_f64(q.detach(), k.detach(), cos, sin, unsqueeze_dim)
+    assert qo.dtype == dtype and qo.is_contiguous()
+    assert_close(qo, rq, dtype)
+    assert_close(ko, rk, dtype)
+    dq_out, dk_out = torch.randn_like(qo), torch.randn_like(ko)
+    torch.autograd.backward((qo, ko), (dq_out, dk_out))
+    rdq, rdk = hf_rotary_grads_f64(q, k, cos, sin, unsqueeze_dim, dq_out, dk_out)
+    assert q.grad.dtype == dtype
+    assert_close(q.grad, rdq, dtype)
+    assert_close(k.grad, rdk, dtype)
+
+
+def test_opcheck():
+    q, k = make_qk(1, torch.float32, "cpu")
+    cos, sin = cos_sin(1, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.liger.rotary, (q.requires_grad_(), k.requires_grad_(), cos, sin, 1))
+    torch.library.opcheck(torch.ops.liger.rotary_backward, (q.detach(), k.detach(), cos, sin, 1))
+
+
+def test_rejects_bad_arguments():
+    q, k = make_qk(1, torch.float32, "cpu")
+    cos, sin = cos_sin(1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="unsqueeze_dim"):
+        torch.ops.liger.rotary(q, k, cos, sin, 3)
+    with pytest.raises(ValueError, match="cos"):
+        torch.ops.liger.rotary(q, k, cos[:, :-1], sin, 1)
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+def test_torch_compile_inductor(device):
+    torch.manual_seed(3)
+    q, k = make_qk(1, torch.float32, device)
+    cos, sin = cos_sin(B, torch.float32, device)
+    wq, wk = torch.randn(q.shape, device=device), torch.randn(k.shape, device=device)
+
+    def f(q, k, cos, sin):
+        qo, ko = torch.ops.liger.rotary(q, k, cos, sin, 1)
+        return (qo * wq).sum() + (ko * wk).sum(), qo, ko
+
+    compiled = torch.compile(f, backend="inductor", fullgraph=True)
+    leaves = [(q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()) for _ in range(2)]
+    eager_out = f(*leaves[0], cos, sin)
+    comp_out = compiled(*leaves[1], cos, sin)
+    for a, b in zip(comp_out, eager_out):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    eager_out[0].backward()
+    comp_out[0].backward()
+    for a, b in zip(leaves[1], leaves[0]):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
