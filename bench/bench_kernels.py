@@ -30,7 +30,7 @@ def _liger(name):
     return name
 
 
-# --- cases: each returns (inputs needing grad, {variant: forward fn}, minimal bytes or flops) -----------------
+# --- cases: each returns (inputs, params needing grad, {variant: fn(*inputs)}, floor) ----------------------------
 def case_rms_norm():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: PLC0415
 
@@ -53,36 +53,132 @@ def case_rms_norm():
         lg.weight.data.copy_(hf.weight.data)
         variants["liger"] = lg
     # fwd: read x, write y; bwd: read dy and x, write dx (weight and rstd are negligible)
-    return [x, hf.weight], variants, {"bytes": 5 * n * d * 2}
+    return [x], [x, hf.weight], variants, {"bytes": 5 * n * d * 2}
 
 
-CASES = {"rms_norm": case_rms_norm}
+def case_rotary():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: PLC0415
+
+    import liger_compile.kernels.rotary  # noqa: F401, PLC0415
+
+    b, t, hq, hk, d = 4, 4096, 32, 8, 128
+    # as HF makes them: views of the projections, transposed to [B, H, T, D]
+    q = torch.randn(b, t, hq, d, device=DEV, dtype=DT).transpose(1, 2).requires_grad_()
+    k = torch.randn(b, t, hk, d, device=DEV, dtype=DT).transpose(1, 2).requires_grad_()
+    pos = torch.arange(t, device=DEV, dtype=torch.float32)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=DEV, dtype=torch.float32) / d))
+    emb = torch.cat([pos[:, None] * inv, pos[:, None] * inv], -1)[None]
+    cos, sin = emb.cos().to(DT), emb.sin().to(DT)
+    variants = {
+        "hf_eager": lambda q, k: apply_rotary_pos_emb(q, k, cos, sin),
+        "inductor": torch.compile(lambda q, k: apply_rotary_pos_emb(q, k, cos, sin)),
+        "ours": lambda q, k: torch.ops.liger.rotary(q, k, cos, sin, 1),
+        "ours_backend": torch.compile(lambda q, k: apply_rotary_pos_emb(q, k, cos, sin), backend="liger"),
+    }
+    if _liger("rope"):
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb  # noqa: PLC0415
+
+        variants["liger"] = lambda q, k: liger_rotary_pos_emb(q, k, cos, sin)
+    return [q, k], [q, k], variants, {"bytes": 4 * (q.numel() + k.numel()) * 2}
+
+
+def case_gated_mlp():
+    import liger_compile.kernels.gated_mlp  # noqa: F401, PLC0415
+
+    n, f = 16384, 14336
+    a = torch.randn(n, f, device=DEV, dtype=DT, requires_grad=True)
+    b = torch.randn(n, f, device=DEV, dtype=DT, requires_grad=True)
+
+    def hf(a, b):
+        return torch.nn.functional.silu(a) * b
+
+    variants = {"hf_eager": hf, "inductor": torch.compile(hf),
+                "ours": lambda a, b: torch.ops.liger.gated_act(a, b, "silu"),
+                "ours_backend": torch.compile(hf, backend="liger")}
+    if _liger("swiglu"):
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction  # noqa: PLC0415
+
+        variants["liger"] = LigerSiLUMulFunction.apply
+    # fwd: read a, b, write c; bwd: read dc, a, b, write da, db
+    return [a, b], [a, b], variants, {"bytes": 8 * n * f * 2}
+
+
+def case_linear_cross_entropy():
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    import liger_compile.kernels.linear_cross_entropy  # noqa: F401, PLC0415
+
+    n, h, v = 16384, 4096, 128256
+    x = (torch.randn(n, h, device=DEV, dtype=DT) * 0.5).requires_grad_()
+    w = (torch.randn(v, h, device=DEV, dtype=DT) * 0.02).requires_grad_()
+    labels = torch.randint(0, v, (n,), device=DEV)
+    labels[::7] = -100  # one in seven ignored
+
+    def hf(x, w):
+        return F.cross_entropy(F.linear(x, w).float(), labels, ignore_index=-100)
+
+    variants = {"hf_eager": hf, "inductor": torch.compile(hf),
+                "ours": lambda x, w: torch.ops.liger.linear_cross_entropy(x, w, None, labels, None, -100, 0.0, 0.0,
+                                                                         "mean")[0],
+                "ours_backend": torch.compile(hf, backend="liger")}
+    if _liger("flce"):
+        from liger_kernel.transformers.fused_linear_cross_entropy import (  # noqa: PLC0415
+            LigerFusedLinearCrossEntropyLoss,
+        )
+
+        lce = LigerFusedLinearCrossEntropyLoss()
+        variants["liger"] = lambda x, w: lce(w, x, labels)
+    return [x, w], [x, w], variants, {"flops": 3 * 2 * n * h * v}
+
+
+CASES = {"rms_norm": case_rms_norm, "rotary": case_rotary, "gated_mlp": case_gated_mlp,
+         "linear_cross_entropy": case_linear_cross_entropy}
+
+
+def _time(fn):
+    """CUDA-graph replay when the function can be captured (no launch gaps), else plain events."""
+    import triton.testing  # noqa: PLC0415
+
+    try:
+        fn()
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception:
+        torch.cuda.synchronize()
+        return median_ms(fn)
 
 
 def run_case(name, make):
-    inputs, variants, floor = make()
-    out = next(iter(variants.values()))(inputs[0])
-    dy = torch.randn_like(out) if out.dim() else torch.ones_like(out)
+    inputs, params, variants, floor = make()
+    out = next(iter(variants.values()))(*inputs)
+    out = out[0] if isinstance(out, tuple) else out
     rows = []
     for vname, fn in variants.items():
+        def fwd():
+            return fn(*inputs)
+
+        def fwd_bwd():
+            y = fn(*inputs)
+            ys = y if isinstance(y, tuple) else (y,)
+            dys = [torch.ones_like(t) if t.dim() == 0 else torch.full_like(t, 0.01) for t in ys]
+            return torch.autograd.grad(ys, params, dys)
+
         try:
-            fwd = median_ms(lambda: fn(inputs[0]))
-            both = median_ms(lambda: fn(inputs[0]).backward(dy), grad_to_none=inputs)
-            mem = extra_peak_gib(lambda: fn(inputs[0]).backward(dy))
+            t_fwd = _time(fwd)
+            t_both = _time(fwd_bwd)
+            mem = extra_peak_gib(fwd_bwd)
         except Exception as e:  # one broken variant must not hide the others
-            print(f"{name}/{vname}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            print(f"{name}/{vname}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
-        row = {"kernel": name, "variant": vname, "fwd_ms": fwd, "bwd_ms": both - fwd, "fwd_bwd_ms": both,
+        row = {"kernel": name, "variant": vname, "fwd_ms": t_fwd, "bwd_ms": t_both - t_fwd, "fwd_bwd_ms": t_both,
                "extra_peak_gib": mem}
         if "bytes" in floor:
-            row["GB/s"] = floor["bytes"] / both / 1e6
+            row["GB/s"] = floor["bytes"] / t_both / 1e6
             row["floor_ms"] = floor["bytes"] / 4.3e12 * 1e3
         if "flops" in floor:
-            row["TFLOP/s"] = floor["flops"] / both / 1e9
+            row["TFLOP/s"] = floor["flops"] / t_both / 1e9
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        for p in inputs:
-            p.grad = None
+    del inputs, params, variants
     return rows
 
 

@@ -49,3 +49,27 @@ def test_backend_on_cuda_bf16_matches_eager(family, dynamic):
     torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=2e-2, atol=2e-2)
     for name, g in ref_grads.items():
         assert rel_err(grads[name], g.double()) < 5e-2, name
+
+
+def test_linear_cross_entropy_bf16_full_vocab_vs_float64():
+    import torch.nn.functional as F
+
+    import liger_compile.kernels.linear_cross_entropy  # noqa: F401
+
+    n, h, v = 2048, 1024, 128256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(n, h, device="cuda", generator=g) * 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(v, h, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    y[::7] = -100
+
+    loss = torch.ops.liger.linear_cross_entropy(x, w, None, y, None, -100, 0.0, 0.0, "mean")[0]
+    dx, dw = torch.autograd.grad(loss * 2.5, (x, w))
+    ref_loss = F.cross_entropy(F.linear(x, w).float(), y)
+    rdx, rdw = torch.autograd.grad(ref_loss * 2.5, (x, w))
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    loss64 = F.cross_entropy(F.linear(x64, w64), y)
+    dx64, dw64 = torch.autograd.grad(loss64 * 2.5, (x64, w64))
+    assert abs(loss.item() - loss64.item()) <= abs(ref_loss.item() - loss64.item()) * 2 + 1e-4
+    assert rel_err(dx, dx64) <= rel_err(rdx, dx64) * 2 + 1e-4
+    assert rel_err(dw, dw64) <= rel_err(rdw, dw64) * 2 + 1e-4

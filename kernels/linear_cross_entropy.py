@@ -1,0 +1,342 @@
+"""LM head + cross-entropy as one op: ``liger::linear_cross_entropy``; the [N, V] logits never exist in full.
+
+Math (h: [N, H] tokens, W: [V, H], b: [V] optional, y: [N] labels, all row math in fp32):
+    z     = h @ W^T + b                     in the input dtype, like F.linear, then read as fp32
+    z     = c * tanh(z / c)                 only with softcap c > 0 (Gemma2)
+    lse   = log(sum_j exp(z_j))
+    nll   = lse - z_y
+    loss_row = (1 - eps) * nll + eps * (lse - mean_j z_j)       label smoothing eps; torch's formula
+    loss  = sum over rows with y != ignore_index of loss_row, divided by
+            D = number of such rows ("mean"), 1 ("sum"), or num_items (HF Trainer's num_items_in_batch; "sum")
+Gradient of the loss with respect to z (p = softmax(z)):
+    dz_j  = (p_j - (1 - eps) * [j == y] - eps / V) / D          times (1 - tanh^2) = 1 - (z_j / c)^2 with softcap
+    dh    = dz @ W,   dW = dz^T @ h,   db = sum over rows of dz
+
+The forward pass computes the gradients too (the loss is a scalar, so its gradient needs nothing but the loss's own
+inputs), so backward only scales them by grad_output. Tokens go in chunks of C rows, C chosen so one chunk's logits
+fit a fixed budget (``chunk_rows``). Per chunk:
+    1. logits = h_c @ W^T (+ b)                cuBLAS, input dtype
+    2. one Triton program per row: an online max / sum-of-exp over BLOCK_V-wide tiles, the row's loss, then a
+       second pass that overwrites the row's logits with dz, in place (input dtype)
+    3. dh_c = dz @ W, dW += dz^T @ h_c, db += sum(dz)    cuBLAS; dh_c lands straight in its slice of the output
+The 1/D factor is read by the kernel from a device tensor, so nothing on the way synchronises with the host.
+
+Precision of confident rows: when p_y -> 1, computing p_y - 1 and lse - z_y directly cancels to 0 in fp32, although
+the true values (about -sum_{j != y} p_j) are far above bf16's smallest number. The kernel therefore keeps the
+sum of exp over the classes other than the label apart from the label's own term:
+    S_other = sum_{j != y} exp(z_j - m),  e_y = exp(z_y - m),  S = S_other + e_y
+    p_y - 1 = -S_other / S,    nll = log1p(S_other / e_y) when e_y >= S_other (else log(S) + m - z_y)
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import custom_op, wrap_triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ._common import use_triton
+
+# One chunk's logits (C x V in the input dtype) stay under this many bytes: 256 MiB is 1024 rows of Llama-3's
+# 128256-word vocabulary in bf16, big enough that the three matmuls per chunk run at full speed.
+LOGITS_CHUNK_BYTES = 256 * 2**20
+CHUNK_ROW_MULTIPLE = 64  # whole 64-row tiles for the matmuls when the budget allows
+
+# grad_weight is accumulated over the chunks with addmm_(beta=1) into a tensor of this dtype (keyed by the weight's
+# dtype; a dtype not listed accumulates in itself). fp32 weights accumulate in fp32. bf16/fp16 weights accumulate in
+# their own dtype: cuBLAS computes each chunk's product in fp32 and rounds once when adding it to the accumulator, so
+# the cost is one rounding per chunk (16 chunks for N=16384 on Llama-3) against the single rounding of eager's one
+# big matmul, and the saving is V*H*2 bytes (1 GiB for Llama-3 8B's lm_head) plus a cast at the end. Mapping bf16 to
+# torch.float32 here gives the fp32 accumulator at the price of fp32 matmuls for dW.
+GRAD_WEIGHT_ACC_DTYPE = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
+
+MAX_BLOCK_V = 8192
+
+
+@triton.jit
+def _tanh(x):
+    # tl has no tanh; 1 - 2 / (e^{2x} + 1) saturates to +-1 as e^{2x} overflows to inf or underflows to 0.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _log1p(x):
+    # log1p from log: u = 1 + x is rounded, and log(u) * x / (u - 1) cancels that rounding (Goldberg's trick).
+    u = 1.0 + x
+    d = tl.where(u == 1.0, 1.0, u - 1.0)  # keeps the unused branch free of 0/0
+    return tl.where(u == 1.0, x, tl.log(u) * (x / d))
+
+
+@triton.jit
+def _lce_chunk_kernel(
+    LOGITS, LABELS, LOSSES, INV_DENOM,
+    logits_row_stride, n_cols, ignore_index, label_smoothing, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # LOGITS: [rows, n_cols] (unit column stride), overwritten with d loss / d logits; LABELS: [rows] int64;
+    # LOSSES: [rows] fp32, the unscaled per-row loss; INV_DENOM: [1] fp32, the reduction's 1/D.
+    row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2^31
+    base = LOGITS + row * logits_row_stride
+    label = tl.load(LABELS + row)
+    valid = label != ignore_index
+    in_range = (label >= 0) & (label < n_cols)
+    bad = valid & ((label < 0) | (label >= n_cols))
+    y = tl.where(in_range, label, 0)  # any column is safe to read; bad and ignored rows are masked at the end
+    # Inductor passes Python floats as fp64 scalars: pin them to fp32 so the row math stays in fp32.
+    cap = tl.cast(softcap, tl.float32)
+    eps = tl.cast(label_smoothing, tl.float32)
+
+    z_y = tl.load(base + y).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_y = cap * _tanh(z_y / cap)
+
+    # Pass 1: running max m, S_other = sum_{j != y} exp(z_j - m) and, for label smoothing, sum_j z_j.
+    # m starts at z_y (finite), so the rescale exp(m - m_new) never sees -inf - -inf.
+    m = z_y
+    s_other = tl.zeros_like(z_y)
+    sum_z = tl.zeros_like(z_y)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = cap * _tanh(z / cap)
+        z = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        e = tl.where(cols == y, 0.0, tl.exp(z - m_new))  # exp(-inf) = 0 for the masked tail
+        s_other = s_other * tl.exp(m - m_new) + tl.sum(e, axis=0)
+        if HAS_SMOOTHING:
+            sum_z += tl.sum(tl.where(mask, z, 0.0), axis=0)
+        m = m_new
+
+    e_y = tl.exp(z_y - m)
+    s = s_other + e_y
+    log_s = tl.log(s)
+    # nll = log(S / e_y) = log1p(S_other / e_y): exact for confident rows, where lse - z_y would round to 0.
+    nll = tl.where(e_y >= s_other, _log1p(s_other / e_y), log_s + (m - z_y))
+    loss = nll
+    if HAS_SMOOTHING:
+        loss = (1.0 - eps) * nll + eps * (m + log_s - sum_z / n_cols)
+    loss = tl.where(valid, loss, 0.0)
+    loss = tl.where(bad, float("nan"), loss)  # an out-of-range label poisons the loss instead of reading garbage
+    tl.store(LOSSES + row, loss)
+
+    # Pass 2: dz_j = p_j - eps / V, and p_y - 1 + eps for the label, taken as -S_other / S + eps (no cancellation).
+    inv_s = 1.0 / s
+    g_y = eps - s_other * inv_s
+    scale = tl.load(INV_DENOM).to(tl.float32)
+    scale = tl.where(bad, float("nan"), scale)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            t = _tanh(z / cap)
+            z = cap * t
+        g = tl.where(cols == y, g_y, tl.exp(z - m) * inv_s)
+        if HAS_SMOOTHING:
+            g = g - eps / n_cols
+        if HAS_SOFTCAP:
+            g = g * (1.0 - t * t)  # d (c tanh(x / c)) / dx
+        # Ignored rows get exact zeros, whatever the scale (1/0 = inf when every label is ignored).
+        g = tl.where(valid, g * scale, 0.0)
+        tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def kernel_config(v: int) -> dict:
+    """Tile width and warps for the per-row kernel. A row of Llama-3's vocabulary is 16 tiles of 8192; 16 warps give
+    each thread 16 consecutive elements, i.e. 16-byte vector loads (two for bf16, four for fp32)."""
+    block_v = min(MAX_BLOCK_V, max(128, triton.next_power_of_2(v)))
+    num_warps = max(1, min(16, block_v // 512))
+    return dict(BLOCK_V=block_v, num_warps=num_warps)
+
+
+def chunk_rows(n: int, v: int, dtype: torch.dtype) -> int:
+    """Rows per chunk so that one chunk's [C, V] logits stay under LOGITS_CHUNK_BYTES (at least 1, at most n)."""
+    rows = LOGITS_CHUNK_BYTES // (v * dtype.itemsize)
+    if rows >= CHUNK_ROW_MULTIPLE:
+        rows = rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+    return max(1, min(n, rows))
+
+
+def launch_chunk_kernel(logits, labels, losses, inv_denom, ignore_index, label_smoothing, softcap, config=None):
+    """Runs the per-row Triton kernel on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    Overwrites logits [C, V] with d loss / d logits and writes the unscaled per-row losses into losses [C] (fp32).
+    """
+    assert logits.stride(1) == 1, "the kernel reads rows with unit column stride"
+    n_rows, n_cols = logits.shape
+    cfg = dict(config or kernel_config(n_cols))
+    wrap_triton(_lce_chunk_kernel)[(n_rows,)](
+        logits, labels, losses, inv_denom,
+        logits.stride(0), n_cols, ignore_index, label_smoothing, softcap,
+        HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0, **cfg,
+    )
+
+
+def reference_chunk(logits, labels, losses, inv_denom, ignore_index, label_smoothing, softcap, config=None):
+    """Plain torch, used off CUDA: the kernel's math, same arguments, same in-place results."""
+    v = logits.shape[1]
+    z = logits.float()
+    if softcap > 0:
+        t = torch.tanh(z / softcap)
+        z = softcap * t
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < v)
+    bad = valid & ~in_range
+    y = torch.where(in_range, labels, 0)
+    is_y = torch.arange(v, device=logits.device) == y[:, None]
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    m = z.amax(1)
+    e = torch.exp(z - m[:, None])
+    s_other = e.masked_fill(is_y, 0.0).sum(1)
+    e_y = torch.exp(z_y - m)
+    s = s_other + e_y
+    nll = torch.where(e_y >= s_other, torch.log1p(s_other / e_y), torch.log(s) + (m - z_y))
+    loss = nll
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * nll + label_smoothing * (m + torch.log(s) - z.mean(1))
+    loss = torch.where(valid, loss, 0.0).masked_fill(bad, math.nan)
+    losses.copy_(loss)
+
+    g = torch.where(is_y, (label_smoothing - s_other / s)[:, None], e / s[:, None])
+    if label_smoothing > 0:
+        g = g - label_smoothing / v
+    if softcap > 0:
+        g = g * (1.0 - t * t)
+    scale = inv_denom.float().expand(labels.shape).masked_fill(bad, math.nan)
+    g = torch.where(valid[:, None], g * scale[:, None], 0.0)
+    logits.copy_(g)
+
+
+def _is_eager(t: torch.Tensor) -> bool:
+    """True for a real tensor outside any tracing (compile, fake, functional or proxy modes): safe to read values."""
+    return not torch.compiler.is_compiling() and type(t) is torch.Tensor and _get_current_dispatch_mode() is None
+
+
+def check_inputs(hidden, weight, bias, labels, num_items, ignore_index, reduction):
+    """Raises ValueError on bad arguments. Label values are checked where that is free (CPU tensors, outside
+    tracing); on a GPU a label outside the vocabulary makes the loss NaN instead (never a silent number), since
+    checking would synchronise with the host every step."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if num_items is not None and reduction != "sum":
+        raise ValueError("linear_cross_entropy: num_items divides a 'sum' reduction; got reduction='mean'")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
+                         "disagree on the hidden size")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"linear_cross_entropy: bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}")
+    if labels.numel() * hidden.shape[-1] != hidden.numel():
+        raise ValueError(f"linear_cross_entropy: {labels.numel()} labels for hidden {tuple(hidden.shape)}")
+    if _is_eager(labels) and labels.device.type == "cpu":  # on a GPU the check would cost a host sync
+        v = weight.shape[0]
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
+        if bool(bad.any()):
+            first = bad.reshape(-1).nonzero()[0, 0]
+            raise ValueError(
+                f"linear_cross_entropy: label {int(labels.reshape(-1)[first])} at position {int(first)} is outside "
+                f"the vocabulary [0, {v}) and is not ignore_index ({ignore_index})"
+            )
+
+
+def _denominator(labels, num_items, ignore_index, reduction, device) -> torch.Tensor:
+    """D of the docstring as a 0-dim fp32 tensor on the device, computed there (no host round trip)."""
+    if num_items is not None:
+        return num_items.to(device=device, dtype=torch.float32)
+    if reduction == "mean":
+        return (labels != ignore_index).sum().to(torch.float32)  # 0 -> loss 0/0 = nan, as torch
+    return torch.ones((), dtype=torch.float32, device=device)
+
+
+def launch_forward(hidden, weight, bias, labels, num_items, ignore_index, label_smoothing, softcap, reduction,
+                   use_kernel, config=None, keep_logits=False):
+    """The chunked algorithm; use_kernel picks the Triton per-row kernel (any device Triton reaches) or
+    reference_chunk. Returns (loss, grad_hidden, grad_weight, grad_bias or an empty tensor) for grad_output = 1."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).long()
+    n, v = h.shape[0], weight.shape[0]
+    device = h.device
+    denom = _denominator(y, num_items, ignore_index, reduction, device)
+    inv_denom = (1.0 / denom).reshape(1)
+
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=device)
+    grad_w = torch.zeros(weight.shape, dtype=GRAD_WEIGHT_ACC_DTYPE.get(weight.dtype, weight.dtype), device=device)
+    grad_b = torch.zeros(v, dtype=torch.float32, device=device) if bias is not None else None
+    losses = torch.empty(n, dtype=torch.float32, device=device)
+    # keep_logits: the logits the model returns (soft-capped if it soft-caps), written chunk by chunk in the input
+    # dtype before the kernel turns the chunk into gradients; no fp32 [N, V] copy
+    kept = torch.empty((n, v), dtype=h.dtype, device=device) if keep_logits else h.new_empty(0)
+    chunk_fn = launch_chunk_kernel if use_kernel else reference_chunk
+
+    rows = chunk_rows(n, v, h.dtype)
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        h_c = h[start:end]
+        logits = torch.addmm(bias, h_c, weight.t()) if bias is not None else torch.mm(h_c, weight.t())
+        if keep_logits:
+            kept[start:end] = logits if softcap <= 0 else (softcap * torch.tanh(logits.float() / softcap))
+        chunk_fn(logits, y[start:end], losses[start:end], inv_denom, ignore_index, label_smoothing, softcap,
+                 config=config)
+        dz = logits  # now d loss / d logits
+        torch.mm(dz, weight, out=grad_h[start:end])
+        if grad_w.dtype == dz.dtype:
+            grad_w.addmm_(dz.t(), h_c)
+        else:
+            grad_w.addmm_(dz.t().to(grad_w.dtype), h_c.to(grad_w.dtype))
+        if grad_b is not None:
+            grad_b += dz.sum(0, dtype=torch.float32)
+
+    loss = losses.sum() / denom
+    grad_b = grad_b.to(bias.dtype) if bias is not None else h.new_empty(0)
+    return loss, grad_h.view(hidden.shape), grad_w.to(weight.dtype), grad_b, kept
+
+
+# A custom op rather than a triton_op: the work is three cuBLAS matmuls per chunk writing into slices of
+# preallocated buffers and accumulating in place. Traced by Inductor, those in-place writes would be functionalised
+# into copies of [N, H] and [V, H] buffers per chunk; run as one opaque call, the memory is exactly what is written
+# here (a chunk of logits plus the gradients). Nothing in it synchronises with the host, so it also runs inside
+# CUDA graphs.
+@custom_op("liger::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    num_items: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, softcap: float, reduction: str,
+    keep_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, grad_hidden, grad_weight, grad_bias, logits): the fp32 scalar loss, the gradients for
+    grad_output = 1 that backward scales (grad_bias is empty without a bias), and with keep_logits the [N, V]
+    logits in the input dtype (else empty). Callers use [0] (and [4])."""
+    check_inputs(hidden, weight, bias, labels, num_items, ignore_index, reduction)
+    return launch_forward(hidden, weight, bias, labels, num_items, ignore_index, label_smoothing, softcap, reduction,
+                          use_kernel=use_triton(hidden), keep_logits=keep_logits)
+
+
+@linear_cross_entropy.register_fake
+def _fake(hidden, weight, bias, labels, num_items, ignore_index, label_smoothing, softcap, reduction,
+          keep_logits=False):
+    n = hidden.numel() // hidden.shape[-1]
+    loss = hidden.new_empty((), dtype=torch.float32)
+    grad_b = hidden.new_empty(bias.shape if bias is not None else (0,), dtype=bias.dtype if bias is not None
+                              else hidden.dtype)
+    kept = hidden.new_empty((n, weight.shape[0]) if keep_logits else (0,))
+    return loss, torch.empty_like(hidden), torch.empty_like(weight), grad_b, kept
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[1:4])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_grad_saved):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    # grad_loss is a 0-dim fp32 tensor: multiplying keeps each gradient's dtype.
+    dh = grad_h * grad_loss if needs[0] else None
+    dw = grad_w * grad_loss if needs[1] else None
+    db = grad_b * grad_loss if ctx.has_bias and needs[2] else None
+    return dh, dw, db, None, None, None, None, None, None, None
+
+
+linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,155 @@
+"""Rotary, gated MLP, causal mask and lm_head+CE fused in real HF models, with eager's numbers."""
+import pytest
+import torch
+import transformers as T
+
+import liger_compile
+from liger_compile.lazy import LazyTensor
+from models import assert_matches_eager, batch, loss_and_grads, tiny
+
+L = 2
+
+
+def phi3():
+    cfg = T.Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=L,
+                       num_attention_heads=4, num_key_value_heads=2, use_cache=False, pad_token_id=0,
+                       eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(0)
+    return T.Phi3ForCausalLM(cfg)
+
+
+MODELS = {"llama": lambda: tiny("llama", layers=L), "qwen3": lambda: tiny("qwen3", layers=L),
+          "gemma": lambda: tiny("gemma", layers=L), "gemma2": lambda: tiny("gemma2", layers=L), "phi3": phi3}
+# expected counts per model with L layers (explain, training)
+EXPECTED = {
+    "llama": dict(rms_norm=2 * L + 1, rotary=L, swiglu=L, geglu=0, linear_cross_entropy=1, causal_mask=L),
+    "qwen3": dict(rms_norm=4 * L + 1, rotary=L, swiglu=L, geglu=0, linear_cross_entropy=1, causal_mask=L),
+    "gemma": dict(rms_norm=2 * L + 1, rotary=L, swiglu=0, geglu=L, linear_cross_entropy=1, causal_mask=L),
+    "gemma2": dict(rms_norm=4 * L + 1, rotary=L, swiglu=0, geglu=L, linear_cross_entropy=1),
+    "phi3": dict(rms_norm=2 * L + 1, rotary=L, swiglu=L, geglu=0, linear_cross_entropy=1, causal_mask=L),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_counts_and_training_parity(name):
+    model = MODELS[name]()
+    report = liger_compile.explain(model, **batch())
+    for pattern, n in EXPECTED[name].items():
+        assert report.counts[pattern] == n, f"{pattern}: {report}"
+    torch._dynamo.reset()
+    assert_matches_eager(model, batch())
+
+
+def test_num_items_in_batch_and_softcap():
+    model = tiny("gemma2", layers=1)
+    inputs = {**batch(), "num_items_in_batch": torch.tensor(11)}
+    report = liger_compile.explain(model, **inputs)
+    (site,) = [s for g in report.graphs for s in g.fused if s.pattern == "linear_cross_entropy"]
+    assert "softcap" in site.variant and "num_items" in site.variant
+    torch._dynamo.reset()
+    assert_matches_eager(model, inputs)
+
+
+def test_packed_sequences_rotary_fused_mask_left_alone():
+    model = tiny("llama", layers=1)
+    inputs = {**batch(), "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4]])}
+    report = liger_compile.explain(model, **inputs)
+    assert report.counts["rotary"] == 1 and report.counts["causal_mask"] == 0
+    assert any("depends on the graph input" in m.reason for m in report.near_misses if m.pattern == "causal_mask")
+    torch._dynamo.reset()
+    assert_matches_eager(model, inputs)
+
+
+def test_padding_mask_left_alone_and_correct():
+    model = tiny("qwen3", layers=1)
+    ids = batch()["input_ids"]
+    labels = ids.clone()
+    labels[1, :3] = -100
+    inputs = {"input_ids": ids, "labels": labels, "attention_mask": torch.tensor([[1] * 8, [0, 0, 0] + [1] * 5])}
+    report = liger_compile.explain(model, **inputs)
+    assert report.counts["causal_mask"] == 0 and report.counts["linear_cross_entropy"] == 1
+    torch._dynamo.reset()
+    assert_matches_eager(model, inputs)
+
+
+def test_training_logits_are_lazy_and_correct_when_read():
+    model = tiny("llama", layers=1)
+    compiled = torch.compile(model, backend="liger")
+    out = compiled(**batch())
+    assert isinstance(out.logits, LazyTensor) and out.logits.shape == (2, 8, 128)
+    ref = model(**batch())
+    torch.testing.assert_close(out.logits * 1, ref.logits.detach(), rtol=1e-5, atol=1e-5)
+    assert out.logits.argmax(-1).shape == (2, 8)
+
+
+def test_lazy_logits_after_an_optimizer_step_raise_a_clear_error():
+    model = tiny("llama", layers=1)
+    compiled = torch.compile(model, backend="liger")
+    out = compiled(**batch())
+    out.loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    with pytest.raises(RuntimeError, match="skip_logits"):
+        out.logits.sum()
+
+
+def test_eval_logits_are_real_and_equal_eager():
+    model = tiny("gemma2", layers=1).eval()
+    with torch.no_grad():
+        report = liger_compile.explain(model, **batch())
+        assert report.counts["linear_cross_entropy"] == 0
+        assert any("evaluation" in m.reason for m in report.near_misses)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="liger")(**batch())
+        ref = model(**batch())
+    assert not isinstance(out.logits, LazyTensor)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_rotary_is_left_to_inductor_and_correct():
+    # Phi-style partial rotary: only the first rotary_dim channels are rotated
+    class PartialRope(torch.nn.Module):
+        def forward(self, q, k, cos, sin):
+            def rotate_half(x):
+                return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q_rot, q_pass = q[..., :4], q[..., 4:]
+            k_rot, k_pass = k[..., :4], k[..., 4:]
+            q_rot = q_rot * cos + rotate_half(q_rot) * sin
+            k_rot = k_rot * cos + rotate_half(k_rot) * sin
+            return torch.cat([q_rot, q_pass], -1), torch.cat([k_rot, k_pass], -1)
+
+    args = (torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(1, 5, 4), torch.randn(1, 5, 4))
+    report = liger_compile.explain(PartialRope(), *args)
+    # either correctly fused on the rotated part or left alone; never wrong
+    torch._dynamo.reset()
+    out = torch.compile(PartialRope(), backend="liger")(*args)
+    for a, b in zip(out, PartialRope()(*args)):
+        torch.testing.assert_close(a, b)
+    assert report.counts["rotary"] in (0, 1)
+
+
+def test_disabling_each_pattern_keeps_the_numbers():
+    model = tiny("llama", layers=1)
+    ref_loss, _ = loss_and_grads(model, batch())
+    for name in ("rotary", "swiglu", "linear_cross_entropy", "causal_mask"):
+        torch._dynamo.reset()
+        report = liger_compile.Report()
+        compiled = torch.compile(model, backend="liger", options={"disable": [name], "report": report})
+        loss, _ = loss_and_grads(model, batch(), run=compiled)
+        assert report.counts[name] == 0
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_skip_logits_false_keeps_real_logits(family):
+    model = tiny(family, layers=1)
+    report = liger_compile.Report()
+    compiled = torch.compile(model, backend="liger", options={"skip_logits": False, "report": report})
+    out = compiled(**batch())
+    ref = model(**batch())
+    assert report.counts["linear_cross_entropy"] == 1
+    assert any("logits kept" in s.variant for g in report.graphs for s in g.fused)
+    assert not isinstance(out.logits, LazyTensor) and out.logits.dtype == ref.logits.dtype
+    torch.testing.assert_close(out.logits, ref.logits.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
