@@ -51,7 +51,7 @@ def case_rms_norm():
 
         lg = LigerRMSNorm(d, eps=1e-5).to(DEV, DT)
         lg.weight.data.copy_(hf.weight.data)
-        variants["liger"] = lg
+        variants["liger"] = (lg, [x, lg.weight])
     # fwd: read x, write y; bwd: read dy and x, write dx (weight and rstd are negligible)
     return [x], [x, hf.weight], variants, {"bytes": 5 * n * d * 2}
 
@@ -135,36 +135,26 @@ CASES = {"rms_norm": case_rms_norm, "rotary": case_rotary, "gated_mlp": case_gat
          "linear_cross_entropy": case_linear_cross_entropy}
 
 
-def _time(fn):
-    """CUDA-graph replay when the function can be captured (no launch gaps), else plain events."""
-    import triton.testing  # noqa: PLC0415
-
-    try:
-        fn()
-        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-    except Exception:
-        torch.cuda.synchronize()
-        return median_ms(fn)
-
-
 def run_case(name, make):
     inputs, params, variants, floor = make()
-    out = next(iter(variants.values()))(*inputs)
-    out = out[0] if isinstance(out, tuple) else out
     rows = []
     for vname, fn in variants.items():
+        fn, vparams = fn if isinstance(fn, tuple) else (fn, params)
+        y = fn(*inputs)
+        ys = y if isinstance(y, tuple) else (y,)
+        dys = [torch.ones_like(t) if t.dim() == 0 else torch.randn_like(t) for t in ys]
+        del y, ys
+
         def fwd():
             return fn(*inputs)
 
         def fwd_bwd():
             y = fn(*inputs)
-            ys = y if isinstance(y, tuple) else (y,)
-            dys = [torch.ones_like(t) if t.dim() == 0 else torch.full_like(t, 0.01) for t in ys]
-            return torch.autograd.grad(ys, params, dys)
+            return torch.autograd.grad(y if isinstance(y, tuple) else (y,), vparams, dys)
 
         try:
-            t_fwd = _time(fwd)
-            t_both = _time(fwd_bwd)
+            t_fwd = median_ms(fwd)
+            t_both = median_ms(fwd_bwd)
             mem = extra_peak_gib(fwd_bwd)
         except Exception as e:  # one broken variant must not hide the others
             print(f"{name}/{vname}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
@@ -178,7 +168,9 @@ def run_case(name, make):
             row["TFLOP/s"] = floor["flops"] / t_both / 1e9
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        del dys
     del inputs, params, variants
+    torch.cuda.empty_cache()
     return rows
 
 
