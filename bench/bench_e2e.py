@@ -79,14 +79,52 @@ def run_one(args) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     step = statistics.median(times[args.warmup:])
+    phases = phase_peaks(run, opt, ids)
+    if args.profile:
+        profile_step(run, opt, ids, f"{args.profile}/profile_{variant}.txt")
     result = {
         "variant": variant, "tokens/s": args.batch * args.seq / step, "step_ms": step * 1e3,
         "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, "first_step_s": times[0], "first_loss": losses[0],
+        **phases,
     }
     if variant == "ours" and not args.mode:
         result["fused"] = report.counts
         print(report, file=sys.stderr)
     return result
+
+
+def phase_peaks(run, opt, ids) -> dict:
+    """Peak memory within forward, backward and the optimizer step of one more step (GiB): where the peak is."""
+    out = {}
+    for phase in ("fwd", "bwd", "opt"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        if phase == "fwd":
+            loss = run(input_ids=ids, labels=ids).loss
+        elif phase == "bwd":
+            loss.backward()
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        out[f"peak_{phase}_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def profile_step(run, opt, ids, path):
+    """One step under torch.profiler: the kernels that take the time, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(table)
 
 
 def drive(args) -> list[dict]:
@@ -96,6 +134,8 @@ def drive(args) -> list[dict]:
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
         if args.mode:
             cmd += ["--mode", args.mode]
+        if args.profile:
+            cmd += ["--profile", args.profile]
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -121,6 +161,7 @@ def main(argv=None):
     ap.add_argument("--mode", default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--one", default=None)
+    ap.add_argument("--profile", default=None, help="directory: write a one-step kernel profile per variant there")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
@@ -131,7 +172,8 @@ def main(argv=None):
     from common import write_results  # noqa: PLC0415
 
     name = f"e2e_{args.model}_{args.batch}x{args.seq}" + (f"_{args.mode}" if args.mode else "")
-    cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "first_step_s", "first_loss", "error"]
+    cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "first_step_s", "first_loss", "peak_fwd_GiB",
+            "peak_bwd_GiB", "peak_opt_GiB", "error"]
     print(write_results(args.out, name, f"Training step, {args.model} shape, {args.batch} x {args.seq}, bf16",
                         rows, cols))
 

@@ -9,15 +9,16 @@ Backward, with g = dy * (w + offset):
     dx = rstd * (g - n * mean(g * n))
     dw = sum over rows of dy * n'    (n' = n rounded to x.dtype in the Llama form, as eager does)
 
-Forward: one pass, a [ROWS, BLOCK_N] tile per program. Backward: a fixed grid of programs, each walking a
-contiguous range of rows, writing dx and one fp32 partial dw row; the partials are summed afterwards.
+Forward: one pass, a [ROWS, BLOCK_N] tile per program. Backward: each program walks a contiguous block of
+ROWS_PER_PROGRAM rows, writing dx and one fp32 partial dw row; the partials are summed afterwards. Tile shapes
+are autotuned on CUDA among a few candidates per row width.
 """
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import num_sms, use_triton
+from ._common import use_triton
 
 MAX_FUSED_COLS = 65536  # one row must fit one program's tile
 
@@ -49,17 +50,19 @@ def _rms_norm_fwd_kernel(
 @triton.jit
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL,
-    dy_row_stride, x_row_stride, dx_row_stride, n_rows, n_cols, rows_per_program,
+    dy_row_stride, x_row_stride, dx_row_stride, n_rows, n_cols,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
 ):
-    # Program p owns rows [p * rows_per_program, (p + 1) * rows_per_program) and writes DW_PARTIAL[p, :].
+    # Program p owns rows [p * ROWS_PER_PROGRAM, (p + 1) * ROWS_PER_PROGRAM), walks them ROWS at a time, and writes
+    # its fp32 partial dweight into DW_PARTIAL[p, :] (summed by the launcher).
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + OFFSET
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    row_start = pid * ROWS_PER_PROGRAM
+    row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, n_rows)
     for r in range(row_start, row_end, ROWS):
         rows = r + tl.arange(0, ROWS)
         row_mask = rows < row_end
@@ -79,19 +82,42 @@ def _rms_norm_bwd_kernel(
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
 
 
+# Tile shapes. On CUDA, Triton's autotuner picks among these per hidden size on first use (a wide row is a model's
+# hidden state, a narrow one a head dimension); elsewhere (the interpreter) the first entry of each list is used.
+def _wide(n_cols: int) -> bool:
+    return triton.next_power_of_2(n_cols) >= 1024
+
+
+FWD_WIDE = [dict(ROWS=r, num_warps=w) for r, w in ((1, 8), (1, 4), (1, 16), (2, 8), (4, 8), (2, 16))]
+FWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (8, 4), (32, 4), (16, 8), (32, 8), (64, 8))]
+BWD_WIDE = [dict(ROWS=r, ROWS_PER_PROGRAM=p, num_warps=w)
+            for r, p, w in ((1, 16, 8), (1, 16, 4), (1, 32, 8), (2, 32, 8), (1, 64, 8), (2, 16, 16), (4, 32, 16),
+                            (1, 8, 4))]
+BWD_NARROW = [dict(ROWS=r, ROWS_PER_PROGRAM=p, num_warps=w)
+              for r, p, w in ((16, 256, 4), (32, 256, 4), (16, 128, 4), (32, 512, 8), (64, 512, 8), (8, 128, 2))]
+MIN_ROWS_PER_PROGRAM = {True: 8, False: 128}  # sizes the partial-dweight buffer for any of the configs
+
+
+def _configs(entries):
+    return [triton.Config({k: v for k, v in e.items() if k != "num_warps"}, num_warps=e["num_warps"]) for e in entries]
+
+
+_fwd_tuned = {
+    True: triton.autotune(_configs(FWD_WIDE), key=["n_cols"])(_rms_norm_fwd_kernel),
+    False: triton.autotune(_configs(FWD_NARROW), key=["n_cols"])(_rms_norm_fwd_kernel),
+}
+_bwd_tuned = {
+    True: triton.autotune(_configs(BWD_WIDE), key=["n_cols"])(_rms_norm_bwd_kernel),
+    False: triton.autotune(_configs(BWD_NARROW), key=["n_cols"])(_rms_norm_bwd_kernel),
+}
+
+
 def fwd_config(n_cols: int) -> dict:
-    """Tile shape for the forward kernel (tuned on the H200; see bench/NOTES.md)."""
-    block_n = triton.next_power_of_2(n_cols)
-    rows = max(1, min(16, 4096 // block_n))
-    num_warps = max(1, min(16, block_n * rows // 512))
-    return dict(BLOCK_N=block_n, ROWS=rows, num_warps=num_warps)
+    return dict((FWD_WIDE if _wide(n_cols) else FWD_NARROW)[0])
 
 
 def bwd_config(n_cols: int) -> dict:
-    block_n = triton.next_power_of_2(n_cols)
-    rows = max(1, min(16, 2048 // block_n))
-    num_warps = max(1, min(16, block_n * rows // 256))
-    return dict(BLOCK_N=block_n, ROWS=rows, num_warps=num_warps, programs_per_sm=2)
+    return dict((BWD_WIDE if _wide(n_cols) else BWD_NARROW)[0])
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -105,17 +131,20 @@ def out_dtype(x: torch.Tensor, weight: torch.Tensor, cast_before_weight: bool) -
 
 
 def launch_forward(x, weight, eps, offset, cast_before_weight, config=None):
-    """Runs the Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    """Runs the Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1).
+    `config` fixes the tile shape; without it CUDA autotunes and other devices take fwd_config()."""
     x2 = _as_rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty((n_rows, n_cols), dtype=out_dtype(x, weight, cast_before_weight), device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-    cfg = dict(config or fwd_config(n_cols))
-    rows = cfg.pop("ROWS")
-    wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, rows),)](
-        x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps,
-        OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, ROWS=rows, **cfg,
-    )
+    args = (x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps)
+    consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols))
+    if config is None and x.device.type == "cuda":
+        wrap_triton(_fwd_tuned[_wide(n_cols)])[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **consts)
+    else:
+        cfg = dict(config or fwd_config(n_cols))
+        cfg.pop("BLOCK_N", None)
+        wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, cfg["ROWS"]),)](*args, **consts, **cfg)
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
@@ -123,15 +152,23 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
     x2, dy2 = _as_rows(x), _as_rows(dy)
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    cfg = dict(config or bwd_config(n_cols))
-    rows = cfg.pop("ROWS")
-    programs = num_sms(x.device) * cfg.pop("programs_per_sm")
-    rows_per_program = triton.cdiv(n_rows, programs)
-    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
-    wrap_triton(_rms_norm_bwd_kernel)[(programs,)](
-        dy2, x2, weight, rstd, dx, dw_partial,
-        dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
-        OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, ROWS=rows, **cfg,
+    consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols))
+    if config is None and x.device.type == "cuda":
+        wide = _wide(n_cols)
+        # zeroed: programs of a config with more rows each leave the buffer's later rows untouched
+        dw_partial = torch.zeros((triton.cdiv(n_rows, MIN_ROWS_PER_PROGRAM[wide]), n_cols), dtype=torch.float32,
+                                 device=x.device)
+        kernel, grid = _bwd_tuned[wide], (lambda meta: (triton.cdiv(n_rows, meta["ROWS_PER_PROGRAM"]),))
+        cfg = {}
+    else:
+        cfg = dict(config or bwd_config(n_cols))
+        cfg.pop("BLOCK_N", None)
+        dw_partial = torch.empty((triton.cdiv(n_rows, cfg["ROWS_PER_PROGRAM"]), n_cols), dtype=torch.float32,
+                                 device=x.device)
+        kernel, grid = _rms_norm_bwd_kernel, (dw_partial.shape[0],)
+    wrap_triton(kernel)[grid](
+        dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
+        **consts, **cfg,
     )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 

@@ -19,6 +19,11 @@ from liger_compile.pattern import Pattern
 MAX_CHECKED_ELEMENTS = 2**31  # evaluating a bigger mask at compile time is not worth it
 
 
+def repeat_kv(x, batch, kv_heads, n_rep, seq, head_dim, heads):
+    """HF's repeat_kv: copies each key/value head n_rep times so plain SDPA sees as many as the queries."""
+    return x[:, :, None, :, :].expand(batch, kv_heads, n_rep, seq, head_dim).reshape(batch, heads, seq, head_dim)
+
+
 def masked_sdpa(query, key, value, mask, dropout_p, scale, enable_gqa):
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=False,
                                           scale=scale, enable_gqa=enable_gqa)
@@ -29,8 +34,31 @@ def causal_sdpa(query, key, value, mask, dropout_p, scale, enable_gqa):
                                           scale=scale, enable_gqa=enable_gqa)
 
 
+def masked_sdpa_repeated_kv(query, key, value, mask, dropout_p, scale, batch, kv_heads, n_rep, seq, head_dim, heads):
+    """What HF runs under torch.compile for grouped-query attention: an explicit mask and copied k/v heads."""
+    return F.scaled_dot_product_attention(
+        query, repeat_kv(key, batch, kv_heads, n_rep, seq, head_dim, heads),
+        repeat_kv(value, batch, kv_heads, n_rep, seq, head_dim, heads),
+        attn_mask=mask, dropout_p=dropout_p, is_causal=False, scale=scale, enable_gqa=False)
+
+
+def causal_sdpa_gqa(query, key, value, mask, dropout_p, scale, batch, kv_heads, n_rep, seq, head_dim, heads):
+    """Causal SDPA reading the shared k/v heads directly (as eager HF does): no [B, H, T, D] copies to save."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=dropout_p, is_causal=True,
+                                          scale=scale, enable_gqa=True)
+
+
 def _static(shape) -> bool:
     return all(isinstance(s, int) for s in shape)
+
+
+def check_gqa(m: Match) -> str | None:
+    k, q = m.value("key"), m.value("query")
+    if not isinstance(k, torch.Tensor) or k.dim() != 4 or q.dim() != 4:
+        return "query/key are not [B, H, T, D]"
+    if k.shape[1] != m["kv_heads"] or m["kv_heads"] * m["n_rep"] != m["heads"] or q.shape[1] != m["heads"]:
+        return "the repeated heads do not line up with the query heads"
+    return check(m)
 
 
 def check(m: Match) -> str | None:
@@ -60,4 +88,8 @@ def check(m: Match) -> str | None:
     return None if same else "the mask is computed from shapes alone but is not plain causal"
 
 
-PATTERNS = [Pattern("causal_mask", "sdpa", masked_sdpa, causal_sdpa, check, anchor="scaled_dot_product_attention")]
+PATTERNS = [
+    Pattern("causal_mask", "sdpa, repeat_kv -> enable_gqa", masked_sdpa_repeated_kv, causal_sdpa_gqa, check_gqa,
+            anchor="scaled_dot_product_attention"),
+    Pattern("causal_mask", "sdpa", masked_sdpa, causal_sdpa, check, anchor="scaled_dot_product_attention"),
+]

@@ -153,3 +153,28 @@ def test_skip_logits_false_keeps_real_logits(family):
     assert not isinstance(out.logits, LazyTensor) and out.logits.dtype == ref.logits.dtype
     torch.testing.assert_close(out.logits, ref.logits.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+
+
+def _saved_bytes(run, inputs):
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = run(**inputs).loss
+    loss.backward()
+    return sum(sizes)
+
+
+def test_gqa_attention_reads_shared_kv_heads_and_saves_less():
+    model = tiny("llama", layers=L).to(torch.bfloat16)
+    report = liger_compile.explain(model, **batch())
+    variants = [s.variant for g in report.graphs for s in g.fused if s.pattern == "causal_mask"]
+    assert variants == ["sdpa, repeat_kv -> enable_gqa"] * L
+    torch._dynamo.reset()
+    ours = _saved_bytes(torch.compile(model, backend="liger"), batch())
+    torch._dynamo.reset()
+    inductor = _saved_bytes(torch.compile(model, backend="inductor"), batch())
+    assert ours < inductor, (ours, inductor)
