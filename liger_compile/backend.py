@@ -7,6 +7,7 @@ import os
 import traceback
 
 import torch
+from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
 from . import options as _options
@@ -40,6 +41,8 @@ def rewrite_graph(gm: GraphModule, opts: _options.Options) -> tuple[GraphModule,
         new_gm = copy_graph_module(gm)
         report = rewrite(new_gm, patterns, index=index, skip_logits=opts.skip_logits)
         result = new_gm
+    except RestartAnalysis:
+        raise
     except Exception as e:
         if not opts.fallback:
             raise
@@ -69,6 +72,8 @@ def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, opti
         try:
             compiled = compile_fx(compiled_gm, example_inputs, config_patches=opts.inductor_config)
             return wrap_outputs(compiled, report.lazy_outputs)
+        except RestartAnalysis:
+            raise  # Dynamo's own control flow (e.g. specialising a float scalar and tracing again): not a failure
         except Exception as e:
             if not opts.fallback:
                 raise
