@@ -79,12 +79,13 @@ def run_one(args) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     step = statistics.median(times[args.warmup:])
+    peak = torch.cuda.max_memory_allocated() / 2**30  # read before phase_peaks resets the counter
     phases = phase_peaks(run, opt, ids)
     if args.profile:
         profile_step(run, opt, ids, f"{args.profile}/profile_{variant}.txt")
     result = {
         "variant": variant, "tokens/s": args.batch * args.seq / step, "step_ms": step * 1e3,
-        "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, "first_step_s": times[0], "first_loss": losses[0],
+        "peak_GiB": peak, "first_step_s": times[0], "first_loss": losses[0],
         **phases,
     }
     if variant == "ours" and not args.mode:

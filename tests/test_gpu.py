@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import liger_compile
+import liger_compile.kernels.rms_norm  # noqa: F401  (torch.ops.liger.rms_norm)
 from models import batch, loss_and_grads, tiny
 
 pytestmark = pytest.mark.gpu
