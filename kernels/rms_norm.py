@@ -90,12 +90,11 @@ def _wide(n_cols: int) -> bool:
 
 FWD_WIDE = [dict(ROWS=r, num_warps=w) for r, w in ((1, 8), (1, 4), (1, 16), (2, 8), (4, 8), (2, 16))]
 FWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (8, 4), (32, 4), (16, 8), (32, 8), (64, 8))]
-BWD_WIDE = [dict(ROWS=r, ROWS_PER_PROGRAM=p, num_warps=w)
-            for r, p, w in ((1, 16, 8), (1, 16, 4), (1, 32, 8), (2, 32, 8), (1, 64, 8), (2, 16, 16), (4, 32, 16),
-                            (1, 8, 4))]
-BWD_NARROW = [dict(ROWS=r, ROWS_PER_PROGRAM=p, num_warps=w)
-              for r, p, w in ((16, 256, 4), (32, 256, 4), (16, 128, 4), (32, 512, 8), (64, 512, 8), (8, 128, 2))]
-MIN_ROWS_PER_PROGRAM = {True: 8, False: 128}  # sizes the partial-dweight buffer for any of the configs
+# Every config of a row width walks the same rows per program, so every config writes every row of the partial
+# dweight buffer (autotuning runs several configs on one buffer: a config writing fewer rows would leave stale ones).
+BWD_WIDE = [dict(ROWS=r, num_warps=w) for r, w in ((1, 8), (1, 4), (2, 8), (1, 16), (2, 16), (4, 16))]
+BWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (32, 4), (8, 2), (32, 8), (64, 8))]
+ROWS_PER_PROGRAM = {True: 16, False: 256}
 
 
 def _configs(entries):
@@ -152,21 +151,17 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
     x2, dy2 = _as_rows(x), _as_rows(dy)
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols))
+    wide = _wide(n_cols)
+    rpp = (config or {}).get("ROWS_PER_PROGRAM", ROWS_PER_PROGRAM[wide])
+    dw_partial = torch.empty((triton.cdiv(n_rows, rpp), n_cols), dtype=torch.float32, device=x.device)
+    consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
+                  ROWS_PER_PROGRAM=rpp)
     if config is None and x.device.type == "cuda":
-        wide = _wide(n_cols)
-        # zeroed: programs of a config with more rows each leave the buffer's later rows untouched
-        dw_partial = torch.zeros((triton.cdiv(n_rows, MIN_ROWS_PER_PROGRAM[wide]), n_cols), dtype=torch.float32,
-                                 device=x.device)
-        kernel, grid = _bwd_tuned[wide], (lambda meta: (triton.cdiv(n_rows, meta["ROWS_PER_PROGRAM"]),))
-        cfg = {}
+        kernel, cfg = _bwd_tuned[wide], {}
     else:
-        cfg = dict(config or bwd_config(n_cols))
-        cfg.pop("BLOCK_N", None)
-        dw_partial = torch.empty((triton.cdiv(n_rows, cfg["ROWS_PER_PROGRAM"]), n_cols), dtype=torch.float32,
-                                 device=x.device)
-        kernel, grid = _rms_norm_bwd_kernel, (dw_partial.shape[0],)
-    wrap_triton(kernel)[grid](
+        kernel = _rms_norm_bwd_kernel
+        cfg = {k: v for k, v in (config or bwd_config(n_cols)).items() if k not in ("BLOCK_N", "ROWS_PER_PROGRAM")}
+    wrap_triton(kernel)[(dw_partial.shape[0],)](
         dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
         **consts, **cfg,
     )
