@@ -44,6 +44,11 @@ def _register_backend_name() -> None:
 
 _register_backend_name()
 
+from .accelerate_support import register_with_accelerate  # noqa: E402
+
+# `TrainingArguments(torch_compile_backend="liger")` goes through accelerate, whose backend enum must know the name.
+register_with_accelerate()
+
 
 def explain(model, *args, **kwargs) -> Report:
     """Runs Dynamo and our rewrite on `model(*args, **kwargs)` (the rewritten graphs run eagerly, no Inductor)

@@ -73,7 +73,11 @@ def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, opti
             compiled = compile_fx(compiled_gm, example_inputs, config_patches=opts.inductor_config)
             return wrap_outputs(compiled, report.lazy_outputs)
         except RestartAnalysis:
-            raise  # Dynamo's own control flow (e.g. specialising a float scalar and tracing again): not a failure
+            # Dynamo's own control flow (e.g. specialising a float scalar and tracing again): not a failure. The
+            # graph will come back re-traced; its report is the one that counts.
+            if opts.report is not None and report in opts.report.graphs:
+                opts.report.graphs.remove(report)
+            raise
         except Exception as e:
             if not opts.fallback:
                 raise

@@ -5,6 +5,7 @@ from typing import Iterable
 
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.proxy import GraphAppendingTracer, Proxy
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 import torch
 
@@ -17,11 +18,16 @@ _COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "example_va
 
 
 def copy_graph_module(gm: GraphModule) -> GraphModule:
-    """A new GraphModule over a copy of gm's graph (parameters shared), so the original stays intact."""
+    """A new GraphModule over a copy of gm's graph (parameters shared; nested graphs, such as the bodies of
+    activation-checkpointed regions, copied too), so the original stays intact."""
     graph = Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    return GraphModule(gm, graph, gm.__class__.__name__)
+    new = GraphModule(gm, graph, gm.__class__.__name__)
+    for name, sub in list(new.named_children()):
+        if isinstance(sub, GraphModule):
+            setattr(new, name, copy_graph_module(sub))
+    return new
 
 
 def _node(x):
@@ -57,6 +63,21 @@ def _insert_replacement(graph: Graph, m: Match, pattern: Pattern, keep: bool = F
     return new
 
 
+def _subclass_input(m: Match) -> str | None:
+    """Our ops take plain tensors. A tensor subclass reaching a site (a DTensor under tensor/sequence parallelism,
+    a quantized or float8 weight) would reach the op, which has no rule for it (DTensor: no sharding strategy);
+    the site is left to Inductor, which runs the model's own ops on it."""
+    found = {}
+    for name, value in m.bindings.items():
+        v = example_value(value) if isinstance(value, Node) else None
+        if isinstance(v, torch.Tensor) and is_traceable_wrapper_subclass(v):
+            found[name] = type(v).__name__
+    if not found:
+        return None
+    names = ", ".join(f"{name} ({kind})" for name, kind in found.items())
+    return f"tensor subclass inputs: {names}; the fused op takes plain tensors only"
+
+
 def _returned_policy(m: Match, pattern: Pattern, skip_logits: bool) -> str:
     """How to provide the interior values the graph also returns: 'none' needed, 'lazy', 'keep', or a reason."""
     if not m.returned:
@@ -89,9 +110,11 @@ def _make_lazy(graph: Graph, m: Match, lazy: list[LazyOutput]) -> None:
         lazy.append(LazyOutput(slot, slice(start, start + len(used)), compute, ev.dtype, ev.device))
 
 
-def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_logits: bool = True
-            ) -> GraphReport:
-    """Rewrites gm in place; returns the report. Exceptions propagate (the backend falls back on them)."""
+def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_logits: bool = True,
+            nested: bool = False) -> GraphReport:
+    """Rewrites gm (and the graphs nested in it) in place; returns the report. Exceptions propagate (the backend
+    falls back on them). In a nested graph (e.g. an activation-checkpointed layer's body) the outputs are not the
+    user's, so no intermediate may be returned lazily there."""
     graph = gm.graph
     patterns = list(patterns)
     report = GraphReport(index=index, nodes_before=len(graph.nodes))
@@ -106,12 +129,12 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
         for node in list(graph.nodes):
             if node in covered or node.graph is not graph or op_name(node) != root_op:
                 continue
-            m, failure, visited = try_match(pattern.graph, node, allow_returned=pattern.returned_ok)
+            m, failure, visited = try_match(pattern.graph, node, allow_returned=pattern.returned_ok and not nested)
             if m is not None and covered.intersection(m.nodes):
                 m, failure = None, MatchFailure("overlaps a site another pattern already fused", 10**6)
             policy = "none"
             if m is not None:
-                reason = pattern.check(m)
+                reason = _subclass_input(m) or pattern.check(m)
                 policy = _returned_policy(m, pattern, skip_logits) if not reason else "none"
                 reason = reason or (policy if policy not in ("none", "lazy", "keep") else None)
                 if reason:
@@ -140,7 +163,15 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
                 reason = "no variant of this pattern matches the code around it"
             report.near_misses.append(NearMiss(name, node_where[a], reason))
 
+    for name, sub in gm.named_children():
+        if isinstance(sub, GraphModule):
+            inner = rewrite(sub, patterns, index, skip_logits, nested=True)
+            report.fused += [Site(s.pattern, s.variant, f"{s.where} [in {name}]") for s in inner.fused]
+            report.near_misses += inner.near_misses
+            report.nodes_before += inner.nodes_before
+            report.nodes_after += inner.nodes_after
+
     graph.lint()
     gm.recompile()
-    report.nodes_after = len(graph.nodes)
+    report.nodes_after += len(graph.nodes)
     return report

@@ -3,24 +3,30 @@
 The [tokens, vocab] logits are never built: the op works through the tokens in chunks. The model still returns
 `logits`; in a training graph they come back lazily (computed only if read), or, with
 `options={"skip_logits": False}`, written by the op itself.
+
+Logits divided by a constant before the loss (Granite's `logits / logits_scaling`) are matched too: the op is fed
+`hidden / s` (and `bias / s`), which gives the same logits without touching the [tokens, vocab] product.
 """
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from liger_compile.kernels import linear_cross_entropy as _op  # noqa: F401  (defines the op)
-from liger_compile.matcher import Match
+from liger_compile.matcher import Match, op_name
 from liger_compile.pattern import Pattern
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def make_search(softcap: bool, upcast: bool, divide: bool):
+def make_search(softcap: bool, upcast: bool, divide: bool, scaled: bool = False):
     """The loss path of HF's ForCausalLMLoss: optional Gemma2 soft-capping, optional .float(), flatten, CE, and
-    with the Trainer's num_items_in_batch a sum divided by it."""
+    with the Trainer's num_items_in_batch a sum divided by it. `scaled`: the logits are first divided by a
+    constant (Granite's `logits / logits_scaling`)."""
 
-    def search(hidden, weight, bias, labels, vocab, ignore_index, reduction, label_smoothing, cap, num_items):
+    def search(hidden, weight, bias, labels, vocab, ignore_index, reduction, label_smoothing, cap, num_items, scale):
         logits = F.linear(hidden, weight, bias)
+        if scaled:
+            logits = logits / scale
         if softcap:
             logits = logits / cap
             logits = torch.tanh(logits)
@@ -37,8 +43,12 @@ def make_search(softcap: bool, upcast: bool, divide: bool):
 
 
 def make_fused(upcast: bool, keep_logits: bool = False):
-    def fused(hidden, weight, bias, labels, vocab, ignore_index, reduction, label_smoothing, cap=0.0, num_items=None):
+    def fused(hidden, weight, bias, labels, vocab, ignore_index, reduction, label_smoothing, cap=0.0, num_items=None,
+              scale=None):
         reduction = "sum" if num_items is not None else reduction
+        if scale is not None:  # (h @ W^T + b) / s == (h / s) @ W^T + b / s: scale the [N, H] input, not [N, V]
+            hidden = hidden / scale
+            bias = bias / scale if bias is not None else None
         out = torch.ops.liger.linear_cross_entropy(
             hidden.flatten(0, -2), weight, bias, labels.reshape(-1), None, int(ignore_index), float(label_smoothing),
             float(cap), reduction, keep_logits,
@@ -76,8 +86,15 @@ def check(m: Match) -> str | None:
         return "a loss divided by num_items must be a sum"
     if not isinstance(m["label_smoothing"], (int, float)) or not 0 <= m["label_smoothing"] <= 1:
         return f"label_smoothing {m['label_smoothing']!r} is not a constant in [0, 1]"
+    if "scale" in m.bindings and not (isinstance(m["scale"], (int, float)) and not isinstance(m["scale"], bool)
+                                      and m["scale"] != 0):
+        return f"logits are divided by {m['scale']!r}, not by a nonzero constant"
     if "cap" in m.bindings and not (isinstance(m["cap"], (int, float)) and m["cap"] > 0):
         return f"soft-cap {m['cap']!r} is not a positive constant"
+    linear = next((n for n in m.nodes if op_name(n) == "linear"), None)
+    logits = linear.meta.get("example_value") if linear is not None else None
+    if logits is not None and logits.dtype != h.dtype:
+        return f"the lm_head runs under autocast (logits in {logits.dtype}, hidden states in {h.dtype})"
     for returned in m.returned:  # logits the graph returns must be the op's: [..., V] in the input dtype
         r = returned.meta.get("example_value")
         if r is None or r.dtype != h.dtype or r.shape[:-1] != h.shape[:-1]:
@@ -88,11 +105,12 @@ def check(m: Match) -> str | None:
 PATTERNS = [
     Pattern(
         "linear_cross_entropy",
-        ("softcap, " if softcap else "") + ("fp32" if upcast else "no upcast") + (", / num_items" if divide else ""),
-        make_search(softcap, upcast, divide), make_fused(upcast), check, anchor="cross_entropy", returned_ok=True,
-        replace_keeping=make_fused(upcast, keep_logits=True),
+        ("/ scale, " if scaled else "") + ("softcap, " if softcap else "") + ("fp32" if upcast else "no upcast")
+        + (", / num_items" if divide else ""),
+        make_search(softcap, upcast, divide, scaled), make_fused(upcast), check, anchor="cross_entropy",
+        returned_ok=True, replace_keeping=make_fused(upcast, keep_logits=True),
     )
-    for softcap in (True, False)
+    for scaled, softcap in ((False, True), (False, False), (True, False))
     for divide in (True, False)
     for upcast in (True, False)
 ]

@@ -47,7 +47,8 @@ def check(m: Match) -> str | None:
     seq_axis = 2 if udim == 1 else 1
     if q.shape[seq_axis] != cos.shape[1] or k.shape[seq_axis] != cos.shape[1]:
         return "cos/sin do not cover q/k's sequence axis"
-    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or cos.dtype != q.dtype:
+    # cos/sin may be wider than q/k (fp32 tables under bf16 autocast): the op promotes as eager does
+    if q.dtype not in FLOAT_DTYPES or k.dtype != q.dtype or cos.dtype not in FLOAT_DTYPES or sin.dtype != cos.dtype:
         return f"dtypes differ or are unsupported: q {q.dtype}, k {k.dtype}, cos {cos.dtype}"
     if cos.shape[0] not in (1, q.shape[0]):
         return "cos/sin batch is neither 1 nor q's batch"

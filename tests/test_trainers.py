@@ -1,0 +1,203 @@
+"""torch_compile_backend="liger" in the HF Trainer and TRL's trainers: the run goes through our backend, fuses,
+and its losses equal the same trainer's with torch_compile_backend="inductor" (CPU, fp32, tiny models)."""
+import logging
+import re
+
+import pytest
+import torch
+
+import liger_compile  # noqa: F401  (the one extra line: lets accelerate accept the name)
+from models import tiny
+
+datasets = pytest.importorskip("datasets")
+WORDS = [f"w{i}" for i in range(120)]
+
+
+def tokenizer():
+    """A word-level tokenizer built in memory (nothing is downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return fast
+
+
+def sentence(i, n=10):
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
+
+
+class FusionLog(logging.Handler):
+    """Collects our one-line-per-graph INFO records: proof the run went through backend="liger"."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def counts(self):
+        total = {}
+        for line in self.lines:
+            for name, n in re.findall(r"(\w+)=(\d+)", line):
+                total[name] = total.get(name, 0) + int(n)
+        return total
+
+
+def run(make_trainer, backend, tmp_path):
+    log = logging.getLogger("liger_compile")
+    handler, level = FusionLog(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    torch._dynamo.reset()
+    try:
+        trainer = make_trainer(backend, str(tmp_path / backend))
+        trainer.train()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, handler, trainer
+
+
+def common_args(backend, out, **extra):
+    return dict(output_dir=out, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
+                save_strategy="no", report_to=[], seed=0, use_cpu=True, dataloader_num_workers=0,
+                torch_compile=True, torch_compile_backend=backend, **extra)
+
+
+def vocab_model(family="llama", **kw):
+    return tiny(family, layers=1, vocab=len(WORDS) + 4, hidden=32, **kw)
+
+
+def assert_same_losses(ours, ref, rtol=1e-4):
+    assert len(ours) == len(ref) > 0
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=rtol, atol=1e-5)
+
+
+# --- HF Trainer ---------------------------------------------------------------------------------------------------
+def hf_trainer(grad_accum=1, eval_steps=None, checkpointing=False):
+    from transformers import Trainer, TrainingArguments
+
+    def make(backend, out):
+        tok = tokenizer()
+        ids = [tok(sentence(i))["input_ids"] for i in range(16)]
+        data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+        extra = dict(gradient_accumulation_steps=grad_accum, gradient_checkpointing=checkpointing)
+        if eval_steps:
+            extra.update(eval_strategy="steps", eval_steps=eval_steps, per_device_eval_batch_size=2)
+        return Trainer(model=vocab_model(), args=TrainingArguments(**common_args(backend, out, **extra)),
+                       train_dataset=data, eval_dataset=data.select(range(4)) if eval_steps else None)
+
+    return make
+
+
+@pytest.mark.parametrize("case", ["plain", "grad_accum", "eval", "checkpointing"])
+def test_hf_trainer(case, tmp_path):
+    make = {"plain": hf_trainer(), "grad_accum": hf_trainer(grad_accum=2), "eval": hf_trainer(eval_steps=2),
+            "checkpointing": hf_trainer(checkpointing=True)}[case]
+    ours, log, trainer = run(make, "liger", tmp_path)
+    ref, _, _ = run(make, "inductor", tmp_path)
+    assert_same_losses(ours, ref)
+    counts = log.counts()
+    assert counts.get("rms_norm", 0) >= 1, log.lines  # compiled through our backend, fusing
+    if case != "checkpointing":
+        assert counts.get("linear_cross_entropy", 0) >= 1, log.lines
+    if case == "eval":
+        evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+        assert evals and all(e == e for e in evals)
+
+
+def test_hf_trainer_honours_compile_mode(tmp_path, monkeypatch):
+    from transformers import Trainer, TrainingArguments
+
+    seen = {}
+    import liger_compile.backend as backend_module
+
+    real = backend_module.liger_backend
+
+    def spy(gm, example_inputs, mode=None, options=None):
+        seen["mode"] = mode
+        return real(gm, example_inputs, mode=mode, options=options)
+
+    from torch._dynamo.backends import registry
+
+    monkeypatch.setitem(registry._COMPILER_FNS, "liger", spy)
+    tok = tokenizer()
+    ids = [tok(sentence(i))["input_ids"] for i in range(4)]
+    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(**{**common_args("liger", str(tmp_path)), "max_steps": 1},
+                             torch_compile_mode="reduce-overhead")
+    Trainer(model=vocab_model(), args=args, train_dataset=data).train()
+    assert seen["mode"] == "reduce-overhead"
+
+
+def test_peft_lora(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import Trainer, TrainingArguments
+
+    def make(backend, out):
+        tok = tokenizer()
+        ids = [tok(sentence(i))["input_ids"] for i in range(8)]
+        data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"],
+                               lora_dropout=0.0)
+        model = peft.get_peft_model(vocab_model(), lora)
+        return Trainer(model=model, args=TrainingArguments(**common_args(backend, out)), train_dataset=data)
+
+    ours, log, _ = run(make, "liger", tmp_path)
+    ref, _, _ = run(make, "inductor", tmp_path)
+    assert_same_losses(ours, ref)
+    assert log.counts().get("rms_norm", 0) >= 1 and log.counts().get("swiglu", 0) >= 1, log.lines
+
+
+# --- TRL ------------------------------------------------------------------------------------------------------------
+trl = pytest.importorskip("trl")
+
+
+def sft(backend, out):
+    tok = tokenizer()
+    data = datasets.Dataset.from_dict({"text": [sentence(i) for i in range(16)]})
+    args = trl.SFTConfig(**common_args(backend, out), max_length=16)
+    return trl.SFTTrainer(model=vocab_model(), args=args, train_dataset=data, processing_class=tok)
+
+
+def dpo(backend, out):
+    tok = tokenizer()
+    data = datasets.Dataset.from_dict({
+        "prompt": [sentence(i, 4) for i in range(8)],
+        "chosen": [sentence(i + 1, 5) for i in range(8)],
+        "rejected": [sentence(i + 2, 5) for i in range(8)],
+    })
+    args = trl.DPOConfig(**common_args(backend, out), max_length=16)
+    return trl.DPOTrainer(model=vocab_model(), ref_model=vocab_model(), args=args, train_dataset=data,
+                          processing_class=tok)
+
+
+def kto(backend, out):
+    tok = tokenizer()
+    data = datasets.Dataset.from_dict({
+        "prompt": [sentence(i, 4) for i in range(8)],
+        "completion": [sentence(i + 1, 5) for i in range(8)],
+        "label": [i % 2 == 0 for i in range(8)],
+    })
+    args = trl.KTOConfig(**common_args(backend, out), max_length=16)
+    return trl.KTOTrainer(model=vocab_model(), ref_model=vocab_model(), args=args, train_dataset=data,
+                          processing_class=tok)
+
+
+TRL_TRAINERS = {"sft": sft, "dpo": dpo, "kto": kto}
+
+
+@pytest.mark.parametrize("name", list(TRL_TRAINERS))
+def test_trl_trainer(name, tmp_path):
+    ours, log, _ = run(TRL_TRAINERS[name], "liger", tmp_path)
+    ref, _, _ = run(TRL_TRAINERS[name], "inductor", tmp_path)
+    assert_same_losses(ours, ref)
+    print(f"{name}: fusions {log.counts()}")
+    assert log.counts().get("rms_norm", 0) >= 1, log.lines
