@@ -191,7 +191,32 @@ def kto(backend, out):
                           processing_class=tok)
 
 
-TRL_TRAINERS = {"sft": sft, "dpo": dpo, "kto": kto}
+def grpo(backend, out):
+    tok = tokenizer()
+    data = datasets.Dataset.from_dict({"prompt": [sentence(i, 4) for i in range(8)]})
+
+    def reward(completions, **_):  # prefers short completions: any deterministic function will do
+        return [-float(len(c)) for c in completions]
+
+    args = trl.GRPOConfig(**common_args(backend, out), num_generations=2, max_completion_length=6,
+                          generation_batch_size=2, temperature=1.0)
+    return trl.GRPOTrainer(model=vocab_model(), reward_funcs=reward, args=args, train_dataset=data,
+                           processing_class=tok)
+
+
+def gkd(backend, out):
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    tok = tokenizer()
+    data = datasets.Dataset.from_dict({"messages": [
+        [{"role": "user", "content": sentence(i, 4)}, {"role": "assistant", "content": sentence(i + 1, 5)}]
+        for i in range(8)]})
+    args = GKDConfig(**common_args(backend, out), max_length=16, lmbda=0.0)  # lmbda=0: no on-policy generation
+    return GKDTrainer(model=vocab_model(), teacher_model=vocab_model(seed=1), args=args, train_dataset=data,
+                      processing_class=tok)
+
+
+TRL_TRAINERS = {"sft": sft, "dpo": dpo, "kto": kto, "grpo": grpo, "gkd": gkd}
 
 
 @pytest.mark.parametrize("name", list(TRL_TRAINERS))
