@@ -114,8 +114,8 @@ def case_linear_cross_entropy():
     labels = torch.randint(0, v, (n,), device=DEV)
     labels[::7] = -100  # one in seven ignored
 
-    def hf(x, w):
-        return F.cross_entropy(F.linear(x, w).float(), labels, ignore_index=-100)
+    def hf(x, w):  # written as HF's loss writes it (.view(-1, V)), so backend="liger" recognises it
+        return F.cross_entropy(F.linear(x, w).float().view(-1, v), labels, ignore_index=-100)
 
     variants = {"hf_eager": hf, "inductor": torch.compile(hf),
                 "ours": lambda x, w: torch.ops.liger.linear_cross_entropy(x, w, None, labels, None, -100, 0.0, 0.0,
