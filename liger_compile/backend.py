@@ -6,13 +6,12 @@ import logging
 import os
 import traceback
 
-import torch
 from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
 from . import options as _options
 from .lazy import wrap_outputs
-from .pattern import all_patterns, pattern_names
+from .pattern import all_patterns
 from .report import GraphReport
 from .rewrite import copy_graph_module, rewrite
 
@@ -85,10 +84,3 @@ def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, opti
             report.lazy_outputs.clear()
             log.warning("liger_compile: %s; compiling graph %d unchanged", report.fallback, report.index)
     return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)
-
-
-def known_pattern_names() -> list[str]:
-    return pattern_names()
-
-
-__all__ = ["liger_backend", "rewrite_graph", "torch"]
