@@ -105,6 +105,7 @@ def test_hf_trainer(case, tmp_path):
     ref, _, _ = run(make, "inductor", tmp_path)
     assert_same_losses(ours, ref)
     counts = log.counts()
+    print(f"hf_trainer[{case}]: fusions {counts}")
     assert counts.get("rms_norm", 0) >= 1, log.lines  # compiled through our backend, fusing
     if case != "checkpointing":
         assert counts.get("linear_cross_entropy", 0) >= 1, log.lines
