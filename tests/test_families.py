@@ -1,0 +1,170 @@
+"""Model coverage: every supported family, its exact fusions, and a training step equal to eager.
+
+One table: adding a family is one line. Each row gives transformers' own config and model classes, the config
+overrides that make the tiny model exercise what is special about the family, and the expected number of fused
+sites of every pattern for a model of L decoder layers. `explain` must report exactly those counts, and a
+training step (fp32) under backend="liger" must give eager's loss, logits and every parameter gradient.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import pytest
+import torch
+import transformers as T
+
+import liger_compile
+from models import batch, loss_and_grads
+
+L = 2  # decoder layers
+SEQ = 8  # tokens per row; the sliding windows below are shorter, so they really cut the causal mask
+WINDOW = 4
+TOL = dict(rtol=1e-5, atol=1e-5)
+PATTERNS = ("rms_norm", "rotary", "swiglu", "geglu", "linear_cross_entropy", "causal_mask")
+
+
+def counts(L: int, norms: int, mlp: str, causal: int) -> dict[str, int]:
+    """For L layers: `norms` RMSNorms per layer plus the final one, rotary and the gated MLP once per layer, one
+    fused loss, and `causal` attention calls whose mask is plain causal (rewritten to is_causal SDPA)."""
+    return {"rms_norm": norms * L + 1, "rotary": L, "swiglu": L if mlp == "swiglu" else 0,
+            "geglu": L if mlp == "geglu" else 0, "linear_cross_entropy": 1, "causal_mask": causal}
+
+
+class Family(NamedTuple):
+    config: type
+    model: type
+    overrides: dict
+    expected: Callable[[int], dict[str, int]]  # L layers -> fused sites per pattern
+    norm: str = "llama"  # the rms_norm variant every norm of the family matches
+    loss: str = "fp32"  # the linear_cross_entropy variant (without the ", logits lazy" suffix)
+
+
+NO_SPECIAL_TOKENS = {"pad_token_id": None, "eos_token_id": None, "bos_token_id": None}
+# Granite scales embeddings, residual branches, attention scores and logits; none of them is 1 here, so a fusion
+# that dropped one would show in the numbers.
+GRANITE = {"embedding_multiplier": 6.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3,
+           "logits_scaling": 4.0}
+
+FAMILIES = {
+    "llama": Family(T.LlamaConfig, T.LlamaForCausalLM, {}, lambda L: counts(L, 2, "swiglu", causal=L)),
+    # every Mistral layer attends through a sliding window (4 < 8 tokens): banded masks, not causal ones
+    "mistral": Family(T.MistralConfig, T.MistralForCausalLM, {"sliding_window": WINDOW},
+                      lambda L: counts(L, 2, "swiglu", causal=0)),
+    "qwen2": Family(T.Qwen2Config, T.Qwen2ForCausalLM, {}, lambda L: counts(L, 2, "swiglu", causal=L)),
+    # + q_norm, k_norm over head_dim
+    "qwen3": Family(T.Qwen3Config, T.Qwen3ForCausalLM, {}, lambda L: counts(L, 4, "swiglu", causal=L)),
+    "gemma": Family(T.GemmaConfig, T.GemmaForCausalLM, {}, lambda L: counts(L, 2, "geglu", causal=L), norm="gemma"),
+    # four norms per layer (pre/post attention, pre/post MLP); soft-capped logits; the soft-capped attention
+    # scores run HF's eager attention (Gemma2 does not support SDPA), so there is no SDPA call to rewrite
+    "gemma2": Family(T.Gemma2Config, T.Gemma2ForCausalLM, {"sliding_window": WINDOW, "final_logit_softcapping": 30.0},
+                     lambda L: counts(L, 4, "geglu", causal=0), norm="gemma", loss="softcap, fp32"),
+    # four norms + q_norm, k_norm per layer; with sliding_window_pattern=2 layers alternate sliding / full: only
+    # the full-attention layers' masks are plain causal (the sliding ones are banded: a near miss, checked below;
+    # with a window longer than the sequence they would be causal too, and fused, which is also right)
+    "gemma3": Family(T.Gemma3TextConfig, T.Gemma3ForCausalLM, {"sliding_window": WINDOW, "sliding_window_pattern": 2},
+                     lambda L: counts(L, 6, "geglu", causal=L // 2), norm="gemma"),
+    # fused qkv_proj and gate_up_proj: the gated MLP reads the two halves of one projection
+    "phi3": Family(T.Phi3Config, T.Phi3ForCausalLM, {**NO_SPECIAL_TOKENS, "pad_token_id": 0},
+                   lambda L: counts(L, 2, "swiglu", causal=L)),
+    "granite": Family(T.GraniteConfig, T.GraniteForCausalLM, GRANITE, lambda L: counts(L, 2, "swiglu", causal=L),
+                      loss="/ scale, fp32"),
+    # + q_norm, k_norm over the full projection width (heads * head_dim); norms scale before casting back
+    "olmo2": Family(T.Olmo2Config, T.Olmo2ForCausalLM, NO_SPECIAL_TOKENS, lambda L: counts(L, 4, "swiglu", causal=L),
+                    norm="scale_then_cast"),
+}
+
+
+def tiny(name: str, layers: int = L, seed: int = 0):
+    fam = FAMILIES[name]
+    cfg = fam.config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, use_cache=False, **fam.overrides)
+    torch.manual_seed(seed)
+    return fam.model(cfg)
+
+
+def uses_sdpa(model) -> bool:
+    return model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_explain_counts_exactly(name):
+    fam = FAMILIES[name]
+    model = tiny(name)
+    report = liger_compile.explain(model, **batch(t=SEQ))
+    assert not report.fallbacks, str(report)
+    assert {p: report.counts[p] for p in PATTERNS} == fam.expected(L), str(report)
+    sites = [s for g in report.graphs for s in g.fused]
+    assert {s.variant for s in sites if s.pattern == "rms_norm"} == {fam.norm}, str(report)
+    assert [s.variant for s in sites if s.pattern == "linear_cross_entropy"] == [fam.loss + ", logits lazy"]
+    # The only sites left alone are attention calls whose mask is not plain causal (sliding windows): the
+    # check evaluates the mask while compiling and finds the band. Each SDPA call is either rewritten or one
+    # of these near misses; nothing else is missed.
+    sdpa_calls = L if uses_sdpa(model) else 0
+    misses = report.near_misses
+    assert all(m.pattern == "causal_mask" and "not plain causal" in m.reason for m in misses), str(report)
+    assert len(misses) + report.counts["causal_mask"] == sdpa_calls, str(report)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_training_step_matches_eager(name):
+    """fp32: loss, logits (lazy, read after the step) and every parameter gradient within rtol/atol 1e-5."""
+    model = tiny(name)
+    inputs = batch(t=SEQ)
+    ref_loss, ref_grads = loss_and_grads(model, inputs)
+    ref_logits = model(**inputs).logits.detach()
+    report = liger_compile.Report()
+    compiled = torch.compile(model, backend="liger", options={"report": report})
+    outputs = []
+
+    def run(**kw):
+        outputs.append(compiled(**kw))
+        return outputs[-1]
+
+    loss, grads = loss_and_grads(model, inputs, run=run)
+    assert report.counts["linear_cross_entropy"] == 1 and not report.fallbacks, str(report)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    torch.testing.assert_close(outputs[0].logits * 1, ref_logits, **TOL)  # materialises the lazy logits
+    assert grads.keys() == ref_grads.keys()
+    for param in ref_grads:
+        torch.testing.assert_close(grads[param], ref_grads[param], **TOL, msg=lambda m: f"{param}: {m}")
+
+
+class ScaledHead(torch.nn.Module):
+    """An LM head with a bias whose logits are divided before the loss, as Granite's are (by a constant), or by
+    a tensor (`divisor` given): the latter is not a constant the fused op can fold into its input."""
+
+    def __init__(self, hidden=32, vocab=128, divisor=None):
+        super().__init__()
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=True)
+        self.divisor = divisor
+
+    def forward(self, hidden, labels):
+        logits = self.lm_head(hidden)
+        logits = logits / (4.0 if self.divisor is None else self.divisor)
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
+        return loss, logits
+
+
+def test_scaled_logits_with_bias_and_kept_logits_match_eager():
+    torch.manual_seed(0)
+    head, hidden, labels = ScaledHead(), torch.randn(2, 8, 32, requires_grad=True), torch.randint(0, 128, (2, 8))
+    ref_loss, ref_logits = head(hidden, labels)
+    ref_loss.backward()
+    ref_grads = [t.grad.clone() for t in (hidden, *head.parameters())]
+    for t in (hidden, *head.parameters()):
+        t.grad = None
+    report = liger_compile.Report()
+    loss, logits = torch.compile(head, backend="liger", options={"report": report, "skip_logits": False})(hidden,
+                                                                                                       labels)
+    loss.backward()
+    (site,) = [s for g in report.graphs for s in g.fused]
+    assert site.variant == "/ scale, fp32, logits kept", str(report)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    torch.testing.assert_close(logits, ref_logits.detach(), **TOL)
+    for got, ref in zip([t.grad for t in (hidden, *head.parameters())], ref_grads):
+        torch.testing.assert_close(got, ref, **TOL)
+
+    report = liger_compile.explain(ScaledHead(divisor=torch.tensor(4.0)), hidden, labels)
+    assert report.counts["linear_cross_entropy"] == 0
+    (miss,) = report.near_misses
+    assert "not by a nonzero constant" in miss.reason, str(report)
