@@ -7,6 +7,7 @@ The backend imports every module it finds there; adding a pattern never touches 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -47,12 +48,29 @@ class Pattern:
     @property
     def graph(self) -> Graph:
         if self._graph is None:
-            self._graph = torch.fx.symbolic_trace(self.search).graph
+            with _torch_functionals():
+                self._graph = torch.fx.symbolic_trace(self.search).graph
         return self._graph
 
     @property
     def label(self) -> str:
         return f"{self.name}[{self.variant}]"
+
+
+@contextlib.contextmanager
+def _torch_functionals():
+    """A pattern is torch's math: trace it with torch's own F.linear even where a library has replaced it in
+    torch.nn.functional (DeepSpeed ZeRO-3 installs its own autograd function there, which cannot be traced)."""
+    F, builtin = torch.nn.functional, torch._C._nn.linear
+    current = F.linear
+    if current is builtin:
+        yield
+        return
+    F.linear = builtin
+    try:
+        yield
+    finally:
+        F.linear = current
 
 
 @functools.cache

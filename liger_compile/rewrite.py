@@ -78,6 +78,16 @@ def _subclass_input(m: Match) -> str | None:
     return f"tensor subclass inputs: {names}; the fused op takes plain tensors only"
 
 
+def _returned_soon(node: Node, steps: int = 3) -> bool:
+    """Whether the graph returns `node` or a value at most `steps` ops after it (a site cut by a graph split)."""
+    frontier = {node}
+    for _ in range(steps + 1):
+        if any(u.op == "output" for n in frontier for u in n.users):
+            return True
+        frontier = {u for n in frontier for u in n.users}
+    return False
+
+
 def _returned_policy(m: Match, pattern: Pattern, skip_logits: bool) -> str:
     """How to provide the interior values the graph also returns: 'none' needed, 'lazy', 'keep', or a reason."""
     if not m.returned:
@@ -161,6 +171,9 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
                 reason = f"[{p.variant}] {best.reason}"
             else:
                 reason = "no variant of this pattern matches the code around it"
+                if _returned_soon(a):
+                    reason += ("; this graph returns a value computed from it, so the rest of the site may be in "
+                               "the next graph (a graph break, or a DDP bucket boundary under compiled DDP)")
             report.near_misses.append(NearMiss(name, node_where[a], reason))
 
     for name, sub in gm.named_children():
