@@ -93,3 +93,18 @@ def bar_chart(path: str, title: str, groups: list[str], series: dict[str, list[f
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def kernel_ms(fn, iters: int = 20) -> float:
+    """GPU time of one call: the sum of the durations of the kernels it launches (torch.profiler), so launch gaps
+    and Python overhead, which dominate event timing of sub-millisecond work, are left out."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+    return total_us / iters / 1e3
