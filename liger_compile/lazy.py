@@ -69,16 +69,22 @@ class LazyOutput:
     device: torch.device
 
 
-def extract(returned: Node, inputs: list[Node]) -> tuple[GraphModule, list[Node]]:
+def extract(returned: Node, inputs: list[Node], outer: dict[Node, Node] | None = None
+            ) -> tuple[GraphModule, list[Node]]:
     """A GraphModule computing `returned` from those of `inputs` it depends on (copied from the graph), and
-    those inputs. Raises if `returned` depends on anything else."""
+    those inputs. Raises if `returned` depends on anything else. `outer` maps the inputs of a nested graph (the body
+    of an activation-checkpointed region) to the values the enclosing graph passes in, so the copy can follow them."""
     graph = Graph()
     env: dict[Node, Node] = {}
+    outer = outer or {}
     for i, n in enumerate(inputs):
         env[n] = graph.placeholder(f"in{i}")
 
     def copy(n: Node) -> Node:
         if n not in env:
+            if n.op == "placeholder" and n in outer:
+                env[n] = copy(outer[n])
+                return env[n]
             if n.op not in ("call_function", "call_method"):
                 raise ValueError(f"{returned.name} depends on the graph input {n.name}")
             for a in n.all_input_nodes:

@@ -116,6 +116,8 @@ class Match:
     # interior nodes whose value is also returned by the graph (allowed only when the pattern can supply it)
     returned: list[Node] = field(default_factory=list)
     roots: list[Node] = field(default_factory=list)  # one per pattern output; roots[0] is `root`
+    # for a match inside a nested graph: its inputs -> the enclosing graph's values passed to them
+    outer: dict[Node, Node] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Any:
         return self.bindings[name]

@@ -120,8 +120,19 @@ def _make_lazy(graph: Graph, m: Match, lazy: list[LazyOutput]) -> None:
         lazy.append(LazyOutput(slot, slice(start, start + len(used)), compute, ev.dtype, ev.device))
 
 
+def _inputs_from_enclosing(gm: GraphModule, name: str, body: GraphModule, outer: dict[Node, Node]
+                           ) -> dict[Node, Node]:
+    """For a body called once by a higher-order op as op(body, *operands): body input i -> operand i."""
+    getattrs = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == name]
+    calls = [u for g in getattrs for u in g.users if u.op == "call_function" and u.args and u.args[0] is g]
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    if len(calls) != 1 or len(calls[0].args) - 1 != len(placeholders):
+        return {}
+    return {**outer, **dict(zip(placeholders, calls[0].args[1:]))}
+
+
 def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_logits: bool = True,
-            nested: bool = False) -> GraphReport:
+            nested: bool = False, outer: dict[Node, Node] | None = None) -> GraphReport:
     """Rewrites gm (and the graphs nested in it) in place; returns the report. Exceptions propagate (the backend
     falls back on them). In a nested graph (e.g. an activation-checkpointed layer's body) the outputs are not the
     user's, so no intermediate may be returned lazily there."""
@@ -144,6 +155,7 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
                 m, failure = None, MatchFailure("overlaps a site another pattern already fused", 10**6)
             policy = "none"
             if m is not None:
+                m.outer = outer or {}
                 reason = _subclass_input(m) or pattern.check(m)
                 policy = _returned_policy(m, pattern, skip_logits) if not reason else "none"
                 reason = reason or (policy if policy not in ("none", "lazy", "keep") else None)
@@ -178,7 +190,8 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
 
     for name, sub in gm.named_children():
         if isinstance(sub, GraphModule):
-            inner = rewrite(sub, patterns, index, skip_logits, nested=True)
+            inner = rewrite(sub, patterns, index, skip_logits, nested=True,
+                            outer=_inputs_from_enclosing(gm, name, sub, outer or {}))
             report.fused += [Site(s.pattern, s.variant, f"{s.where} [in {name}]") for s in inner.fused]
             report.near_misses += inner.near_misses
             report.nodes_before += inner.nodes_before

@@ -75,7 +75,7 @@ def check(m: Match) -> str | None:
     if mask.numel() > MAX_CHECKED_ELEMENTS:
         return f"mask of {mask.numel()} elements is too large to check while compiling"
     try:
-        compute, used = extract(m["mask"], [])
+        compute, used = extract(m["mask"], [], outer=m.outer)  # through a checkpointed body's inputs too
     except ValueError as e:
         return f"the mask depends on runtime inputs ({e})"
     from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: PLC0415

@@ -123,8 +123,9 @@ def test_packed_sequences_match_eager_with_rotary_fused_and_mask_left_alone():
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_matches_eager(use_reentrant):
     """HF checkpoints each decoder layer; Dynamo traces it as a checkpointed body (a nested graph) whichever
-    use_reentrant is asked for. The rewrite fuses inside the bodies too: norms, rotary, gated MLP all fuse;
-    the causal mask enters each body as an input, so it cannot be evaluated there and stays (a near miss)."""
+    use_reentrant is asked for. The rewrite fuses inside the bodies too: norms, rotary, gated MLP all fuse, and
+    the causal mask, which enters each body as an input, is followed back to where the enclosing graph builds it
+    from shapes alone, so the attention in each body becomes causal SDPA as well."""
     model = tiny("llama", layers=2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     model.train()
@@ -134,11 +135,23 @@ def test_gradient_checkpointing_matches_eager(use_reentrant):
     assert_same(loss_and_grads(model, inputs, run=compiled), ref)
     assert not report.fallbacks, str(report)
     assert report.counts == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "geglu": 0, "linear_cross_entropy": 1,
-                             "causal_mask": 0}, str(report)
+                             "causal_mask": 2}, str(report)
     in_bodies = [s for g in report.graphs for s in g.fused if "[in " in s.where]
-    assert len(in_bodies) == 2 * 2 + 2 + 2  # per layer: two norms, rotary, gated MLP
-    misses = report.near_misses
-    assert len(misses) == 2 and all("depends on runtime inputs" in m.reason for m in misses), str(report)
+    assert len(in_bodies) == 2 * 2 + 2 + 2 + 2  # per layer: two norms, rotary, gated MLP, attention
+    assert not report.near_misses, str(report)
+
+
+def test_checkpointed_body_with_a_padding_mask_keeps_it():
+    """The same followed-back mask, but built from a user padding mask: a runtime input, so it stays."""
+    model = tiny("llama", layers=1)
+    model.gradient_checkpointing_enable()
+    model.train()
+    inputs = {**batch(), "attention_mask": torch.tensor([[1] * 8, [0, 0] + [1] * 6])}
+    ref = loss_and_grads(model, inputs)
+    compiled, report = compiled_with_report(model)
+    assert_same(loss_and_grads(model, inputs, run=compiled), ref)
+    assert report.counts["causal_mask"] == 0
+    assert any("depends on the graph input" in m.reason for m in report.near_misses), str(report)
 
 
 # --- evaluation between training steps ------------------------------------------------------------------------
