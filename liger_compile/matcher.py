@@ -44,8 +44,8 @@ ARG_DEFAULTS = {
     "cross_entropy": {"weight": None, "size_average": None, "ignore_index": -100, "reduce": None,
                       "reduction": "mean", "label_smoothing": 0.0},
 }
-ALIASES = {"truediv": "div", "float": "to", "type_as": "to", "pow_": "pow", "neg_": "neg", "concat": "cat",
-           "concatenate": "cat", "multiply": "mul"}
+# Same op, other spelling. In-place variants (pow_, mul_...) are deliberately not aliased: they never match.
+ALIASES = {"truediv": "div", "float": "to", "type_as": "to", "concat": "cat", "concatenate": "cat", "multiply": "mul"}
 
 
 @dataclass(frozen=True)
