@@ -1,17 +1,12 @@
 """liger::gated_act against float64 act(gate) * up: Triton launchers (1-D and 2-D), op (autograd), torch.compile."""
 import math
-import os
-
+import pytest
 import torch
 
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; this must be set before triton
-# is first imported. On a CUDA machine the same tests run the real kernels on the GPU.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+# Without a GPU, tests/conftest.py has Triton's interpreter run the kernels on CPU tensors; with one, the same
+# tests run the real kernels on the GPU.
 
-import pytest  # noqa: E402
-
-from liger_compile.kernels import gated_mlp as G  # noqa: E402
+from liger_compile.kernels import gated_mlp as G
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton launchers run
 OP_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

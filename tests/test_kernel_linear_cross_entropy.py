@@ -1,20 +1,16 @@
 """liger::linear_cross_entropy: the op (torch chunk path on CPU) and the Triton per-row kernel against float64
 references and against eager PyTorch's own error."""
 import math
-import os
 
+import pytest
 import torch
+import torch.nn.functional as F
+import triton
 
-# Without a GPU the Triton kernel runs in Triton's interpreter on CPU tensors; this must be set before triton
-# is first imported. On a CUDA machine the same kernel tests run the real kernel on the GPU.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from liger_compile.kernels import linear_cross_entropy as lce
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-
-from liger_compile.kernels import linear_cross_entropy as lce  # noqa: E402
+# Without a GPU, tests/conftest.py has Triton's interpreter run the kernel on CPU tensors; with one, the same kernel
+# tests run the real kernel on the GPU.
 
 N, H, V = 10, 123, 317  # odd hidden size, vocabulary no multiple of any block
 SMALL_TILE = dict(BLOCK_V=128, num_warps=1)  # V=317 -> three tiles, the last one ragged

@@ -1,16 +1,11 @@
 """liger::rotary against a float64 HF apply_rotary_pos_emb: Triton launcher, op (autograd), torch.compile."""
-import os
-
+import pytest
 import torch
 
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; this must be set before triton
-# is first imported. On a CUDA machine the same tests run the real kernels on the GPU.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+# Without a GPU, tests/conftest.py has Triton's interpreter run the kernels on CPU tensors; with one, the same
+# tests run the real kernels on the GPU.
 
-import pytest  # noqa: E402
-
-from liger_compile.kernels import rotary as R  # noqa: E402
+from liger_compile.kernels import rotary as R
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton launcher runs
 OP_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
