@@ -12,6 +12,13 @@ from liger_compile.pattern import Pattern, all_patterns
 from models import assert_matches_eager, batch, tiny
 
 
+def run_fresh_python(code: str) -> str:
+    """Runs `code` in a new interpreter (nothing of this test process carried over); returns its stdout."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
 def test_backend_name_resolves_in_a_fresh_interpreter_without_import():
     code = (
         "import sys, torch\n"
@@ -21,9 +28,7 @@ def test_backend_name_resolves_in_a_fresh_interpreter_without_import():
         "assert 'liger' in torch._dynamo.list_backends(), torch._dynamo.list_backends()\n"
         "print('ok', 'liger_compile' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "ok True"  # torch found us through the entry point and imported us
+    assert run_fresh_python(code) == "ok True"  # torch found us through the entry point and imported us
 
 
 def test_import_twice_and_then_use_by_name():
@@ -38,8 +43,7 @@ def test_import_twice_and_then_use_by_name():
         "assert lookup_backend('liger') is lookup_backend('liger')\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert run_fresh_python(code) == "ok"
 
 
 def test_mode_and_inductor_options_are_accepted():
