@@ -1,18 +1,25 @@
 """End-to-end training steps on one GPU: eager, Inductor, Liger-Kernel, Liger-Kernel + Inductor, backend="liger".
 
     python bench/bench_e2e.py --model llama-1b --batch 4 --seq 4096 --variants eager,inductor,liger_kernel,ours
+    python bench/bench_e2e.py --model qwen2-1.5b ...  /  --batch 1 --seq 65536 ...
     python bench/bench_e2e.py ... --one VARIANT        (what the driver runs: one process per variant)
 
 Settings follow ../shared/ANCHORS.md: random init (seed 0), bf16 parameters, SDPA attention,
 `model(input_ids=ids, labels=ids).loss.backward()` then `AdamW(fused=True).step()`, 3 warm-up steps, median of
-the timed steps. Prints tokens/s, peak memory, first-step (compile) time and first loss per variant, and writes
-e2e_<model>_<b>x<t>.md/.json into --out.
+the timed steps. Prints tokens/s, peak memory, first-step (compile) time, its ratio to Inductor's first step (when
+inductor ran in the same invocation) and first loss per variant, and writes e2e_<model>_<b>x<t>.md/.json/.png into
+--out. A variant that runs out of memory, hits a CUDA error or its --timeout is a row with its error; the driver
+goes on with the next one.
+
+Hidden, for checking the driver without a GPU: `--device cpu --tiny` (a 2-layer model of the same family, no peak
+memory), `--fake-oom-tokens N` (a variant raises torch.OutOfMemoryError when batch x seq > N).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,28 +39,35 @@ MODELS = {
         num_key_value_heads=2, tie_word_embeddings=True, use_cache=False, max_position_embeddings=131072)),
 }
 VARIANTS = ["eager", "inductor", "liger_kernel", "liger_kernel_inductor", "ours"]
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)  # --tiny: the driver checked on CPU
 
 
-def build(model: str):
+def build(model: str, device: str = "cuda", tiny: bool = False):
     import transformers  # noqa: PLC0415
 
     cfg_name, cls_name, family, kwargs = MODELS[model]
-    cfg = getattr(transformers, cfg_name)(**kwargs, attn_implementation="sdpa")
+    cfg = getattr(transformers, cfg_name)(**{**kwargs, **(TINY if tiny else {})}, attn_implementation="sdpa")
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         m = getattr(transformers, cls_name)(cfg).to(torch.bfloat16)
     return m, family
 
 
 def run_one(args) -> dict:
     variant = args.one
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if variant.startswith("liger_kernel"):
         import liger_kernel.transformers as lk  # noqa: PLC0415
 
         family = MODELS[args.model][2]
         getattr(lk, f"apply_liger_kernel_to_{family}")()
-    model, _ = build(args.model)
+    model, _ = build(args.model, args.device, args.tiny)
     model.train()
+    if args.fake_oom_tokens and args.batch * args.seq > args.fake_oom_tokens:
+        raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {args.batch * args.seq} tokens > "
+                                     f"--fake-oom-tokens {args.fake_oom_tokens})")
     run = model
     if variant in ("inductor", "liger_kernel_inductor"):
         run = torch.compile(model, mode=args.mode)
@@ -64,23 +78,25 @@ def run_one(args) -> dict:
         opts = {"report": report}
         run = torch.compile(model, backend="liger", **({"mode": args.mode} if args.mode else {"options": opts}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda", generator=g)
+    g = torch.Generator(device=args.device).manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device, generator=g)
     times, losses = [], []
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         loss = run(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     step = statistics.median(times[args.warmup:])
-    peak = torch.cuda.max_memory_allocated() / 2**30  # read before phase_peaks resets the counter
-    phases = phase_peaks(run, opt, ids)
+    # read before phase_peaks resets the counter
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    phases = phase_peaks(run, opt, ids) if cuda and not args.no_phases else {}
     if args.profile:
         profile_step(run, opt, ids, f"{args.profile}/profile_{variant}.txt")
     result = {
@@ -128,27 +144,82 @@ def profile_step(run, opt, ids, path):
         f.write(table)
 
 
+def classify_failure(stderr: str) -> tuple[str, str]:
+    """(kind, message) of a failed child: kind is OOM, cuda (a CUDA error: illegal address, launch failure, ...)
+    or error; the message is the line that says so (shortened, no table-breaking characters)."""
+    lines = [x.strip() for x in stderr.splitlines() if x.strip()]
+
+    def find(*needles):
+        return next((x for x in reversed(lines) if any(n in x for n in needles)), None)
+
+    if line := find("OutOfMemoryError", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED"):
+        kind = "OOM"
+    elif line := find("CUDA error", "illegal memory access", "AcceleratorError", "CUDA_ERROR"):
+        kind = "cuda"
+    else:
+        kind, line = "error", find("Error", "error") or (lines[-1] if lines else "no output")
+    return kind, line.replace("|", "/")[:240]
+
+
+def run_variant(argv: list[str], timeout: float) -> dict:
+    """Runs `bench_e2e.py --one ...` (argv after the script) in its own process group, killed with its children
+    (Inductor's compile workers) at `timeout`. Returns the child's RESULT dict, or {"error": ..., "error_kind": ...};
+    with "wall_s" (and "stderr" for the caller to filter) either way."""
+    t0 = time.time()
+    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        timed_out = True
+    line = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    if timed_out:
+        row = {"error": f"timeout after {timeout:.0f} s", "error_kind": "timeout"}
+    elif p.returncode or not line:
+        kind, msg = classify_failure(err)
+        row = {"error": f"{kind}: {msg}" if kind != "OOM" else f"OOM: {msg}", "error_kind": kind}
+    else:
+        row = json.loads(line[0][len("RESULT "):])
+    row["wall_s"] = time.time() - t0
+    row["stderr"] = err
+    return row
+
+
+def one_argv(args, variant: str, batch: int, seq: int) -> list[str]:
+    """The --one command line for `variant` at batch x seq, carrying this invocation's settings."""
+    argv = ["--one", variant, "--model", args.model, "--batch", str(batch), "--seq", str(seq),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+    for flag, val in (("--mode", args.mode), ("--profile", getattr(args, "profile", None)),
+                      ("--fake-oom-tokens", args.fake_oom_tokens)):
+        if val:
+            argv += [flag, str(val)]
+    for flag, on in (("--tiny", args.tiny), ("--no-phases", args.no_phases)):
+        if on:
+            argv.append(flag)
+    return argv
+
+
 def drive(args) -> list[dict]:
     rows = []
     for v in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--one", v, "--model", args.model, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        if args.mode:
-            cmd += ["--mode", args.mode]
-        if args.profile:
-            cmd += ["--profile", args.profile]
-        t0 = time.time()
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode or not line:
-            err = (p.stderr.strip().splitlines() or ["?"])[-1][:200]
-            oom = "OutOfMemoryError" in p.stderr or "out of memory" in p.stderr
-            rows.append({"variant": v, "error": "OOM" if oom else err})
-        else:
-            rows.append(json.loads(line[0][len("RESULT "):]))
-        print(f"{v}: {rows[-1]} ({time.time() - t0:.0f} s)", flush=True)
-        if p.stderr and v == "ours":
-            print("\n".join(l for l in p.stderr.splitlines() if "graph" in l or "near miss" in l)[:4000])
+        row = run_variant(one_argv(args, v, args.batch, args.seq), args.timeout)
+        stderr = row.pop("stderr")
+        row = {"variant": v, **row, "model": args.model, "batch": args.batch, "seq": args.seq}
+        rows.append(row)
+        print(f"{v}: {row} ({row['wall_s']:.0f} s)", flush=True)
+        if stderr and v == "ours":
+            print("\n".join(x for x in stderr.splitlines() if "graph" in x or "near miss" in x)[:4000])
+    ind = next((r for r in rows if r["variant"] == "inductor" and "first_step_s" in r), None)
+    for r in rows:
+        if ind and "first_step_s" in r:
+            r["first_step_vs_inductor"] = r["first_step_s"] / ind["first_step_s"]
+    print("first step (compile included), s: " + ", ".join(
+        f"{r['variant']} {r['first_step_s']:.1f}" + (f" ({r['first_step_vs_inductor']:.2f}x inductor)"
+                                                     if "first_step_vs_inductor" in r else "")
+        for r in rows if "first_step_s" in r), flush=True)
     return rows
 
 
@@ -163,8 +234,12 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--one", default=None)
     ap.add_argument("--profile", default=None, help="directory: write a one-step kernel profile per variant there")
-    ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per variant (its process is killed after)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--no-phases", action="store_true", help="skip the extra step that measures per-phase peaks")
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--fake-oom-tokens", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
@@ -173,10 +248,20 @@ def main(argv=None):
     from common import write_results  # noqa: PLC0415
 
     name = f"e2e_{args.model}_{args.batch}x{args.seq}" + (f"_{args.mode}" if args.mode else "")
-    cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "first_step_s", "first_loss", "peak_fwd_GiB",
-            "peak_bwd_GiB", "peak_opt_GiB", "error"]
-    print(write_results(args.out, name, f"Training step, {args.model} shape, {args.batch} x {args.seq}, bf16",
-                        rows, cols))
+    cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "first_step_s", "first_step_vs_inductor", "first_loss",
+            "peak_fwd_GiB", "peak_bwd_GiB", "peak_opt_GiB", "error"]
+    title = f"Training step, {args.model} shape, {args.batch} x {args.seq}, bf16" + (" (TINY, CPU check)"
+                                                                                    if args.tiny else "")
+    print(write_results(args.out, name, title, rows, cols))
+    try:
+        from summary import anchor_rows, config_name, e2e_chart  # noqa: PLC0415
+
+        config = config_name(args.model, args.batch, args.seq, args.mode)
+        anchors = [] if args.tiny or args.device != "cuda" else anchor_rows(config)
+        e2e_chart(os.path.join(args.out, name + ".png"), title + (" (anchors hatched)" if anchors else ""),
+                  [config], {config: anchors + rows})
+    except Exception as e:  # the chart never costs the results written above
+        print(f"chart not written: {e!r}")
 
 
 if __name__ == "__main__":
