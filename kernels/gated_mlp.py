@@ -56,7 +56,8 @@ def _gated_fwd_1d_kernel(G, U, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gated_bwd_1d_kernel(DY, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_bwd_1d_kernel(DY, G, U, DG, DU, Y, n, ACT: tl.constexpr, BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
+    # STORE_Y also writes the forward's y = a(g) * u again (for a caller that did not keep it).
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = tl.arange(0, BLOCK)
     mask = offs < n - start
@@ -66,6 +67,8 @@ def _gated_bwd_1d_kernel(DY, G, U, DG, DU, n, ACT: tl.constexpr, BLOCK: tl.const
     a, da = _act_and_grad(g, ACT)
     tl.store(DU + start + offs, (dy * a).to(DU.dtype.element_ty), mask=mask)
     tl.store(DG + start + offs, (dy * u * da).to(DG.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        tl.store(Y + start + offs, (a * u).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -93,8 +96,8 @@ def _gated_fwd_2d_kernel(
 
 @triton.jit
 def _gated_bwd_2d_kernel(
-    DY, G, U, DG, DU, dy_row_stride, g_row_stride, u_row_stride, n_rows, n_cols,
-    ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    DY, G, U, DG, DU, Y, dy_row_stride, g_row_stride, u_row_stride, n_rows, n_cols,
+    ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STORE_Y: tl.constexpr,
 ):
     rows, cols, mask = _tile(tl.program_id(0), n_rows, n_cols, ROWS, BLOCK_C)
     dy = tl.load(DY + rows * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -103,6 +106,8 @@ def _gated_bwd_2d_kernel(
     a, da = _act_and_grad(g, ACT)
     tl.store(DU + rows * n_cols + cols, (dy * a).to(DU.dtype.element_ty), mask=mask)
     tl.store(DG + rows * n_cols + cols, (dy * u * da).to(DG.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        tl.store(Y + rows * n_cols + cols, (a * u).to(Y.dtype.element_ty), mask=mask)
 
 
 def config_1d() -> dict:
@@ -164,27 +169,33 @@ def launch_forward(gate, up, activation, config=None):
     return y
 
 
-def launch_backward(dy, gate, up, activation, config=None):
+def launch_backward(dy, gate, up, activation, config=None, recompute_y=False):
+    """(d_gate, d_up), and with recompute_y also y = act(gate) * up again, from the same pass: (dg, du, y)."""
     _check(gate, up)
     _check(gate, dy, "dy")
     act = _act_id(activation)
     dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device) \
+        if recompute_y else dg  # without recompute_y the kernel never writes through it
+    outs = (dg, du, y) if recompute_y else (dg, du)
     if dg.numel() == 0:
-        return dg, du
+        return outs
     if dy.is_contiguous() and gate.is_contiguous() and up.is_contiguous():
         n = dg.numel()
         cfg = dict(config or config_1d())
-        wrap_triton(_gated_bwd_1d_kernel)[(triton.cdiv(n, cfg["BLOCK"]),)](dy, gate, up, dg, du, n, ACT=act, **cfg)
-        return dg, du
+        wrap_triton(_gated_bwd_1d_kernel)[(triton.cdiv(n, cfg["BLOCK"]),)](
+            dy, gate, up, dg, du, y, n, ACT=act, STORE_Y=recompute_y, **cfg)
+        return outs
     dy2, g2, u2 = _as_rows(dy), _as_rows(gate), _as_rows(up)
     n_rows, n_cols = g2.shape
     cfg = dict(config or config_2d(n_cols))
     grid = (triton.cdiv(n_rows, cfg["ROWS"]) * triton.cdiv(n_cols, cfg["BLOCK_C"]),)
     wrap_triton(_gated_bwd_2d_kernel)[grid](
-        dy2, g2, u2, dg, du, _row_stride(dy2), _row_stride(g2), _row_stride(u2), n_rows, n_cols, ACT=act, **cfg,
+        dy2, g2, u2, dg, du, y, _row_stride(dy2), _row_stride(g2), _row_stride(u2), n_rows, n_cols, ACT=act,
+        STORE_Y=recompute_y, **cfg,
     )
-    return dg, du
+    return outs
 
 
 def _act_and_grad_torch(g: torch.Tensor, activation: str, with_grad: bool):

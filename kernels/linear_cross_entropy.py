@@ -38,9 +38,10 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._common import use_triton
 
-# One chunk's logits (C x V in the input dtype) stay under this many bytes: 256 MiB is 1024 rows of Llama-3's
-# 128256-word vocabulary in bf16, big enough that the three matmuls per chunk run at full speed.
-LOGITS_CHUNK_BYTES = 256 * 2**20
+# One chunk's logits (C x V in the input dtype) stay under this many bytes: 192 MiB is 768 rows of Llama-3's
+# 128256-word vocabulary in bf16, enough for the three matmuls per chunk to run at full speed, and small enough that
+# the op's whole working memory (this one buffer, reused by every chunk) stays under 0.25 GiB.
+LOGITS_CHUNK_BYTES = 192 * 2**20
 CHUNK_ROW_MULTIPLE = 64  # whole 64-row tiles for the matmuls when the budget allows
 
 # grad_weight is accumulated over the chunks with addmm_(beta=1) into a tensor of this dtype (keyed by the weight's
@@ -271,10 +272,15 @@ def launch_forward(hidden, weight, bias, labels, num_items, ignore_index, label_
     chunk_fn = launch_chunk_kernel if use_kernel else reference_chunk
 
     rows = chunk_rows(n, v, h.dtype)
+    buffer = torch.empty((rows, v), dtype=h.dtype, device=device)  # one chunk's logits, reused by every chunk
     for start in range(0, n, rows):
         end = min(start + rows, n)
         h_c = h[start:end]
-        logits = torch.addmm(bias, h_c, weight.t()) if bias is not None else torch.mm(h_c, weight.t())
+        logits = buffer[: end - start]
+        if bias is not None:
+            torch.addmm(bias, h_c, weight.t(), out=logits)
+        else:
+            torch.mm(h_c, weight.t(), out=logits)
         if keep_logits:
             kept[start:end] = logits if softcap <= 0 else (softcap * torch.tanh(logits.float() / softcap))
         chunk_fn(logits, y[start:end], losses[start:end], inv_denom, ignore_index, label_smoothing, softcap,
@@ -329,13 +335,20 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
 
 
+def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """grad * grad_loss (a 0-dim fp32 tensor: the product keeps grad's dtype). Run eagerly, the saved gradient is
+    scaled in place, which spares a copy as large as the weight (1 GiB for Llama-3-8B's lm_head); a second backward
+    through the same graph then fails autograd's saved-tensor version check instead of reading scaled values. Traced
+    (torch.compile), it stays out of place: Inductor fuses the product into whatever consumes it."""
+    return grad.mul_(grad_loss) if _is_eager(grad) else grad * grad_loss
+
+
 def _backward(ctx, grad_loss, *_grad_saved):
     grad_h, grad_w, grad_b = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    # grad_loss is a 0-dim fp32 tensor: multiplying keeps each gradient's dtype.
-    dh = grad_h * grad_loss if needs[0] else None
-    dw = grad_w * grad_loss if needs[1] else None
-    db = grad_b * grad_loss if ctx.has_bias and needs[2] else None
+    dh = _scaled(grad_h, grad_loss) if needs[0] else None
+    dw = _scaled(grad_w, grad_loss) if needs[1] else None
+    db = _scaled(grad_b, grad_loss) if ctx.has_bias and needs[2] else None
     return dh, dw, db, None, None, None, None, None, None, None
 
 

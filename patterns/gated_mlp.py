@@ -1,12 +1,16 @@
-"""The gated MLP's `act(gate) * up` (SwiGLU with SiLU, GeGLU with tanh-GELU), fused into ``liger::gated_act``.
+"""The gated MLP's `act(gate) * up` (SwiGLU with SiLU, GeGLU with tanh-GELU), fused into ``liger::gated_act``,
+or, when the product goes straight into down_proj, `down_proj(act(gate) * up)` fused into ``liger::gated_down_proj``.
 
 `gate` and `up` are whatever feeds the product: the outputs of gate_proj and up_proj (Llama, Gemma...) or the two
 halves of a fused gate_up_proj (Phi3); the op reads the halves in place. The activation is recomputed in backward
-instead of being saved.
+instead of being saved, and with down_proj included so is the product (down_proj's weight gradient needs it), which
+saves one [tokens, intermediate] activation per layer. The forms with down_proj come first: where the product is
+also used elsewhere (a LoRA adapter on down_proj reads it too) they do not match and the plain form still does.
 """
 import torch
 import torch.nn.functional as F
 
+from liger_compile.kernels import gated_down_proj as _down_op  # noqa: F401  (defines the op)
 from liger_compile.kernels import gated_mlp as _op  # noqa: F401  (defines the op)
 from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
@@ -20,6 +24,21 @@ def swiglu(gate, up):
 
 def geglu(gate, up):
     return F.gelu(gate, approximate="tanh") * up
+
+
+def swiglu_down(gate, up, weight):
+    return F.linear(F.silu(gate) * up, weight)
+
+
+def geglu_down(gate, up, weight):
+    return F.linear(F.gelu(gate, approximate="tanh") * up, weight)
+
+
+def make_fused_down(activation: str):
+    def fused(gate, up, weight):
+        return torch.ops.liger.gated_down_proj(gate, up, weight, activation)
+
+    return fused
 
 
 def make_fused(activation: str):
@@ -40,7 +59,21 @@ def check(m: Match) -> str | None:
     return None
 
 
+def check_down(m: Match) -> str | None:
+    why = check(m)
+    if why:
+        return why
+    w, g = m.value("weight"), m.value("gate")
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != g.shape[-1]:
+        return "down_proj's weight is not a [hidden, intermediate] matrix"
+    if w.dtype != g.dtype:
+        return f"down_proj weight {w.dtype} and activations {g.dtype} differ in dtype"
+    return None
+
+
 PATTERNS = [
+    Pattern("swiglu", "silu, down_proj", swiglu_down, make_fused_down("silu"), check_down, anchor="silu"),
+    Pattern("geglu", "gelu_tanh, down_proj", geglu_down, make_fused_down("gelu_tanh"), check_down, anchor="gelu"),
     Pattern("swiglu", "silu", swiglu, make_fused("silu"), check, anchor="silu"),
     Pattern("geglu", "gelu_tanh", geglu, make_fused("gelu_tanh"), check, anchor="gelu"),
 ]
