@@ -6,7 +6,9 @@ Shapes are Llama-3-8B's at 16,384 tokens, bf16 (see ../shared/ANCHORS.md). For e
 backward (= fwd+bwd minus fwd) and fwd+bwd median ms (triton.testing.do_bench), the extra peak memory of one
 fwd+bwd call, and fwd+bwd GB/s over the minimal bytes (or TFLOP/s for the matmul-bound lm_head+CE). Two clocks:
 `*_ms` are CUDA-event medians (wall time of a call, launch overhead included); `gpu_*_ms` sum the kernels' own
-durations (torch.profiler), which is what a kernel costs inside a CUDA graph or a busy training step.
+durations (torch.profiler), which is what a kernel costs inside a busy training step; `graph_*_ms` replay the call
+from a CUDA graph (no Python or launch overhead; NaN where a variant cannot be captured). `extra_beyond_grads_gib`
+is the extra peak minus the gradients' own size, as ../shared/ANCHORS.md counts it.
 Writes kernels.md / kernels.json / kernels.png into --out.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import bar_chart, extra_peak_gib, kernel_ms, median_ms, write_results  # noqa: E402
+from common import bar_chart, extra_peak_gib, graph_ms, kernel_ms, median_ms, write_results  # noqa: E402
 
 DT = torch.bfloat16
 DEV = "cuda"
@@ -30,6 +32,13 @@ def _liger(name):
     except ImportError:
         return None
     return name
+
+
+def _show_fusions(fn, *inputs):
+    """Prints what backend="liger" fuses in fn (so a table row for ours_backend is known to be ours)."""
+    import liger_compile  # noqa: PLC0415
+
+    print(liger_compile.explain(fn, *inputs), flush=True)
 
 
 # --- cases: each returns (inputs, params needing grad, {variant: fn(*inputs)}, floor) ----------------------------
@@ -54,6 +63,7 @@ def case_rms_norm():
         lg = LigerRMSNorm(d, eps=1e-5).to(DEV, DT)
         lg.weight.data.copy_(hf.weight.data)
         variants["liger"] = (lg, [x, lg.weight])
+    _show_fusions(hf, x)
     # fwd: read x, write y; bwd: read dy and x, write dx (weight and rstd are negligible)
     return [x], [x, hf.weight], variants, {"bytes": 5 * n * d * 2}
 
@@ -81,6 +91,7 @@ def case_rotary():
         from liger_kernel.transformers.rope import liger_rotary_pos_emb  # noqa: PLC0415
 
         variants["liger"] = lambda q, k: liger_rotary_pos_emb(q, k, cos, sin)
+    _show_fusions(lambda q, k: apply_rotary_pos_emb(q, k, cos, sin), q, k)
     return [q, k], [q, k], variants, {"bytes": 4 * (q.numel() + k.numel()) * 2}
 
 
@@ -101,6 +112,7 @@ def case_gated_mlp():
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction  # noqa: PLC0415
 
         variants["liger"] = LigerSiLUMulFunction.apply
+    _show_fusions(hf, a, b)
     # fwd: read a, b, write c; bwd: read dc, a, b, write da, db
     return [a, b], [a, b], variants, {"bytes": 8 * n * f * 2}
 
@@ -130,6 +142,7 @@ def case_linear_cross_entropy():
 
         lce = LigerFusedLinearCrossEntropyLoss()
         variants["liger"] = lambda x, w: lce(w, x, labels)
+    _show_fusions(hf, x, w)
     return [x, w], [x, w], variants, {"flops": 3 * 2 * n * h * v}
 
 
@@ -144,7 +157,10 @@ def run_case(name, make):
         fn, vparams = fn if isinstance(fn, tuple) else (fn, params)
         y = fn(*inputs)
         ys = y if isinstance(y, tuple) else (y,)
-        dys = [torch.ones_like(t) if t.dim() == 0 else torch.randn_like(t) for t in ys]
+        # made with a CPU generator: a failed CUDA-graph capture of an earlier variant can leave CUDA's RNG unusable
+        cpu_gen = torch.Generator().manual_seed(0)
+        dys = [torch.ones_like(t) if t.dim() == 0 else
+               torch.randn(t.shape, generator=cpu_gen).to(t.device, t.dtype) for t in ys]
         del y, ys
 
         def fwd():
@@ -154,16 +170,20 @@ def run_case(name, make):
             y = fn(*inputs)
             return torch.autograd.grad(y if isinstance(y, tuple) else (y,), vparams, dys)
 
+        # extra memory as ../shared/ANCHORS.md counts it: beyond the gradients themselves (outputs of any variant)
+        grads_gib = sum(p.numel() * p.element_size() for p in vparams) / 2**30
         try:
             t_fwd = median_ms(fwd)
             t_both = median_ms(fwd_bwd)
             gpu_fwd, gpu_both = kernel_ms(fwd), kernel_ms(fwd_bwd)
             mem = extra_peak_gib(fwd_bwd)
+            graph_fwd, graph_both = graph_ms(fwd), graph_ms(fwd_bwd)  # last: a failed capture may upset state
         except Exception as e:  # one broken variant must not hide the others
             print(f"{name}/{vname}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
         row = {"kernel": name, "variant": vname, "fwd_ms": t_fwd, "bwd_ms": t_both - t_fwd, "fwd_bwd_ms": t_both,
-               "gpu_fwd_ms": gpu_fwd, "gpu_fwd_bwd_ms": gpu_both, "extra_peak_gib": mem}
+               "gpu_fwd_ms": gpu_fwd, "gpu_fwd_bwd_ms": gpu_both, "graph_fwd_ms": graph_fwd,
+               "graph_fwd_bwd_ms": graph_both, "extra_peak_gib": mem, "extra_beyond_grads_gib": mem - grads_gib}
         if "bytes" in floor:
             row["GB/s"] = floor["bytes"] / t_both / 1e6
             row["gpu_GB/s"] = floor["bytes"] / gpu_both / 1e6
@@ -187,8 +207,8 @@ def main(argv=None):
     for name in args.only.split(","):
         rows += run_case(name, CASES[name])
         torch.cuda.empty_cache()
-    cols = ["kernel", "variant", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "gpu_fwd_ms", "gpu_fwd_bwd_ms", "extra_peak_gib",
-            "GB/s", "gpu_GB/s", "TFLOP/s", "floor_ms"]
+    cols = ["kernel", "variant", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "gpu_fwd_ms", "gpu_fwd_bwd_ms", "graph_fwd_ms",
+            "graph_fwd_bwd_ms", "extra_peak_gib", "extra_beyond_grads_gib", "GB/s", "gpu_GB/s", "TFLOP/s", "floor_ms"]
     md = write_results(args.out, "kernels", "Kernels, forward + backward (bf16, Llama-3-8B shapes, 16k tokens)",
                        rows, cols)
     print(md)

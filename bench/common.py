@@ -108,3 +108,33 @@ def kernel_ms(fn, iters: int = 20) -> float:
         torch.cuda.synchronize()
     total_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
     return total_us / iters / 1e3
+
+
+def graph_ms(fn, replays: int = 50) -> float:
+    """Median ms of one call replayed from a CUDA graph: no Python or launch overhead, as inside a captured
+    training step. NaN when fn cannot be captured (e.g. it synchronises with the host)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # not capturable: say so, keep the other measurements
+        print(f"  (no CUDA graph: {type(e).__name__}: {str(e)[:120]})", flush=True)
+        torch.cuda.synchronize()
+        return float("nan")
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    times.sort()
+    return times[len(times) // 2]

@@ -1,20 +1,46 @@
 #!/usr/bin/env bash
-# Everything the H200 runs, in stages (one device call each; each stays under the 10-minute call limit):
-#   bash bench/on_device.sh tests      GPU tests (tests/test_gpu.py and the kernel tests on CUDA)
-#   bash bench/on_device.sh kernels    kernel table (eager, Inductor, Liger-Kernel, ours) with event and GPU-busy times
-#   bash bench/on_device.sh e2e4k      Llama-3.2-1B 4x4096, all variants side by side, one process each
-#   bash bench/on_device.sh e2e32k     Llama-3.2-1B 1x32768, all variants
-# Carry the Liger-Kernel wheel in .whl (see the device tool's README). Results and logs go to $OUT.
+# Everything the H200 runs, in stages; one device call may run several (each call stays under 10 minutes):
+#   bash bench/on_device.sh tests kernels       GPU tests, then the kernel table
+# Stages:
+#   tests      GPU tests (tests/test_gpu*.py and the kernel tests on CUDA)
+#   kernels    kernel table (eager, Inductor, Liger-Kernel, ours): event, GPU-busy and CUDA-graph times, memory
+#   e2e4k      Llama-3.2-1B 4x4096, all variants side by side, one process each
+#   ours4k     the same, backend="liger" only (a quick check after a change)
+#   e2e32k     Llama-3.2-1B 1x32768: Liger-Kernel and ours (eager/Inductor are in ../shared/ANCHORS.md)
+#   e2e64k     Llama-3.2-1B 1x65536: eager, Inductor (both expected to run out of memory), Liger-Kernel, ours
+#   qwen4k     Qwen2-1.5B 4x4096, all variants but Liger-Kernel + Inductor
+#   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: backend "liger" vs "inductor"
+#   context    longest trainable context (batch 1) for ours and Liger-Kernel
+# Carry the Liger-Kernel wheel in .whl (see the device tool's README). Results and logs go to $OUT/results.tgz
+# (the device returns only a few files) and each stage's last lines to the call's output.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . >/dev/null 2>&1
 export PYTHONPATH=/tmp/site
-case "${1:-tests}" in
-  tests) timeout 540 python3 -m pytest -q -p no:logging --tb=short tests/test_gpu.py tests/test_kernel_rms_norm.py \
-           tests/test_kernel_rotary.py tests/test_kernel_gated_mlp.py tests/test_kernel_linear_cross_entropy.py 2>&1 \
-           | tee $OUT/gpu_tests.log | tail -30 ;;
-  kernels) timeout 540 python3 bench/bench_kernels.py --out $OUT 2>&1 | tee $OUT/bench_kernels.log | grep "^| " ;;
-  e2e4k) timeout 560 python3 bench/bench_e2e.py --out $OUT --timeout 150 2>&1 | tail -12 ;;
-  e2e32k) timeout 560 python3 bench/bench_e2e.py --batch 1 --seq 32768 --out $OUT --timeout 150 2>&1 | tail -12 ;;
-esac
+R=$OUT/results
+mkdir -p "$R"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$R/gpu.txt" 2>&1
+E2E="python3 bench/bench_e2e.py --out $R"
+for stage in "${@:-tests}"; do
+  echo "=== $stage $(date +%T)"
+  case "$stage" in
+    tests) timeout 330 python3 -m pytest -q -p no:logging --tb=short tests/test_gpu.py tests/test_gpu_families.py \
+             tests/test_kernel_rms_norm.py tests/test_kernel_rotary.py tests/test_kernel_gated_mlp.py \
+             tests/test_kernel_gated_down_proj.py tests/test_kernel_linear_cross_entropy.py > "$R/gpu_tests.log" 2>&1
+           tail -25 "$R/gpu_tests.log" ;;
+    kernels) timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1
+             grep -E "^\| |FAILED|report:" "$R/bench_kernels.log" ;;
+    e2e4k) timeout 400 $E2E --timeout 110 2>&1 | tail -9 ;;
+    ours4k) timeout 150 $E2E --variants ours --timeout 140 2>&1 | tail -4 ;;
+    e2e32k) timeout 260 $E2E --batch 1 --seq 32768 --variants liger_kernel,ours --timeout 125 2>&1 | tail -5 ;;
+    e2e64k) timeout 330 $E2E --batch 1 --seq 65536 --variants eager,inductor,liger_kernel,ours --timeout 110 \
+              --steps 3 --warmup 2 2>&1 | tail -7 ;;
+    qwen4k) timeout 420 $E2E --model qwen2-1.5b --variants eager,inductor,liger_kernel,ours --timeout 120 2>&1 | tail -7 ;;
+    sft) timeout 330 python3 bench/bench_sft.py --out "$R" > "$R/bench_sft.log" 2>&1; tail -8 "$R/bench_sft.log" ;;
+    context) timeout 560 python3 bench/bench_context.py --variants ours,liger_kernel --start 65536 --budget-s 540 \
+               --out "$R" > "$R/bench_context.log" 2>&1; tail -12 "$R/bench_context.log" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+tar -czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"

@@ -16,7 +16,34 @@ from liger_compile.lazy import extract
 from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
 
-MAX_CHECKED_ELEMENTS = 2**31  # evaluating a bigger mask at compile time is not worth it
+MAX_CHECKED_ELEMENTS_OFF_GPU = 2**31  # a bigger mask takes too long to evaluate on a CPU while compiling
+# Building the mask may hold a few mask-sized tensors at once (the comparisons HF combines); a mask is checked only
+# if that many fit in half the GPU memory free at compile time (at 1 x 65536 one mask is 4 GiB of bools).
+MASK_COPIES_WHILE_BUILDING = 4
+COMPARE_BLOCK_ELEMENTS = 2**28  # rows compared against the causal pattern per step (no second full-size mask)
+
+
+def _check_budget(device: torch.device) -> int:
+    """How many mask elements we allow ourselves to build while compiling on this device."""
+    if device.type != "cuda":
+        return MAX_CHECKED_ELEMENTS_OFF_GPU
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
+    return free // 2 // MASK_COPIES_WHILE_BUILDING
+
+
+def _is_lower_triangular(value: torch.Tensor) -> bool:
+    """value [..., T, T] bool equals the causal mask (key j visible from query i iff j <= i), block of rows by
+    block of rows."""
+    t = value.shape[-1]
+    rows = torch.arange(t, device=value.device)
+    step = max(1, COMPARE_BLOCK_ELEMENTS // max(1, value.numel() // value.shape[-2]))
+    for r0 in range(0, value.shape[-2], step):
+        block = value[..., r0:r0 + step, :]
+        causal = rows[None, :] <= rows[r0:r0 + step, None]
+        if not torch.equal(block, causal.expand_as(block)):
+            return False
+    return True
 
 
 def repeat_kv(x, batch, kv_heads, n_rep, seq, head_dim, heads):
@@ -72,8 +99,10 @@ def check(m: Match) -> str | None:
     t_q, t_k = q.shape[-2], k.shape[-2]
     if t_q != t_k or mask.shape[-2:] != (t_q, t_k):
         return f"query length {t_q} and key length {t_k} differ (a KV cache)"
-    if mask.numel() > MAX_CHECKED_ELEMENTS:
-        return f"mask of {mask.numel()} elements is too large to check while compiling"
+    budget = _check_budget(mask.device)
+    if mask.numel() > budget:
+        return (f"mask of {mask.numel()} elements is too large to check while compiling "
+                f"(at most {budget} on {mask.device})")
     try:
         compute, used = extract(m["mask"], [], outer=m.outer)  # through a checkpointed body's inputs too
     except ValueError as e:
@@ -82,9 +111,8 @@ def check(m: Match) -> str | None:
 
     with unset_fake_temporarily(), torch.no_grad():
         value = compute()
-        causal = torch.ones(t_q, t_k, dtype=torch.bool, device=value.device).tril_()
-        same = bool(torch.equal(value, causal.expand_as(value)))
-        del value, causal
+        same = _is_lower_triangular(value)
+        del value
     return None if same else "the mask is computed from shapes alone but is not plain causal"
 
 

@@ -178,3 +178,17 @@ def test_gqa_attention_reads_shared_kv_heads_and_saves_less():
     torch._dynamo.reset()
     inductor = _saved_bytes(torch.compile(model, backend="inductor"), batch())
     assert ours < inductor, (ours, inductor)
+
+
+def test_causal_check_compares_block_by_block(monkeypatch):
+    # The compile-time check never builds a second full-size mask: rows go in blocks (here 3 rows of 10 at a time).
+    from liger_compile.patterns import causal_mask
+
+    monkeypatch.setattr(causal_mask, "COMPARE_BLOCK_ELEMENTS", 30)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()[None, None]
+    assert causal_mask._is_lower_triangular(causal)
+    for i, j in ((9, 9), (0, 1), (5, 2)):  # a flipped entry anywhere, including the last, partial block
+        wrong = causal.clone()
+        wrong[0, 0, i, j] = ~wrong[0, 0, i, j]
+        assert not causal_mask._is_lower_triangular(wrong)
+    assert causal_mask._check_budget(torch.device("cpu")) == causal_mask.MAX_CHECKED_ELEMENTS_OFF_GPU
