@@ -29,7 +29,9 @@ for stage in "${@:-tests}"; do
              tests/test_kernel_rms_norm.py tests/test_kernel_rotary.py tests/test_kernel_gated_mlp.py \
              tests/test_kernel_gated_down_proj.py tests/test_kernel_linear_cross_entropy.py > "$R/gpu_tests.log" 2>&1
            tail -25 "$R/gpu_tests.log" ;;
-    kernels) timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1
+    kernels) timeout 100 python3 bench/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
+             grep "^| bwd" "$R/sweep_rms_norm.log" | sort -t"|" -k6 -n | head -4; grep "^| fwd" "$R/sweep_rms_norm.log" | sort -t"|" -k6 -n | head -2
+             timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1
              grep -E "^\| |FAILED|report:" "$R/bench_kernels.log" ;;
     e2e4k) timeout 400 $E2E --timeout 110 2>&1 | tail -9 ;;
     ours4k) timeout 150 $E2E --variants ours --timeout 140 2>&1 | tail -4 ;;
