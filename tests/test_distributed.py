@@ -72,18 +72,18 @@ def _tail(path: Path, chars: int = 3000) -> str:
     return text[-chars:]
 
 
-def _launch(scenario: str, out: Path, timeout: float) -> tuple[list[dict] | None, str | None]:
+def _launch(scenario: str, out: Path, timeout: float, worker: Path, world: int) -> tuple[list[dict] | None, str | None]:
     out.mkdir(parents=True)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
            "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen] = []
     start = time.monotonic()
     timed_out = False
     try:
-        for rank in range(WORLD):
+        for rank in range(world):
             with open(out / f"rank{rank}.log", "w") as log:
                 procs.append(subprocess.Popen(
-                    [sys.executable, str(WORKER), scenario, str(out)],
+                    [sys.executable, str(worker), scenario, str(out)],
                     env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT,
                     start_new_session=True,
                 ))
@@ -106,20 +106,22 @@ def _launch(scenario: str, out: Path, timeout: float) -> tuple[list[dict] | None
             _stop(p)
     codes = [p.returncode for p in procs]
     results = []
-    for rank in range(WORLD):
+    for rank in range(world):
         path = out / f"rank{rank}.json"
         results.append(json.loads(path.read_text()) if path.exists() else None)
-    if not timed_out and codes == [0] * WORLD and all(r is not None and "error" not in r for r in results):
+    if not timed_out and codes == [0] * world and all(r is not None and "error" not in r for r in results):
         return results, None
     head = f"{scenario}: " + (f"timed out after {timeout:.0f} s" if timed_out else f"exit codes {codes}")
-    logs = "\n".join(f"--- rank {r} log (tail) ---\n{_tail(out / f'rank{r}.log')}" for r in range(WORLD))
+    logs = "\n".join(f"--- rank {r} log (tail) ---\n{_tail(out / f'rank{r}.log')}" for r in range(world))
     return None, f"{head}\n{logs}"
 
 
-def run_scenario(scenario: str, tmp_path: Path, timeout: float = TIMEOUT_S) -> list[dict]:
-    """Both ranks' results. A port taken between choosing and binding it gets one more try on another port."""
+def run_scenario(scenario: str, tmp_path: Path, timeout: float = TIMEOUT_S, worker: Path = WORKER,
+                 world: int = WORLD) -> list[dict]:
+    """Every rank's results (`worker` run as `world` processes; each writes rank{N}.json into the folder it is given).
+    A port taken between choosing and binding it gets one more try on another port."""
     for attempt in range(2):
-        results, failure = _launch(scenario, tmp_path / f"{scenario}_{attempt}", timeout)
+        results, failure = _launch(scenario, tmp_path / f"{scenario}_{attempt}", timeout, worker, world)
         if failure is None:
             return results
         if "address already in use" not in failure.lower():
