@@ -1,0 +1,289 @@
+"""Supervised fine-tuning through a trainer: torch_compile_backend="liger" against "inductor".
+
+    python bench/bench_sft.py                    # Llama-3.2-1B shape, 4 x 2048 tokens a step, bf16, on a GPU
+    python bench/bench_sft.py --tiny             # tiny Llama, a few steps: runs on CPU (checks the script)
+    python bench/bench_sft.py ... --one VARIANT  (what the driver runs: one process per variant)
+
+What a user of the trainers runs: random init (seed 0), a synthetic in-memory dataset of random full-length token
+rows (no padding), TRL's SFTTrainer when `trl` imports (else transformers' Trainer with a causal-LM collator:
+input_ids and labels, no attention mask since no row is padded), bf16=True, per_device_train_batch_size=4,
+max length 2048, adamw_torch_fused, no checkpoints, evaluation or logging to disk, gradient checkpointing off
+(TRL's default is on; --checkpointing turns it on). A TrainerCallback times each optimizer step from
+on_step_begin to on_step_end with the device synchronised at both ends; tokens/s comes from the median step
+after the warm-up steps (the first includes the compile). Peak memory is the allocator's peak over the whole
+train(). The liger run's fusions are read from the backend's one-line-per-graph log records.
+Writes sft_<model>_<b>x<t>.md/.json/.png into --out.
+
+With bf16=True accelerate runs the forward under autocast and casts every floating output to fp32, the logits
+included, inside the compiled graph: the logits escape the loss, so lm_head + cross-entropy is not fused (a near
+miss). --pure-bf16 (bf16 weights, bf16=False) shows the run without that cast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_e2e import MODELS  # noqa: E402
+
+TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, use_cache=False)
+SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # the tokenizer's only tokens; data ids start after them
+VARIANTS = ["liger", "inductor"]
+
+
+def tokenizer():
+    """A tokenizer built in memory (nothing downloaded): TRL wants one for its pad token; the data is token ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]")
+
+
+def build(args, device, dtype):
+    import transformers  # noqa: PLC0415
+
+    if args.tiny:
+        cfg = transformers.LlamaConfig(**TINY, attn_implementation="sdpa")
+        cls = transformers.LlamaForCausalLM
+    else:
+        cfg_name, cls_name, _, kwargs = MODELS[args.model]
+        cfg = getattr(transformers, cfg_name)(**kwargs, attn_implementation="sdpa")
+        cls = getattr(transformers, cls_name)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return cls(cfg).to(dtype)
+
+
+def token_rows(n: int, seq: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(len(SPECIAL), vocab, (n, seq), generator=g).tolist()
+
+
+def causal_lm_collate(rows):
+    """Full-length rows: stack them; labels are the inputs (the model shifts them)."""
+    ids = torch.tensor([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+class FusionLog(logging.Handler):
+    """Collects the backend's INFO line per compiled graph ("graph N: rms_norm=33, ..."), as tests/test_trainers.py
+    does: the proof that the run went through backend="liger", and what it fused."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "liger_compile: graph" in msg:
+            self.lines.append(msg)
+
+    def counts(self) -> dict[str, int]:
+        total = {}
+        for line in self.lines:
+            for name, n in re.findall(r"(\w+)=(\d+)", line):
+                total[name] = total.get(name, 0) + int(n)
+        return total
+
+
+def make_trainer(args, variant, model, rows, device, amp, callbacks):
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench_sft_"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch_fused", bf16=amp,
+        gradient_checkpointing=args.checkpointing, logging_strategy="steps", logging_steps=1, save_strategy="no",
+        eval_strategy="no", report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        use_cpu=device == "cpu", torch_compile=True, torch_compile_backend=variant,
+    )
+    trl = None
+    if args.trainer in ("auto", "trl"):
+        try:
+            import trl  # noqa: PLC0415
+        except ImportError:
+            if args.trainer == "trl":
+                raise
+    if trl is not None:
+        import datasets  # noqa: PLC0415
+
+        config = trl.SFTConfig(**common, max_length=args.seq, packing=False)
+        trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_dict(
+            {"input_ids": rows}), processing_class=tokenizer(), callbacks=callbacks)
+        return trainer, f"trl.SFTTrainer {trl.__version__}"
+    import transformers  # noqa: PLC0415
+
+    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**common),
+                                   train_dataset=[{"input_ids": r} for r in rows], data_collator=causal_lm_collate,
+                                   callbacks=callbacks)
+    return trainer, f"transformers.Trainer {transformers.__version__}"
+
+
+def run_one(args) -> dict:
+    try:
+        import accelerate  # noqa: PLC0415, F401
+    except ImportError:
+        sys.exit("bench_sft: transformers' Trainer needs the accelerate package; install it (a wheel on the device)")
+    import liger_compile  # noqa: PLC0415, F401  (accelerate accepts torch_compile_backend="liger" after this)
+    from transformers import TrainerCallback  # noqa: PLC0415
+
+    variant = args.one
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    use_bf16 = device == "cuda" or args.cpu_bf16
+    model = build(args, device, torch.bfloat16 if use_bf16 else torch.float32)
+    model.train()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, a, state, control, **kw):
+            sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            sync()
+            self.times.append(time.perf_counter() - self.t0)
+
+    timer = StepTimer()
+    rows = token_rows(args.batch * args.steps, args.seq, model.config.vocab_size)
+    amp = use_bf16 and not args.pure_bf16
+    trainer, trainer_name = make_trainer(args, variant, model, rows, device, amp, [timer])
+
+    log = logging.getLogger("liger_compile")
+    fusions = FusionLog()
+    log.addHandler(fusions)
+    log.setLevel(logging.INFO)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    log.removeHandler(fusions)
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    timed = timer.times[args.warmup:]
+    step = statistics.median(timed)
+    result = {
+        "variant": variant, "tokens/s": args.batch * args.seq / step, "step_ms": step * 1e3, "peak_GiB": peak,
+        "first_step_s": timer.times[0], "train_s": wall, "steps": len(timer.times), "timed_steps": len(timed),
+        "first_loss": losses[0], "last_loss": losses[-1], "trainer": trainer_name,
+        "dtype": ("bf16, bf16=True" if amp else "bf16, bf16=False") if use_bf16 else "fp32",
+        "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        "step_times_s": [round(t, 4) for t in timer.times],
+    }
+    if variant == "liger":
+        result["fused"] = fusions.counts()
+        print("\n".join(fusions.lines), file=sys.stderr)
+    return result
+
+
+def drive(args) -> list[dict]:
+    rows = []
+    for v in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--one", v, "--model", args.model, "--batch", str(args.batch),
+               "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--trainer", args.trainer]
+        cmd += ["--tiny"] * args.tiny + ["--checkpointing"] * args.checkpointing + ["--cpu-bf16"] * args.cpu_bf16
+        cmd += ["--pure-bf16"] * args.pure_bf16
+        t0 = time.time()
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if p.returncode or not line:
+            err = (p.stderr.strip().splitlines() or ["?"])[-1][:200]
+            oom = "OutOfMemoryError" in p.stderr or "out of memory" in p.stderr
+            rows.append({"variant": v, "error": "OOM" if oom else err})
+            print(p.stderr[-4000:], file=sys.stderr)
+        else:
+            rows.append(json.loads(line[0][len("RESULT "):]))
+        print(f"{v}: {rows[-1]} ({time.time() - t0:.0f} s)", flush=True)
+        if v == "liger" and p.stderr:
+            print("\n".join(l for l in p.stderr.splitlines() if "liger_compile" in l)[:4000])
+    return rows
+
+
+def chart(path: str, title: str, rows: list[dict]):
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    ok = [r for r in rows if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    for ax, key, label in ((axes[0], "tokens/s", "tokens/s (higher is better)"),
+                           (axes[1], "peak_GiB", "peak GiB (lower is better)")):
+        values = [float("nan") if r[key] is None else r[key] for r in ok]
+        bars = ax.bar([r["variant"] for r in ok], [v if v == v else 0 for v in values],
+                      color=["tab:green" if r["variant"] == "liger" else "tab:blue" for r in ok])
+        for b, v in zip(bars, values):
+            ax.annotate(f"{v:,.0f}" if key == "tokens/s" else f"{v:.1f}", (b.get_x() + b.get_width() / 2,
+                        b.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-1b", choices=list(MODELS))
+    ap.add_argument("--tiny", action="store_true", help="tiny Llama (2 layers, hidden 64), runs on CPU")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=None, help="default 2048 (--tiny: 64)")
+    ap.add_argument("--steps", type=int, default=None, help="default 12 (--tiny: 6)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--trainer", default="auto", choices=["auto", "trl", "hf"], help="auto: TRL's if it imports")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (TRL's default)")
+    ap.add_argument("--cpu-bf16", action="store_true", help="bf16 on CPU too (default there: fp32)")
+    ap.add_argument("--pure-bf16", action="store_true",
+                    help="bf16 weights with the Trainer's bf16=False: no autocast, and accelerate does not cast the "
+                         "model's outputs (the logits) to fp32")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--one", default=None)
+    ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    args.seq = args.seq or (64 if args.tiny else 2048)
+    args.steps = args.steps or (6 if args.tiny else 12)
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+    rows = drive(args)
+    from common import write_results  # noqa: PLC0415
+
+    model = "tiny-llama" if args.tiny else args.model
+    name = f"sft_{model}_{args.batch}x{args.seq}" + ("_pure-bf16" if args.pure_bf16 else "")
+    ok = [r for r in rows if "error" not in r]
+    first = {r["variant"]: r["first_loss"] for r in ok}
+    agree = len(first) < 2 or max(first.values()) - min(first.values()) <= 2e-3 * max(abs(v) for v in first.values())
+    notes = [f"trainer: {', '.join(sorted({r['trainer'] for r in ok}))}; {ok[0]['dtype'] if ok else ''}; "
+             f"{args.steps} steps, median of the last {args.steps - args.warmup}; gradient checkpointing "
+             f"{'on' if args.checkpointing else 'off'}",
+             f"first losses {'agree' if agree else 'DISAGREE'}: {first}"]
+    notes += [f"fused (liger, summed over graphs): {r['fused']}" for r in ok if "fused" in r]
+    cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "first_step_s", "first_loss", "last_loss", "graphs",
+            "error"]
+    title = f"SFT, {model} shape, {args.batch} x {args.seq}"
+    print(write_results(args.out, name, title, rows, cols, notes="\n\n".join(notes)))
+    chart(os.path.join(args.out, f"{name}.png"), title, rows)
+    if not agree or len(ok) < len(rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
