@@ -95,6 +95,13 @@ FWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (8, 4), (32, 4), (
 BWD_WIDE = [dict(ROWS=r, num_warps=w) for r, w in ((1, 8), (1, 4), (2, 8), (1, 16), (2, 16), (4, 16))]
 BWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (32, 4), (8, 2), (32, 8), (64, 8))]
 ROWS_PER_PROGRAM = {True: 16, False: 256}
+# Many wide rows: fewer, longer programs write fewer partial-dweight rows. H200, x[16384, 4096] bf16, CUDA-graph
+# replay (bench/sweep_rms_norm.py): 64 rows per program 0.134 ms, 16 rows 0.140 ms.
+MANY_ROWS, ROWS_PER_PROGRAM_MANY = 16384, 64
+
+
+def rows_per_program(n_rows: int, wide: bool) -> int:
+    return ROWS_PER_PROGRAM_MANY if wide and n_rows >= MANY_ROWS else ROWS_PER_PROGRAM[wide]
 
 
 def _configs(entries):
@@ -152,7 +159,7 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     wide = _wide(n_cols)
-    rpp = (config or {}).get("ROWS_PER_PROGRAM", ROWS_PER_PROGRAM[wide])
+    rpp = (config or {}).get("ROWS_PER_PROGRAM", rows_per_program(n_rows, wide))
     dw_partial = torch.empty((triton.cdiv(n_rows, rpp), n_cols), dtype=torch.float32, device=x.device)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
                   ROWS_PER_PROGRAM=rpp)

@@ -251,12 +251,28 @@ def pattern_root(pattern_graph: Graph) -> Node:
     return pattern_roots(pattern_graph)[0]
 
 
+# Casts a wrapper may put between a value and the graph's output (accelerate's mixed precision returns every
+# output as fp32: `logits.float()` inside the compiled graph).
+_OUTPUT_CASTS = {"float", "to", "type"}
+
+
+def is_output_cast(u: Node) -> bool:
+    """A dtype cast of one value, whose only uses are the graph's output (or further such casts)."""
+    return (u.op == "call_method" and u.target in _OUTPUT_CASTS and len(u.all_input_nodes) == 1 and
+            bool(u.users) and all(returned_as_is_or_cast(x) for x in u.users))
+
+
+def returned_as_is_or_cast(u: Node) -> bool:
+    return u.op == "output" or is_output_cast(u)
+
+
 def try_match(pattern_graph: Graph, root: Node, allow_returned: bool = False
               ) -> tuple[Match | None, MatchFailure | None, set[Node]]:
     """Matches the pattern with its output at `root`. Returns (match, failure, graph nodes looked at).
 
-    With allow_returned, an interior value whose only outside use is the graph's output is allowed and listed
-    in `Match.returned`; the pattern must then say how that value is provided.
+    With allow_returned, an interior value whose only outside use is the graph's output (as it is, or through a
+    dtype cast that is only returned) is allowed and listed in `Match.returned`; the pattern must then say how
+    that value is provided.
     """
     m = _Matcher()
     proots = pattern_roots(pattern_graph)
@@ -275,7 +291,7 @@ def try_match(pattern_graph: Graph, root: Node, allow_returned: bool = False
         if n in roots:
             continue
         outside = [u for u in n.users if u not in inside]
-        if allow_returned and outside and all(u.op == "output" for u in outside):
+        if allow_returned and outside and all(returned_as_is_or_cast(u) for u in outside):
             returned.append(n)
         elif outside:
             return None, MatchFailure(

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 import torch
 
 from .lazy import LazyOutput, extract
-from .matcher import DtypeOf, Match, MatchFailure, example_value, op_name, pattern_root, try_match
+from .matcher import DtypeOf, Match, MatchFailure, example_value, is_output_cast, op_name, pattern_root, try_match
 from .pattern import Pattern
 from .report import GraphReport, NearMiss, Site, where
 
@@ -99,25 +99,43 @@ def _returned_policy(m: Match, pattern: Pattern, skip_logits: bool) -> str:
         return "more than one intermediate value is returned by the graph"
     if skip_logits:
         return "lazy"
+    if any(u.op != "output" for n in m.returned for u in n.users if u not in m.nodes):
+        return "the returned logits are cast on their way out (mixed precision) and skip_logits=False"
     return "keep" if pattern.replace_keeping is not None else "an intermediate is returned and skip_logits=False"
 
 
+def _returned_forms(node: Node) -> list[Node]:
+    """node and the output-only casts of it (accelerate's `logits.float()`): what the graph's output holds."""
+    forms = [node]
+    for u in node.users:
+        if is_output_cast(u):
+            forms += _returned_forms(u)
+    return forms
+
+
 def _make_lazy(graph: Graph, m: Match, lazy: list[LazyOutput]) -> None:
-    """Replace the returned interior value in the graph's outputs by a LazyTensor built after the call."""
+    """Replace the returned interior value (as it is or cast) in the graph's outputs by a LazyTensor built after
+    the call; the casts then have no use left and go."""
     (returned,) = m.returned
     inputs = [b for b in m.bindings.values() if isinstance(b, Node)]
-    compute, used = extract(returned, inputs)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     outs = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
-    slots = [i for i, o in enumerate(outs) if o is returned]
-    start = len(outs)
-    for slot in slots:
-        outs[slot] = used[0]  # a stand-in; the wrapper puts the LazyTensor there
-    outs += used
+    forms = _returned_forms(returned)
+    for form in forms:
+        slots = [i for i, o in enumerate(outs) if o is form]
+        if not slots:
+            continue
+        compute, used = extract(form, inputs)
+        start = len(outs)
+        for slot in slots:
+            outs[slot] = used[0]  # a stand-in; the wrapper puts the LazyTensor there
+        outs += used
+        ev = example_value(form)
+        for slot in slots:
+            lazy.append(LazyOutput(slot, slice(start, start + len(used)), compute, ev.dtype, ev.device))
     output.args = (tuple(outs),)
-    ev = example_value(returned)
-    for slot in slots:
-        lazy.append(LazyOutput(slot, slice(start, start + len(used)), compute, ev.dtype, ev.device))
+    for cast in reversed(forms[1:]):  # users before what they cast
+        graph.erase_node(cast)
 
 
 def _inputs_from_enclosing(gm: GraphModule, name: str, body: GraphModule, outer: dict[Node, Node]

@@ -192,3 +192,22 @@ def test_causal_check_compares_block_by_block(monkeypatch):
         wrong[0, 0, i, j] = ~wrong[0, 0, i, j]
         assert not causal_mask._is_lower_triangular(wrong)
     assert causal_mask._check_budget(torch.device("cpu")) == causal_mask.MAX_CHECKED_ELEMENTS_OFF_GPU
+
+
+def test_logits_cast_to_fp32_by_mixed_precision_stay_lazy():
+    # accelerate's mixed precision (the Trainer's bf16=True) returns every output cast to fp32, inside the compiled
+    # graph: `logits.float()` only reaches the output, so the loss is still fused and the cast logits come lazily.
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model = tiny("llama", layers=1).to(torch.bfloat16)
+    ref = tiny("llama", layers=1).to(torch.bfloat16)
+    for m in (model, ref):
+        m.forward = convert_outputs_to_fp32(m.forward)
+    inputs = batch()
+    report = liger_compile.explain(model, **inputs)
+    assert report.counts["linear_cross_entropy"] == 1, str(report)
+    out = torch.compile(model, backend="liger")(**inputs)
+    want = ref(**inputs)
+    assert isinstance(out.logits, LazyTensor) and out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits.float(), want.logits, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.loss, want.loss, rtol=2e-2, atol=2e-2)
