@@ -2,7 +2,7 @@
 # Everything the H200 runs, in stages; one device call may run several (each call stays under 10 minutes):
 #   bash bench/on_device.sh tests kernels       GPU tests, then the kernel table
 # Stages:
-#   tests      GPU tests (tests/test_gpu*.py and the kernel tests on CUDA)
+#   tests      GPU tests (tests/test_gpu*.py and the kernel tests on CUDA; 4 pytest-xdist workers)
 #   kernels    kernel table (eager, Inductor, Liger-Kernel, ours): event, GPU-busy and CUDA-graph times, memory
 #   e2e4k      Llama-3.2-1B 4x4096, all variants side by side, one process each
 #   ours4k     the same, backend="liger" only (a quick check after a change)
@@ -11,7 +11,8 @@
 #   qwen4k     Qwen2-1.5B 4x4096, all variants but Liger-Kernel + Inductor
 #   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: backend "liger" vs "inductor"
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
-# Carry the Liger-Kernel wheel in .whl (see the device tool's README). Results and logs go to $OUT/results.tgz
+# Carry wheels in .whl (see the device tool's README): Liger-Kernel, and for the sft stage trl, datasets, dill and
+# multiprocess (the image has no TRL). Results and logs go to $OUT/results.tgz
 # (the device returns only a few files) and each stage's last lines to the call's output.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -25,10 +26,11 @@ E2E="python3 bench/bench_e2e.py --out $R"
 for stage in "${@:-tests}"; do
   echo "=== $stage $(date +%T)"
   case "$stage" in
-    tests) timeout 330 python3 -m pytest -q -p no:logging --tb=short tests/test_gpu.py tests/test_gpu_families.py \
-             tests/test_kernel_rms_norm.py tests/test_kernel_rotary.py tests/test_kernel_gated_mlp.py \
-             tests/test_kernel_gated_down_proj.py tests/test_kernel_linear_cross_entropy.py > "$R/gpu_tests.log" 2>&1
-           tail -25 "$R/gpu_tests.log" ;;
+    tests) timeout 270 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/test_gpu.py \
+             tests/test_gpu_families.py tests/test_kernel_rms_norm.py tests/test_kernel_rotary.py \
+             tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py \
+             tests/test_kernel_linear_cross_entropy.py > "$R/gpu_tests.log" 2>&1
+           grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
     kernels) timeout 100 python3 bench/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
              grep "^| bwd" "$R/sweep_rms_norm.log" | sort -t"|" -k6 -n | head -4; grep "^| fwd" "$R/sweep_rms_norm.log" | sort -t"|" -k6 -n | head -2
              timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1
@@ -39,7 +41,8 @@ for stage in "${@:-tests}"; do
     e2e64k) timeout 330 $E2E --batch 1 --seq 65536 --variants eager,inductor,liger_kernel,ours --timeout 110 \
               --steps 3 --warmup 2 2>&1 | tail -7 ;;
     qwen4k) timeout 420 $E2E --model qwen2-1.5b --variants eager,inductor,liger_kernel,ours --timeout 120 2>&1 | tail -7 ;;
-    sft) timeout 330 python3 bench/bench_sft.py --out "$R" > "$R/bench_sft.log" 2>&1; tail -8 "$R/bench_sft.log" ;;
+    sft) timeout 300 python3 bench/bench_sft.py --timeout 145 --out "$R" > "$R/bench_sft.log" 2>&1
+         tail -8 "$R/bench_sft.log" ;;
     context) timeout 560 python3 bench/bench_context.py --variants ours,liger_kernel --start 65536 --budget-s 540 \
                --out "$R" > "$R/bench_context.log" 2>&1; tail -12 "$R/bench_context.log" ;;
     *) echo "unknown stage $stage" ;;
