@@ -7,7 +7,9 @@
 #   e2e4k      Llama-3.2-1B 4x4096, all variants side by side, one process each
 #   ours4k     the same, backend="liger" only (a quick check after a change)
 #   e2e32k     Llama-3.2-1B 1x32768: Liger-Kernel and ours (eager/Inductor are in ../shared/ANCHORS.md)
-#   e2e64k     Llama-3.2-1B 1x65536: eager, Inductor (both expected to run out of memory), Liger-Kernel, ours
+#   e2e64k     Llama-3.2-1B 1x65536: Liger-Kernel and ours (eager and Inductor run out of memory: ANCHORS.md)
+#   ours32k    Llama-3.2-1B 1x32768, backend="liger" only
+#   convergence  the bf16 explain and convergence tests only
 #   qwen4k     Qwen2-1.5B 4x4096, all variants but Liger-Kernel + Inductor
 #   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: backend "liger" vs "inductor"
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
@@ -31,6 +33,9 @@ for stage in "${@:-tests}"; do
              tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py \
              tests/test_kernel_linear_cross_entropy.py > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
+    convergence) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \
+                   tests/test_gpu_families.py -k "convergence or explain_counts_bf16" > "$R/gpu_convergence.log" 2>&1
+                 grep -E "FAILED|ERROR|passed|failed|assert|Error" "$R/gpu_convergence.log" | tail -25 ;;
     kernels) timeout 100 python3 bench/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
              grep "^| bwd" "$R/sweep_rms_norm.log" | sort -t"|" -k6 -n | head -4; grep "^| fwd" "$R/sweep_rms_norm.log" | sort -t"|" -k6 -n | head -2
              timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1
@@ -38,8 +43,9 @@ for stage in "${@:-tests}"; do
     e2e4k) timeout 400 $E2E --timeout 110 2>&1 | tail -9 ;;
     ours4k) timeout 150 $E2E --variants ours --timeout 140 2>&1 | tail -4 ;;
     e2e32k) timeout 260 $E2E --batch 1 --seq 32768 --variants liger_kernel,ours --timeout 125 2>&1 | tail -5 ;;
-    e2e64k) timeout 330 $E2E --batch 1 --seq 65536 --variants eager,inductor,liger_kernel,ours --timeout 110 \
-              --steps 3 --warmup 2 2>&1 | tail -7 ;;
+    e2e64k) timeout 280 $E2E --batch 1 --seq 65536 --variants liger_kernel,ours --timeout 135 --steps 3 \
+              --warmup 2 2>&1 | tail -5 ;;
+    ours32k) timeout 140 $E2E --batch 1 --seq 32768 --variants ours --timeout 135 --steps 3 --warmup 2 2>&1 | tail -4 ;;
     qwen4k) timeout 420 $E2E --model qwen2-1.5b --variants eager,inductor,liger_kernel,ours --timeout 120 2>&1 | tail -7 ;;
     sft) timeout 300 python3 bench/bench_sft.py --timeout 145 --out "$R" > "$R/bench_sft.log" 2>&1
          tail -8 "$R/bench_sft.log" ;;
