@@ -33,7 +33,7 @@ for stage in "${@:-tests}"; do
              tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py \
              tests/test_kernel_linear_cross_entropy.py > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
-    convergence) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \
+    convergence) timeout 170 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 165 \
                    tests/test_gpu_families.py -k "convergence or explain_counts_bf16" > "$R/gpu_convergence.log" 2>&1
                  grep -E "FAILED|ERROR|passed|failed|assert|Error" "$R/gpu_convergence.log" | tail -25 ;;
     kernels) timeout 100 python3 bench/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
@@ -43,7 +43,7 @@ for stage in "${@:-tests}"; do
     e2e4k) timeout 400 $E2E --timeout 110 2>&1 | tail -9 ;;
     ours4k) timeout 150 $E2E --variants ours --timeout 140 2>&1 | tail -4 ;;
     e2e32k) timeout 260 $E2E --batch 1 --seq 32768 --variants liger_kernel,ours --timeout 125 2>&1 | tail -5 ;;
-    e2e64k) timeout 280 $E2E --batch 1 --seq 65536 --variants liger_kernel,ours --timeout 135 --steps 3 \
+    e2e64k) timeout 260 $E2E --batch 1 --seq 65536 --variants liger_kernel,ours --timeout 135 --steps 3 \
               --warmup 2 2>&1 | tail -5 ;;
     ours32k) timeout 140 $E2E --batch 1 --seq 32768 --variants ours --timeout 135 --steps 3 --warmup 2 2>&1 | tail -4 ;;
     qwen4k) timeout 420 $E2E --model qwen2-1.5b --variants eager,inductor,liger_kernel,ours --timeout 120 2>&1 | tail -7 ;;
@@ -53,5 +53,6 @@ for stage in "${@:-tests}"; do
                --out "$R" > "$R/bench_context.log" 2>&1; tail -12 "$R/bench_context.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
+  tar -czf "$OUT/results.tgz" -C "$OUT" results  # after every stage: a call cut short keeps what it measured
 done
-tar -czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$R"
+rm -rf "$R"
