@@ -10,8 +10,8 @@ Backward, with g = dy * (w + offset):
     dw = sum over rows of dy * n'    (n' = n rounded to x.dtype in the Llama form, as eager does)
 
 Forward: one pass, a [ROWS, BLOCK_N] tile per program. Backward: each program walks a contiguous block of
-ROWS_PER_PROGRAM rows, writing dx and one fp32 partial dw row; the partials are summed afterwards. Tile shapes
-are autotuned on CUDA among a few candidates per row width.
+ROWS_PER_PROGRAM rows, writing dx and one fp32 partial dw row; the partials are summed afterwards. Wide rows take
+a tile measured on the H200; narrow ones (head dims) are autotuned on CUDA.
 """
 import torch
 import triton
@@ -82,17 +82,19 @@ def _rms_norm_bwd_kernel(
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
 
 
-# Tile shapes. On CUDA, Triton's autotuner picks among these per hidden size on first use (a wide row is a model's
-# hidden state, a narrow one a head dimension); elsewhere (the interpreter) the first entry of each list is used.
+# Tile shapes. A wide row (a model's hidden state) takes the first entry of its list: the H200 sweep
+# (bench/sweep_rms_norm.py, bench/results/sweep_rms_norm.log) found it best or within 2% of the best, and a fixed
+# tile spares every model's first step the autotuning (a dozen kernel compiles and timings). A narrow row (a head
+# dimension: Qwen3/OLMo2 q/k norms) is autotuned among its list on CUDA. The interpreter takes the first entries.
 def _wide(n_cols: int) -> bool:
     return triton.next_power_of_2(n_cols) >= 1024
 
 
-FWD_WIDE = [dict(ROWS=r, num_warps=w) for r, w in ((1, 8), (1, 4), (1, 16), (2, 8), (4, 8), (2, 16))]
+FWD_WIDE = [dict(ROWS=1, num_warps=8)]
 FWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (8, 4), (32, 4), (16, 8), (32, 8), (64, 8))]
 # Every config of a row width walks the same rows per program, so every config writes every row of the partial
 # dweight buffer (autotuning runs several configs on one buffer: a config writing fewer rows would leave stale ones).
-BWD_WIDE = [dict(ROWS=r, num_warps=w) for r, w in ((1, 8), (1, 4), (2, 8), (1, 16), (2, 16), (4, 16))]
+BWD_WIDE = [dict(ROWS=1, num_warps=8)]
 BWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (32, 4), (8, 2), (32, 8), (64, 8))]
 ROWS_PER_PROGRAM = {True: 16, False: 256}
 # Many wide rows: fewer, longer programs write fewer partial-dweight rows. H200, x[16384, 4096] bf16, CUDA-graph
@@ -108,14 +110,8 @@ def _configs(entries):
     return [triton.Config({k: v for k, v in e.items() if k != "num_warps"}, num_warps=e["num_warps"]) for e in entries]
 
 
-_fwd_tuned = {
-    True: triton.autotune(_configs(FWD_WIDE), key=["n_cols"])(_rms_norm_fwd_kernel),
-    False: triton.autotune(_configs(FWD_NARROW), key=["n_cols"])(_rms_norm_fwd_kernel),
-}
-_bwd_tuned = {
-    True: triton.autotune(_configs(BWD_WIDE), key=["n_cols"])(_rms_norm_bwd_kernel),
-    False: triton.autotune(_configs(BWD_NARROW), key=["n_cols"])(_rms_norm_bwd_kernel),
-}
+_fwd_tuned = {False: triton.autotune(_configs(FWD_NARROW), key=["n_cols"])(_rms_norm_fwd_kernel)}
+_bwd_tuned = {False: triton.autotune(_configs(BWD_NARROW), key=["n_cols"])(_rms_norm_bwd_kernel)}
 
 
 def fwd_config(n_cols: int) -> dict:
@@ -145,8 +141,8 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, config=None):
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     args = (x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols))
-    if config is None and x.device.type == "cuda":
-        wrap_triton(_fwd_tuned[_wide(n_cols)])[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **consts)
+    if config is None and x.device.type == "cuda" and not _wide(n_cols):
+        wrap_triton(_fwd_tuned[False])[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **consts)
     else:
         cfg = dict(config or fwd_config(n_cols))
         cfg.pop("BLOCK_N", None)
@@ -163,8 +159,8 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
     dw_partial = torch.empty((triton.cdiv(n_rows, rpp), n_cols), dtype=torch.float32, device=x.device)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
                   ROWS_PER_PROGRAM=rpp)
-    if config is None and x.device.type == "cuda":
-        kernel, cfg = _bwd_tuned[wide], {}
+    if config is None and x.device.type == "cuda" and not wide:
+        kernel, cfg = _bwd_tuned[False], {}
     else:
         kernel = _rms_norm_bwd_kernel
         cfg = {k: v for k, v in (config or bwd_config(n_cols)).items() if k not in ("BLOCK_N", "ROWS_PER_PROGRAM")}
