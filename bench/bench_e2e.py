@@ -6,7 +6,9 @@
 
 Settings follow ../shared/ANCHORS.md: random init (seed 0), bf16 parameters, SDPA attention,
 `model(input_ids=ids, labels=ids).loss.backward()` then `AdamW(fused=True).step()`, 3 warm-up steps, median of
-the timed steps. Prints tokens/s, peak memory, first-step (compile) time, its ratio to Inductor's first step (when
+the timed steps. Variant "ours-no-P1+P2" is backend="liger" with those patterns disabled (the step with and without
+each pattern). With --profile, one more step runs under torch.profiler: its kernel table per variant, the GPU time
+and the attention kernels' time per layer. Prints tokens/s, peak memory, first-step (compile) time, its ratio to Inductor's first step (when
 inductor ran in the same invocation) and first loss per variant, and writes e2e_<model>_<b>x<t>.md/.json/.png into
 --out. A variant that runs out of memory, hits a CUDA error or its --timeout is a row with its error; the driver
 goes on with the next one.
@@ -39,6 +41,8 @@ MODELS = {
         num_key_value_heads=2, tie_word_embeddings=True, use_cache=False, max_position_embeddings=131072)),
 }
 VARIANTS = ["eager", "inductor", "liger_kernel", "liger_kernel_inductor", "ours"]
+# "ours-no-P1+P2": backend="liger" with patterns P1, P2 disabled (the step with and without each pattern)
+ABLATION = "ours-no-"
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)  # --tiny: the driver checked on CPU
 
@@ -71,11 +75,13 @@ def run_one(args) -> dict:
     run = model
     if variant in ("inductor", "liger_kernel_inductor"):
         run = torch.compile(model, mode=args.mode)
-    elif variant == "ours":
+    elif variant == "ours" or variant.startswith(ABLATION):
         import liger_compile  # noqa: PLC0415, F401
 
         report = liger_compile.Report()
         opts = {"report": report}
+        if variant.startswith(ABLATION):  # e.g. ours-no-rms_norm+swiglu: those patterns left to Inductor
+            opts["disable"] = variant[len(ABLATION):].split("+")
         run = torch.compile(model, backend="liger", **({"mode": args.mode} if args.mode else {"options": opts}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device=args.device).manual_seed(1)
@@ -98,13 +104,14 @@ def run_one(args) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     phases = phase_peaks(run, opt, ids) if cuda and not args.no_phases else {}
     if args.profile:
-        profile_step(run, opt, ids, f"{args.profile}/profile_{variant}.txt")
+        phases.update(profile_step(run, opt, ids, f"{args.profile}/profile_{args.batch}x{args.seq}_{variant}.txt",
+                                   model.config.num_hidden_layers))
     result = {
         "variant": variant, "tokens/s": args.batch * args.seq / step, "step_ms": step * 1e3,
         "peak_GiB": peak, "first_step_s": times[0], "first_loss": losses[0],
         **phases,
     }
-    if variant == "ours" and not args.mode:
+    if (variant == "ours" or variant.startswith(ABLATION)) and not args.mode:
         result["fused"] = report.counts
         print(report, file=sys.stderr)
     return result
@@ -128,8 +135,13 @@ def phase_peaks(run, opt, ids) -> dict:
     return out
 
 
-def profile_step(run, opt, ids, path):
-    """One step under torch.profiler: the kernels that take the time, written to `path`."""
+# Kernel names of SDPA's backends (cuDNN, flash, memory-efficient) and of the math fallback's softmax.
+ATTENTION_KERNELS = ("attention", "flash", "fmha", "cudnn", "sdpa", "softmax")
+
+
+def profile_step(run, opt, ids, path, layers: int) -> dict:
+    """One step under torch.profiler: the kernels that take the time, written to `path`. Returns the step's GPU
+    time and the attention kernels' time per layer (ms)."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -138,10 +150,16 @@ def profile_step(run, opt, ids, path):
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    events = prof.key_averages()
+    table = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    kernels = [e for e in events if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    attention_us = sum(e.self_device_time_total for e in kernels if any(k in e.key.lower() for k in ATTENTION_KERNELS))
+    total_us = sum(e.self_device_time_total for e in kernels)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        f.write(table)
+        f.write(table + f"\nGPU time {total_us / 1e3:.1f} ms; attention kernels {attention_us / 1e3:.1f} ms "
+                f"({attention_us / 1e3 / layers:.2f} ms per layer)\n")
+    return {"attention_ms_per_layer": attention_us / 1e3 / layers, "gpu_ms": total_us / 1e3}
 
 
 def classify_failure(stderr: str) -> tuple[str, str]:
@@ -240,6 +258,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--fake-oom-tokens", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--name", default=None, help="results file name (default e2e_<model>_<b>x<t>[_<mode>])")
     args = ap.parse_args(argv)
     if args.one:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
@@ -247,9 +266,11 @@ def main(argv=None):
     rows = drive(args)
     from common import write_results  # noqa: PLC0415
 
-    name = f"e2e_{args.model}_{args.batch}x{args.seq}" + (f"_{args.mode}" if args.mode else "")
+    name = args.name or f"e2e_{args.model}_{args.batch}x{args.seq}" + (f"_{args.mode}" if args.mode else "")
     cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "first_step_s", "first_step_vs_inductor", "first_loss",
-            "peak_fwd_GiB", "peak_bwd_GiB", "peak_opt_GiB", "error"]
+            "peak_fwd_GiB", "peak_bwd_GiB", "peak_opt_GiB"]
+    cols += ["attention_ms_per_layer", "gpu_ms"] if args.profile else []
+    cols += ["error"]
     title = f"Training step, {args.model} shape, {args.batch} x {args.seq}, bf16" + (" (TINY, CPU check)"
                                                                                     if args.tiny else "")
     print(write_results(args.out, name, title, rows, cols))

@@ -11,6 +11,8 @@
 #   ours32k    Llama-3.2-1B 1x32768, backend="liger" only
 #   convergence  the bf16 explain and convergence tests only
 #   qwen4k     Qwen2-1.5B 4x4096, all variants but Liger-Kernel + Inductor
+#   ablation   Llama-3.2-1B 4x4096: ours, and ours with each pattern disabled (the step with and without each)
+#   profiles4k / profiles32k   one profiled step of eager, Inductor and ours: attention ms per layer, kernel tables
 #   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: backend "liger" vs "inductor"
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
 # Carry wheels in .whl (see the device tool's README): Liger-Kernel, and for the sft stage trl, datasets, dill and
@@ -47,6 +49,12 @@ for stage in "${@:-tests}"; do
               --warmup 2 2>&1 | tail -5 ;;
     ours32k) timeout 140 $E2E --batch 1 --seq 32768 --variants ours --timeout 135 --steps 3 --warmup 2 2>&1 | tail -4 ;;
     qwen4k) timeout 420 $E2E --model qwen2-1.5b --variants eager,inductor,liger_kernel,ours --timeout 120 2>&1 | tail -7 ;;
+    ablation) timeout 560 $E2E --variants ours,ours-no-rms_norm,ours-no-rotary,ours-no-swiglu,ours-no-linear_cross_entropy,ours-no-causal_mask \
+                --name ablation_llama-1b_4x4096 --no-phases --timeout 90 2>&1 | tail -9 ;;
+    profiles4k) timeout 400 $E2E --variants eager,inductor,ours --profile "$R/profiles" --name profile_llama-1b_4x4096 \
+                  --no-phases --steps 2 --warmup 2 --timeout 130 2>&1 | tail -6 ;;
+    profiles32k) timeout 560 $E2E --batch 1 --seq 32768 --variants eager,inductor,ours --profile "$R/profiles" \
+                   --name profile_llama-1b_1x32768 --no-phases --steps 2 --warmup 2 --timeout 180 2>&1 | tail -6 ;;
     sft) timeout 300 python3 bench/bench_sft.py --timeout 145 --out "$R" > "$R/bench_sft.log" 2>&1
          tail -8 "$R/bench_sft.log" ;;
     context) timeout 560 python3 bench/bench_context.py --variants ours,liger_kernel --start 65536 --budget-s 540 \
