@@ -85,6 +85,21 @@ def errors(loss, grads, ref_loss, ref_grads) -> dict[str, float]:
     return out
 
 
+def accuracy(liger, eager, inductor, ref) -> tuple[list[str], str]:
+    """Holds liger's errors against the float64 reference to K x max(eager's error, Inductor's error,
+    |Inductor - eager|) + floor. Each run is (loss, grads) as loss_and_grads returns them. Returns a line for each
+    quantity over its bound (a NaN is) and a summary: the worst error / bound and the loss errors."""
+    e_eager, e_ind, e_lig = (errors(*run, *ref) for run in (eager, inductor, liger))
+    d_ind = errors(*inductor, *eager)  # Inductor vs eager, relative to eager's values
+    bound = {q: K * max(e_eager[q], e_ind[q], d_ind[q]) + (LOSS_ABS if q == "loss" else GRAD_REL) for q in e_lig}
+    worst = max(e_lig, key=lambda q: e_lig[q] / bound[q])
+    summary = (f"worst liger error / bound {e_lig[worst] / bound[worst]:.2f} ({worst}); loss error liger "
+               f"{e_lig['loss']:.2e}, eager {e_eager['loss']:.2e}, inductor {e_ind['loss']:.2e}")
+    bad = [f"{q}: liger {e_lig[q]:.2e} > {bound[q]:.2e} (eager {e_eager[q]:.2e}, inductor {e_ind[q]:.2e}, "
+           f"inductor-eager {d_ind[q]:.2e})" for q in e_lig if not e_lig[q] <= bound[q]]  # `not <=`: NaN fails
+    return bad, summary
+
+
 def compiled_step(model, x, backend, **kw):
     torch._dynamo.reset()
     return loss_and_grads(model, x, run=torch.compile(model, backend=backend, **kw))
@@ -101,14 +116,8 @@ def test_training_step_bf16_as_accurate_as_inductor(name):
     assert report.counts["linear_cross_entropy"] == 1 and not report.fallbacks, str(report)
     assert liger[1].keys() == ref[1].keys()
 
-    e_eager, e_ind, e_lig = (errors(*run, *ref) for run in (eager, inductor, liger))
-    d_ind = errors(*inductor, *eager)  # Inductor vs eager, relative to eager's values
-    bound = {q: K * max(e_eager[q], e_ind[q], d_ind[q]) + (LOSS_ABS if q == "loss" else GRAD_REL) for q in e_lig}
-    worst = max(e_lig, key=lambda q: e_lig[q] / bound[q])
-    print(f"{name}: worst liger error / bound {e_lig[worst] / bound[worst]:.2f} ({worst}); loss error liger "
-          f"{e_lig['loss']:.2e}, eager {e_eager['loss']:.2e}, inductor {e_ind['loss']:.2e}")
-    bad = [f"{q}: liger {e_lig[q]:.2e} > {bound[q]:.2e} (eager {e_eager[q]:.2e}, inductor {e_ind[q]:.2e}, "
-           f"inductor-eager {d_ind[q]:.2e})" for q in e_lig if not e_lig[q] <= bound[q]]  # `not <=`: NaN fails
+    bad, summary = accuracy(liger, eager, inductor, ref)
+    print(f"{name}: {summary}")
     assert not bad, "\n".join(bad)
 
 

@@ -1,6 +1,14 @@
 """Real training inputs: lengths that change every step, padding, packed sequences, activation checkpointing,
 and evaluation between training steps. Loss and gradients equal eager's (fp32, rtol/atol 1e-5) in every case,
-and the report says which fusions apply."""
+and the report says which fusions apply.
+
+Each test takes its precision as `p` (default FP32: fp32 on CPU, every result equal to eager's).
+tests/test_gpu_training_shapes.py runs the same bodies in bf16 on CUDA, with the same routing assertions (fusion
+counts, near misses, recompile counts) and its own accuracy check against a float64 reference."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -12,51 +20,85 @@ from models import batch, loss_and_grads, tiny
 TOL = dict(rtol=1e-5, atol=1e-5)
 VOCAB = 128
 
+# steps(model, run) -> {label: (loss, {name: tensor})}: runs one scenario through `run` (the model itself or a
+# compiled model), reading gradients off `model`; loss_and_grads returns exactly one such (loss, grads) pair.
+Steps = Callable[..., dict]
 
-def assert_same(got, ref):
+
+class Compiled(NamedTuple):
+    report: liger_compile.Report
+    graphs: int  # graphs Dynamo compiled for backend="liger"
+    inductor_graphs: int | None  # the same for backend="inductor", where it was run
+
+
+def compile_and_run(model, steps: Steps, backend: str, **compile_kwargs):
+    """steps under a fresh torch.compile(model, backend=...); its results and the number of graphs compiled."""
+    torch._dynamo.reset()
+    counters.clear()
+    results = steps(model, torch.compile(model, backend=backend, **compile_kwargs))
+    return results, counters["stats"]["unique_graphs"]
+
+
+def assert_same(got, ref, label=""):
     (loss, grads), (ref_loss, ref_grads) = got, ref
-    torch.testing.assert_close(loss, ref_loss, **TOL)
+    torch.testing.assert_close(loss, ref_loss, **TOL, msg=lambda m: f"{label} loss: {m}")
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=lambda m: f"{label} {name}: {m}")
 
 
-def compiled_with_report(model, **options):
-    report = liger_compile.Report()
-    return torch.compile(model, backend="liger", options={"report": report, **options}), report
+class Precision:
+    """fp32 on CPU: backend="liger" gives eager's results. The runs under backend="liger" come last, so a
+    scenario that keeps its outputs finds liger's at the end."""
+    device, dtype, hidden = "cpu", torch.float32, 32
+
+    def model(self, family: str, layers: int):
+        return tiny(family, layers=layers, hidden=self.hidden).to(self.device, self.dtype)
+
+    def to(self, inputs: dict) -> dict:
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    def check(self, model, steps: Steps, count_inductor: bool = False) -> Compiled:
+        ref = steps(model, model)
+        inductor_graphs = compile_and_run(model, steps, "inductor")[1] if count_inductor else None
+        report = liger_compile.Report()
+        got, graphs = compile_and_run(model, steps, "liger", options={"report": report})
+        assert got.keys() == ref.keys()
+        for label in ref:
+            assert_same(got[label], ref[label], label)
+        return Compiled(report, graphs, inductor_graphs)
+
+
+FP32 = Precision()
+
+
+def training_step(inputs) -> Steps:
+    return lambda model, run: {"training step": loss_and_grads(model, inputs, run=run)}
 
 
 # --- sequence length changing every step ----------------------------------------------------------------------
 LENGTHS = (8, 11, 13, 16, 9)
 
 
-def run_lengths(model, backend, **compile_kwargs):
+def test_changing_lengths_stay_fused_without_extra_recompiles(p=FP32):
     """One training step per length with the default automatic dynamic shapes: the first length compiles a
-    static graph, the second a graph with a symbolic length that serves every later one. Returns the number of
-    graphs Dynamo compiled and the last step's output."""
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(model, backend=backend, **compile_kwargs)
-    out = None
-    for t in LENGTHS:
-        inputs = batch(t=t, seed=t)
-        ref = loss_and_grads(model, inputs)
+    static graph, the second a graph with a symbolic length that serves every later one."""
+    model = p.model("llama", layers=1)
+    outs = []
 
-        def run(**kw):
-            nonlocal out
-            out = compiled(**kw)
-            return out
+    def steps(model, run):
+        def keep(**kw):
+            outs.append(run(**kw))
+            return outs[-1]
 
-        assert_same(loss_and_grads(model, inputs, run=run), ref)
-    return counters["stats"]["unique_graphs"], out
+        results = {f"length {t}": loss_and_grads(model, p.to(batch(t=t, seed=t)), run=keep) for t in LENGTHS}
+        results["last logits"] = (outs[-1].loss.detach(), {"logits": outs[-1].logits * 1})
+        return results
 
-
-def test_changing_lengths_stay_fused_without_extra_recompiles():
-    model = tiny("llama", layers=1)
-    report = liger_compile.Report()
-    ours, out = run_lengths(model, "liger", options={"report": report})
-    inductor, _ = run_lengths(model, "inductor")
-    assert ours == inductor == 2, (ours, inductor)  # one static graph, one dynamic graph for all later lengths
+    ours = p.check(model, steps, count_inductor=True)
+    # one static graph, one dynamic graph for all later lengths: as many as Inductor compiles
+    assert ours.graphs == ours.inductor_graphs == 2, ours
+    report = ours.report
     assert len(report.graphs) == 2 and not report.fallbacks, str(report)
     static, dynamic = report.graphs
     expected = {"rms_norm": 3, "rotary": 1, "swiglu": 1, "linear_cross_entropy": 1}
@@ -66,24 +108,21 @@ def test_changing_lengths_stay_fused_without_extra_recompiles():
     assert dynamic.counts == expected, str(report)
     (miss,) = dynamic.near_misses
     assert miss.pattern == "causal_mask" and "dynamic shapes" in miss.reason, str(report)
-    # the lazy logits of the last (symbolic-length) step have that step's shape and eager's values
-    assert isinstance(out.logits, LazyTensor) and out.logits.shape == (2, LENGTHS[-1], VOCAB)
-    ref_logits = model(**batch(t=LENGTHS[-1], seed=LENGTHS[-1])).logits.detach()
-    torch.testing.assert_close(out.logits * 1, ref_logits, **TOL)
+    # the last (symbolic-length) step's logits are lazy, with that step's shape (their values: checked above)
+    logits = outs[-1].logits
+    assert isinstance(logits, LazyTensor) and logits.shape == (2, LENGTHS[-1], VOCAB)
 
 
 # --- padding --------------------------------------------------------------------------------------------------
-def test_right_padding_with_masked_labels_matches_eager():
-    model = tiny("llama", layers=2)
+def test_right_padding_with_masked_labels_matches_eager(p=FP32):
+    model = p.model("llama", layers=2)
     ids = batch(b=3, t=8)["input_ids"]
     lengths = torch.tensor([8, 5, 3])
     attention_mask = (torch.arange(8) < lengths[:, None]).long()
     ids = ids.masked_fill(attention_mask == 0, 0)  # pad token 0
     labels = ids.masked_fill(attention_mask == 0, -100)
-    inputs = {"input_ids": ids, "attention_mask": attention_mask, "labels": labels}
-    ref = loss_and_grads(model, inputs)
-    compiled, report = compiled_with_report(model)
-    assert_same(loss_and_grads(model, inputs, run=compiled), ref)
+    inputs = p.to({"input_ids": ids, "attention_mask": attention_mask, "labels": labels})
+    report = p.check(model, training_step(inputs)).report
     assert report.counts == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "geglu": 0, "linear_cross_entropy": 1,
                              "causal_mask": 0}, str(report)
     # the padding mask is a runtime input: the masked SDPA is left as it is
@@ -103,14 +142,13 @@ def packed_inputs():
     return {"input_ids": ids, "position_ids": position_ids, "labels": labels}
 
 
-def test_packed_sequences_match_eager_with_rotary_fused_and_mask_left_alone():
-    model = tiny("qwen3", layers=2)
-    inputs = packed_inputs()
-    ref = loss_and_grads(model, inputs)
+def test_packed_sequences_match_eager_with_rotary_fused_and_mask_left_alone(p=FP32):
+    model = p.model("qwen3", layers=2)
+    inputs = p.to(packed_inputs())
     unpacked = {k: v for k, v in inputs.items() if k != "position_ids"}
-    assert not torch.allclose(ref[0], model(**unpacked).loss)  # the documents really are kept apart
-    compiled, report = compiled_with_report(model)
-    assert_same(loss_and_grads(model, inputs, run=compiled), ref)
+    with torch.no_grad():  # the documents really are kept apart
+        assert not torch.allclose(model(**inputs).loss, model(**unpacked).loss)
+    report = p.check(model, training_step(inputs)).report
     counts = report.counts
     assert counts["rotary"] == 2 and counts["rms_norm"] == 9 and counts["linear_cross_entropy"] == 1, str(report)
     # transformers builds a block-diagonal mask from the position ids: it depends on a runtime input, not causal
@@ -121,18 +159,15 @@ def test_packed_sequences_match_eager_with_rotary_fused_and_mask_left_alone():
 
 # --- activation checkpointing ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_matches_eager(use_reentrant):
+def test_gradient_checkpointing_matches_eager(use_reentrant, p=FP32):
     """HF checkpoints each decoder layer; Dynamo traces it as a checkpointed body (a nested graph) whichever
     use_reentrant is asked for. The rewrite fuses inside the bodies too: norms, rotary, gated MLP all fuse, and
     the causal mask, which enters each body as an input, is followed back to where the enclosing graph builds it
     from shapes alone, so the attention in each body becomes causal SDPA as well."""
-    model = tiny("llama", layers=2)
+    model = p.model("llama", layers=2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     model.train()
-    inputs = batch()
-    ref = loss_and_grads(model, inputs)
-    compiled, report = compiled_with_report(model)
-    assert_same(loss_and_grads(model, inputs, run=compiled), ref)
+    report = p.check(model, training_step(p.to(batch()))).report
     assert not report.fallbacks, str(report)
     assert report.counts == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "geglu": 0, "linear_cross_entropy": 1,
                              "causal_mask": 2}, str(report)
@@ -141,38 +176,36 @@ def test_gradient_checkpointing_matches_eager(use_reentrant):
     assert not report.near_misses, str(report)
 
 
-def test_checkpointed_body_with_a_padding_mask_keeps_it():
+def test_checkpointed_body_with_a_padding_mask_keeps_it(p=FP32):
     """The same followed-back mask, but built from a user padding mask: a runtime input, so it stays."""
-    model = tiny("llama", layers=1)
+    model = p.model("llama", layers=1)
     model.gradient_checkpointing_enable()
     model.train()
-    inputs = {**batch(), "attention_mask": torch.tensor([[1] * 8, [0, 0] + [1] * 6])}
-    ref = loss_and_grads(model, inputs)
-    compiled, report = compiled_with_report(model)
-    assert_same(loss_and_grads(model, inputs, run=compiled), ref)
+    inputs = p.to({**batch(), "attention_mask": torch.tensor([[1] * 8, [0, 0] + [1] * 6])})
+    report = p.check(model, training_step(inputs)).report
     assert report.counts["causal_mask"] == 0
     assert any("depends on the graph input" in m.reason for m in report.near_misses), str(report)
 
 
 # --- evaluation between training steps ------------------------------------------------------------------------
-def test_eval_with_grad_disabled_gives_real_logits_between_training_steps():
-    model = tiny("llama", layers=1)
-    compiled, report = compiled_with_report(model)
-    inputs = batch()
-    assert_same(loss_and_grads(model, inputs, run=compiled), loss_and_grads(model, inputs))
+def test_eval_with_grad_disabled_gives_real_logits_between_training_steps(p=FP32):
+    model = p.model("llama", layers=1)
+    inputs = p.to(batch())
 
-    model.eval()
-    with torch.no_grad():
-        out, ref = compiled(**inputs), model(**inputs)
-        out_no_labels = compiled(input_ids=inputs["input_ids"])
-    for o in (out, out_no_labels):
-        assert type(o.logits) is torch.Tensor, type(o.logits)  # real logits, not a LazyTensor
-        torch.testing.assert_close(o.logits, ref.logits, **TOL)
-    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    def steps(model, run):
+        results = {"training step": loss_and_grads(model, inputs, run=run)}
+        model.eval()
+        with torch.no_grad():
+            out, out_no_labels = run(**inputs), run(input_ids=inputs["input_ids"])
+        for o in (out, out_no_labels):
+            assert type(o.logits) is torch.Tensor, type(o.logits)  # real logits, not a LazyTensor
+        results["evaluation"] = (out.loss, {"logits": out.logits, "logits without labels": out_no_labels.logits})
+        model.train()  # back to training: the training graph is reused and still right
+        results["training again"] = loss_and_grads(model, inputs, run=run)
+        return results
+
+    report = p.check(model, steps).report
     # without gradients the logits are part of the result: the loss is left unfused, as eager computes it
     (eval_graph,) = [g for g in report.graphs[1:] if any(m.pattern == "linear_cross_entropy" for m in g.near_misses)]
     assert eval_graph.counts.get("linear_cross_entropy", 0) == 0
     assert any("evaluation" in m.reason for m in eval_graph.near_misses), str(report)
-
-    model.train()  # back to training: the training graph is reused and still right
-    assert_same(loss_and_grads(model, inputs, run=compiled), loss_and_grads(model, inputs))
