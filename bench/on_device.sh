@@ -30,7 +30,7 @@ E2E="python3 bench/bench_e2e.py --out $R"
 for stage in "${@:-tests}"; do
   echo "=== $stage $(date +%T)"
   case "$stage" in
-    tests) timeout 270 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/test_gpu.py \
+    tests) timeout 540 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/test_gpu.py \
              tests/test_gpu_families.py tests/test_kernel_rms_norm.py tests/test_kernel_rotary.py \
              tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py \
              tests/test_kernel_linear_cross_entropy.py tests/test_gpu_training_shapes.py > "$R/gpu_tests.log" 2>&1
