@@ -23,6 +23,26 @@ from ._common import use_triton
 MAX_FUSED_COLS = 65536  # one row must fit one program's tile
 
 
+# Row math shared with liger::add_rms_norm (kernels/add_rms_norm.py). Tiles are [ROWS, BLOCK_N] fp32, zero past
+# n_cols (masked loads), so the padding adds nothing to the sums.
+@triton.jit
+def normalise(x, n_cols, eps):
+    """-> (n = x * rstd, rstd), rstd = 1 / sqrt(mean(x^2) + eps) per row, fp32."""
+    # Inductor passes Python floats as fp64 scalars: pin eps to fp32 so the row math stays in fp32.
+    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / n_cols + tl.cast(eps, tl.float32))
+    return x * rstd[:, None], rstd
+
+
+@triton.jit
+def normalise_backward(x, dy, w, rstd, n_cols):
+    """-> (dx, n): the gradient of y = n * w (n = x * rstd) with respect to x, given dy; w is the scale
+    (weight + offset) as a [BLOCK_N] row. dx = rstd * (g - n * mean(g * n)) with g = dy * w, fp32."""
+    n = x * rstd[:, None]
+    g = dy * w[None, :]
+    c = tl.sum(g * n, axis=1) / n_cols
+    return (g - n * c[:, None]) * rstd[:, None], n
+
+
 @triton.jit
 def _rms_norm_fwd_kernel(
     X, W, Y, RSTD,
@@ -37,9 +57,7 @@ def _rms_norm_fwd_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + OFFSET
-    # Inductor passes Python floats as fp64 scalars: pin eps to fp32 so the row math stays in fp32.
-    rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / n_cols + tl.cast(eps, tl.float32))
-    n = x * rstd[:, None]
+    n, rstd = normalise(x, n_cols, eps)
     if CAST_BEFORE_WEIGHT:
         n = n.to(X.dtype.element_ty).to(tl.float32)
     y = n * w[None, :]
@@ -71,10 +89,7 @@ def _rms_norm_bwd_kernel(
         x = tl.load(X + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows64 * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        n = x * rstd[:, None]
-        g = dy * w[None, :]
-        c = tl.sum(g * n, axis=1) / n_cols
-        dx = (g - n * c[:, None]) * rstd[:, None]
+        dx, n = normalise_backward(x, dy, w, rstd, n_cols)
         tl.store(DX + rows64 * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if CAST_BEFORE_WEIGHT:
             n = n.to(X.dtype.element_ty).to(tl.float32)
