@@ -6,7 +6,8 @@ which maps those forms to one key, so a pattern is written once, the way the mod
 
 Pattern placeholders are wildcards: they bind a graph node or a constant (so `eps` binds the literal 1e-06),
 and a placeholder used twice must bind the same thing both times. Every other pattern node must match a graph
-node with the same canonical op and matching arguments. Interior nodes of a match may not be used outside it.
+node with the same canonical op and matching arguments. Interior nodes of a match may not be used outside it,
+unless the pattern also returns them (`return y, s`: `s` is then an output of the fused op, whatever else uses it).
 """
 from __future__ import annotations
 
@@ -280,12 +281,22 @@ def try_match(pattern_graph: Graph, root: Node, allow_returned: bool = False
         st = m.match(proots[0], root, _State())
         roots = [root]
         for p in proots[1:]:  # later outputs: any node that matches with the bindings made so far
+            if p in st.node_map:  # an interior value the pattern also returns (a norm's input that is kept too)
+                roots.append(st.node_map[p])
+                continue
             st, found = _match_elsewhere(m, p, root.graph, st, exclude=set(st.node_map.values()))
             roots.append(found)
     except MatchFailure as e:
         return None, e, m.visited
     covered = list(dict.fromkeys(st.node_map.values()))
     inside = set(covered)
+    for r in roots[1:]:
+        early = _used_before(r, root, inside)
+        if early is not None:
+            return None, MatchFailure(
+                f"`{r.name}` is used by `{early.name}` before the pattern's end, where the fused op would go",
+                m.progress + 1,
+            ), m.visited
     returned = []
     for n in covered:
         if n in roots:
@@ -298,6 +309,19 @@ def try_match(pattern_graph: Graph, root: Node, allow_returned: bool = False
                 f"intermediate `{n.name}` is also used by `{outside[0].name}` outside the pattern", m.progress + 1
             ), m.visited
     return Match(root=root, bindings=st.bindings, nodes=covered, returned=returned, roots=roots), None, m.visited
+
+
+def _used_before(r: Node, root: Node, inside: set[Node]) -> Node | None:
+    """An outside user of the output `r` placed between r and `root`: the fused op, inserted just before root,
+    would come after it. None when there is none (or when r comes after root: its users do too)."""
+    early, n = None, r.next
+    while n.op != "root":  # the graph's sentinel closes its node list
+        if n is root:
+            return early
+        if early is None and n in r.users and n not in inside:
+            early = n
+        n = n.next
+    return None
 
 
 def _match_elsewhere(m: _Matcher, p: Node, graph: Graph, st: _State, exclude: set[Node]) -> tuple[_State, Node]:

@@ -2,9 +2,15 @@
 
 Matched by the math, not by module class: any model whose norm is written in one of these forms is fused,
 including norms over the head dimension of a 4-D tensor (Qwen3's q_norm/k_norm).
+
+A norm whose input is a residual add (`h = residual + branch_out; norm(h)`, where `h` is also the next residual)
+is fused together with the add into ``liger::add_rms_norm``, which returns the sum too: the add's other users read
+it from there. Reported as the same "rms_norm" site, variant "<form>, + residual". Norms fed by anything else
+(the first layer's input, q/k norms) stay the plain op.
 """
 import torch
 
+from liger_compile.kernels import add_rms_norm as _add_op  # noqa: F401  (defines torch.ops.liger.add_rms_norm)
 from liger_compile.kernels import rms_norm as _op  # noqa: F401  (defines torch.ops.liger.rms_norm)
 from liger_compile.kernels.rms_norm import MAX_FUSED_COLS
 from liger_compile.matcher import Match
@@ -38,6 +44,23 @@ def gemma(x, weight, eps, dim, offset):
     return out.type_as(x)
 
 
+# The same forms fed by a residual add whose sum is kept: the sum is a second output of the pattern, so its other
+# users (the next residual add) may read it.
+def llama_residual(x, residual, weight, eps, dim, in_dtype):
+    s = x + residual
+    return llama(s, weight, eps, dim, in_dtype), s
+
+
+def scale_then_cast_residual(x, residual, weight, eps, dim, in_dtype):
+    s = x + residual
+    return scale_then_cast(s, weight, eps, dim, in_dtype), s
+
+
+def gemma_residual(x, residual, weight, eps, dim, offset):
+    s = x + residual
+    return gemma(s, weight, eps, dim, offset), s
+
+
 # --- what they become --------------------------------------------------------------------------------------
 def _scalar(v):
     """A constant becomes a Python float; a symbolic one (dynamic=True makes module floats graph inputs) stays."""
@@ -54,6 +77,16 @@ def fused_scale_then_cast(x, weight, eps, dim, in_dtype):
 
 def fused_gemma(x, weight, eps, dim, offset):
     return torch.ops.liger.rms_norm(x, weight, _scalar(eps), float(offset), False)[0]
+
+
+def fused_residual(cast_before_weight: bool):
+    """The replacement of a `*_residual` form: (normalised, sum), as the search function returns them."""
+
+    def fused(x, residual, weight, eps, offset=0.0, **_):
+        out = torch.ops.liger.add_rms_norm(x, residual, weight, _scalar(eps), float(offset), cast_before_weight)
+        return out[1], out[0]
+
+    return fused
 
 
 # --- when it is safe ---------------------------------------------------------------------------------------
@@ -85,8 +118,23 @@ def check(m: Match) -> str | None:
     return None
 
 
-# Most specific first: Gemma's `offset + weight` would otherwise be taken as the weight of scale_then_cast.
+def check_residual(m: Match) -> str | None:
+    x, r = m.value("x"), m.value("residual")
+    if not isinstance(x, torch.Tensor) or not isinstance(r, torch.Tensor):
+        return "the add feeding the norm has a non-tensor operand"
+    if x.shape != r.shape or x.dtype != r.dtype or x.device != r.device:
+        return (f"the addends differ ({tuple(x.shape)} {x.dtype} and {tuple(r.shape)} {r.dtype}): broadcasting or "
+                "promotion is left to Inductor")
+    return check(m)
+
+
+# Most specific first: the residual forms take the add with them (tried before the plain forms, which then fuse
+# every norm not fed by an add); Gemma's `offset + weight` would otherwise be taken as the weight of scale_then_cast.
 PATTERNS = [
+    Pattern("rms_norm", "gemma, + residual", gemma_residual, fused_residual(False), check_residual, anchor="rsqrt"),
+    Pattern("rms_norm", "scale_then_cast, + residual", scale_then_cast_residual, fused_residual(False),
+            check_residual, anchor="rsqrt"),
+    Pattern("rms_norm", "llama, + residual", llama_residual, fused_residual(True), check_residual, anchor="rsqrt"),
     Pattern("rms_norm", "gemma", gemma, fused_gemma, check, anchor="rsqrt"),
     Pattern("rms_norm", "scale_then_cast", scale_then_cast, fused_scale_then_cast, check, anchor="rsqrt"),
     Pattern("rms_norm", "llama", llama, fused_llama, check, anchor="rsqrt"),

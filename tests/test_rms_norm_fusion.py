@@ -10,6 +10,9 @@ LAYERS = 2
 EXPECTED_RMS_NORMS = {"llama": 2 * LAYERS + 1, "qwen3": 4 * LAYERS + 1, "gemma": 2 * LAYERS + 1,
                       "olmo2": 4 * LAYERS + 1}
 VARIANT = {"llama": "llama", "qwen3": "llama", "gemma": "gemma", "olmo2": "scale_then_cast"}
+# norms whose input is a residual add: pre-norm models' post-attention norms, the later layers' input norms and the
+# final norm; OLMo2 normalises branch outputs before its adds, so only its final norm reads an add
+RESIDUAL_NORMS = {"llama": 2 * LAYERS, "qwen3": 2 * LAYERS, "gemma": 2 * LAYERS, "olmo2": 1}
 
 
 @pytest.mark.parametrize("family", list(EXPECTED_RMS_NORMS))
@@ -18,8 +21,10 @@ def test_explain_counts_every_norm(family):
     report = liger_compile.explain(model, **batch())
     assert report.counts["rms_norm"] == EXPECTED_RMS_NORMS[family], str(report)
     assert set(report.counts) >= {"rms_norm", "rotary", "swiglu", "geglu", "linear_cross_entropy"}
-    variants = {s.variant for g in report.graphs for s in g.fused if s.pattern == "rms_norm"}
-    assert variants == {VARIANT[family]}
+    variants = [s.variant for g in report.graphs for s in g.fused if s.pattern == "rms_norm"]
+    # every norm fed by a residual add (all but the first layer's input norm and the q/k norms) takes the add along
+    assert variants.count(VARIANT[family] + ", + residual") == RESIDUAL_NORMS[family], str(report)
+    assert set(variants) == {VARIANT[family], VARIANT[family] + ", + residual"}
     assert not [m for m in report.near_misses if m.pattern == "rms_norm"], str(report)
     text = str(report)
     assert "model.layers.0." in text and "modeling_" in text  # where: module path and source line
