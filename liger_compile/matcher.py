@@ -161,6 +161,21 @@ def _same_constant(a: Any, b: Any) -> bool:
         return False
 
 
+# Ops that only reshape or cast: two graph nodes applying one of them to the same arguments hold the same value
+# (Dynamo sometimes emits `cos.unsqueeze(1)` twice where the model wrote it once, e.g. under dynamic shapes).
+_VIEWS_AND_CASTS = {"unsqueeze", "squeeze", "view", "reshape", "expand", "transpose", "permute", "contiguous", "to",
+                    "float", "type", "getitem"}
+
+
+def _same_view(a: Node, b: Any) -> bool:
+    if not isinstance(b, Node) or b.op not in ("call_function", "call_method"):
+        return False
+    (aname, aargs, akw), (bname, bargs, bkw) = canonical(a), canonical(b)
+    return (aname == bname and aname in _VIEWS_AND_CASTS and len(aargs) == len(bargs) and set(akw) == set(bkw)
+            and all(_same_constant(x, y) for x, y in zip(aargs, bargs))
+            and all(_same_constant(akw[k], bkw[k]) for k in akw))
+
+
 class _Matcher:
     def __init__(self):
         self.progress = 0
@@ -182,7 +197,7 @@ class _Matcher:
                 st.bindings[p.target] = g
                 return st
             if p in st.node_map:
-                if st.node_map[p] is not g:
+                if st.node_map[p] is not g and not _same_view(st.node_map[p], g):
                     self.fail(f"`{p.name}` feeds two places in the pattern but two different values in the graph")
                 return st
             if not isinstance(g, Node) or g.op not in ("call_function", "call_method"):

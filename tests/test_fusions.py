@@ -211,3 +211,23 @@ def test_logits_cast_to_fp32_by_mixed_precision_stay_lazy():
     assert isinstance(out.logits, LazyTensor) and out.logits.dtype == torch.float32
     torch.testing.assert_close(out.logits.float(), want.logits, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.loss, want.loss, rtol=2e-2, atol=2e-2)
+
+
+def test_rotary_with_cos_sin_unsqueezed_twice_is_fused():
+    # Dynamo may emit `cos.unsqueeze(1)` once per use (seen under DeepSpeed ZeRO-3): two nodes, one value.
+    def rotate_half(x):
+        x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+        return torch.cat((-x2, x1), dim=-1)
+
+    def f(q, k, cos, sin):
+        q_embed = (q * cos.unsqueeze(1)) + (rotate_half(q) * sin.unsqueeze(1))
+        k_embed = (k * cos.unsqueeze(1)) + (rotate_half(k) * sin.unsqueeze(1))
+        return q_embed, k_embed
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)
+    cos, sin = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    report = liger_compile.explain(f, q, k, cos, sin)
+    assert report.counts["rotary"] == 1, str(report)
+    for got, want in zip(torch.compile(f, backend="liger")(q, k, cos, sin), f(q, k, cos, sin)):
+        torch.testing.assert_close(got, want)
