@@ -84,10 +84,9 @@ def test_torch_compile_inductor(device):
     def f(gate, up, w):
         return torch.ops.liger.gated_down_proj(gate, up, w, "silu").square().sum()
 
-    leaves = [[torch.randn(4, 64, device=device, requires_grad=True) for _ in range(2)] + [w.clone().requires_grad_()]
-              for _ in range(2)]
-    leaves[1] = [t.detach().clone().requires_grad_() for t in leaves[0]]
-    f(*leaves[0]).backward()
-    torch.compile(f, backend="inductor", fullgraph=True)(*leaves[1]).backward()
-    for a, b in zip(leaves[1], leaves[0]):
+    eager = [torch.randn(4, 64, device=device, requires_grad=True) for _ in range(2)] + [w.requires_grad_()]
+    compiled = [t.detach().clone().requires_grad_() for t in eager]
+    f(*eager).backward()
+    torch.compile(f, backend="inductor", fullgraph=True)(*compiled).backward()
+    for a, b in zip(compiled, eager):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
