@@ -11,7 +11,7 @@ Math (x, residual: [..., D] same dtype, w: [D]):
 Backward, given dy and ds (the gradient of s from its other uses; None when it has none):
     dx = d_residual = rms_norm's input gradient (fp32) + ds,  rounded once to the input dtype
     dw = sum over rows of dy * n'     (as rms_norm's)
-The row math is kernels/rms_norm.py's (`normalise`, `normalise_backward`), so y and dw equal liger::rms_norm's on s.
+The row math is kernels/rms_norm.py's (`normalise`; backward is its kernel, given ds), so y and dw equal liger::rms_norm's.
 """
 from typing import Optional
 
@@ -22,7 +22,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import rms_norm as R
 from ._common import use_triton
-from .rms_norm import normalise, normalise_backward
+from .rms_norm import normalise
 
 
 @triton.jit
@@ -51,44 +51,9 @@ def _add_rms_norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
-@triton.jit
-def _add_rms_norm_bwd_kernel(
-    DY, DS, S, W, RSTD, DX, DW_PARTIAL,
-    dy_row_stride, ds_row_stride, s_row_stride, dx_row_stride, n_rows, n_cols,
-    OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROWS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
-):
-    # As rms_norm's backward (program p: rows [p * ROWS_PER_PROGRAM, ...), partial dweight row p), reading the
-    # saved sum S as the norm's input and adding DS (the sum's gradient from its other uses) when HAS_DS.
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < n_cols
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + OFFSET
-    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    row_start = pid * ROWS_PER_PROGRAM
-    row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, n_rows)
-    for r in range(row_start, row_end, ROWS):
-        rows = r + tl.arange(0, ROWS)
-        row_mask = rows < row_end
-        mask = row_mask[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        s = tl.load(S + rows64 * s_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64 * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        dx, n = normalise_backward(s, dy, w, rstd, n_cols)
-        if HAS_DS:
-            dx += tl.load(DS + rows64 * ds_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64 * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if CAST_BEFORE_WEIGHT:
-            n = n.to(S.dtype.element_ty).to(tl.float32)
-        dw_acc += tl.sum(dy * n, axis=0)
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
-
-
 # Tiles: rms_norm's (same rows, same passes, one more read and write per element): a fixed one for hidden-size
-# rows, autotuned among the same list for narrow rows on CUDA.
+# rows, autotuned among the same list for narrow rows on CUDA. Backward is rms_norm's kernel, given d_sum.
 _fwd_tuned = triton.autotune(R._configs(R.FWD_NARROW), key=["n_cols"])(_add_rms_norm_fwd_kernel)
-_bwd_tuned = triton.autotune(R._configs(R.BWD_NARROW), key=["n_cols"])(_add_rms_norm_bwd_kernel)
 
 
 def _check(x, residual):
@@ -117,25 +82,7 @@ def launch_forward(x, residual, weight, eps, offset, cast_before_weight, config=
 
 def launch_backward(dy, d_sum, s, weight, rstd, offset, cast_before_weight, config=None):
     """-> (dx, dweight); dx is the gradient of both addends. d_sum may be None (the sum has no other use)."""
-    s2, dy2 = R._as_rows(s), R._as_rows(dy)
-    ds2 = R._as_rows(d_sum) if d_sum is not None else dy2  # never read without HAS_DS
-    n_rows, n_cols = s2.shape
-    dx = torch.empty((n_rows, n_cols), dtype=s.dtype, device=s.device)
-    wide = R._wide(n_cols)
-    rpp = (config or {}).get("ROWS_PER_PROGRAM", R.rows_per_program(n_rows, wide))
-    dw_partial = torch.empty((triton.cdiv(n_rows, rpp), n_cols), dtype=torch.float32, device=s.device)
-    consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, HAS_DS=d_sum is not None,
-                  BLOCK_N=triton.next_power_of_2(n_cols), ROWS_PER_PROGRAM=rpp)
-    if config is None and s.device.type == "cuda" and not wide:
-        kernel, cfg = _bwd_tuned, {}
-    else:
-        kernel = _add_rms_norm_bwd_kernel
-        cfg = {k: v for k, v in (config or R.bwd_config(n_cols)).items() if k not in ("BLOCK_N", "ROWS_PER_PROGRAM")}
-    wrap_triton(kernel)[(dw_partial.shape[0],)](
-        dy2, ds2, s2, weight, rstd, dx, dw_partial, dy2.stride(0), ds2.stride(0), s2.stride(0), dx.stride(0),
-        n_rows, n_cols, **consts, **cfg,
-    )
-    return dx.view(s.shape), dw_partial.sum(0).to(weight.dtype)
+    return R.launch_backward(dy, s, weight, rstd, offset, cast_before_weight, config=config, d_sum=d_sum)
 
 
 def reference_forward(x, residual, weight, eps, offset, cast_before_weight):

@@ -67,13 +67,14 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, X, W, RSTD, DX, DW_PARTIAL,
-    dy_row_stride, x_row_stride, dx_row_stride, n_rows, n_cols,
+    DY, X, W, RSTD, DX, DW_PARTIAL, DS,
+    dy_row_stride, x_row_stride, dx_row_stride, ds_row_stride, n_rows, n_cols,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    ROWS_PER_PROGRAM: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, HAS_DS: tl.constexpr,
 ):
     # Program p owns rows [p * ROWS_PER_PROGRAM, (p + 1) * ROWS_PER_PROGRAM), walks them ROWS at a time, and writes
-    # its fp32 partial dweight into DW_PARTIAL[p, :] (summed by the launcher).
+    # its fp32 partial dweight into DW_PARTIAL[p, :] (summed by the launcher). With HAS_DS, DS is a gradient that
+    # reached the norm's input by another path (liger::add_rms_norm: the residual sum's later uses), added into dx.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -90,6 +91,8 @@ def _rms_norm_bwd_kernel(
         dy = tl.load(DY + rows64 * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         dx, n = normalise_backward(x, dy, w, rstd, n_cols)
+        if HAS_DS:
+            dx += tl.load(DS + rows64 * ds_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64 * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if CAST_BEFORE_WEIGHT:
             n = n.to(X.dtype.element_ty).to(tl.float32)
@@ -165,23 +168,25 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, config=None):
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
-def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None):
+def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None, d_sum=None):
+    """-> (dx, dweight). d_sum, when given, is another gradient of x, added into dx in the same pass."""
     x2, dy2 = _as_rows(x), _as_rows(dy)
+    ds2 = _as_rows(d_sum) if d_sum is not None else dy2  # never read without HAS_DS
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     wide = _wide(n_cols)
     rpp = (config or {}).get("ROWS_PER_PROGRAM", rows_per_program(n_rows, wide))
     dw_partial = torch.empty((triton.cdiv(n_rows, rpp), n_cols), dtype=torch.float32, device=x.device)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
-                  ROWS_PER_PROGRAM=rpp)
+                  ROWS_PER_PROGRAM=rpp, HAS_DS=d_sum is not None)
     if config is None and x.device.type == "cuda" and not wide:
         kernel, cfg = _bwd_tuned[False], {}
     else:
         kernel = _rms_norm_bwd_kernel
         cfg = {k: v for k, v in (config or bwd_config(n_cols)).items() if k not in ("BLOCK_N", "ROWS_PER_PROGRAM")}
     wrap_triton(kernel)[(dw_partial.shape[0],)](
-        dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
-        **consts, **cfg,
+        dy2, x2, weight, rstd, dx, dw_partial, ds2, dy2.stride(0), x2.stride(0), dx.stride(0), ds2.stride(0),
+        n_rows, n_cols, **consts, **cfg,
     )
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
