@@ -11,7 +11,7 @@ Math (x, residual: [..., D] same dtype, w: [D]):
 Backward, given dy and ds (the gradient of s from its other uses; None when it has none):
     dx = d_residual = rms_norm's input gradient (fp32) + ds,  rounded once to the input dtype
     dw = sum over rows of dy * n'     (as rms_norm's)
-The row math is kernels/rms_norm.py's (`normalise`; backward is its kernel, given ds), so y and dw equal liger::rms_norm's.
+The row math is kernels/rms_norm.py's (`normalise`; backward is its kernel given ds): y and dw equal rms_norm's.
 """
 from typing import Optional
 

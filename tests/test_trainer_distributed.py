@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import needs_gloo, run_scenario
+from test_distributed import assert_counts, misses, needs_gloo, run_scenario
 
 pytest.importorskip("datasets")
 WORKER = Path(__file__).with_name("trainer_dist_worker.py")
@@ -48,17 +48,6 @@ def assert_parity(results: list[dict], params: dict[str, torch.Tensor], referenc
         torch.testing.assert_close(params[name], want, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
 
 
-def assert_fused(results: list[dict], expected: dict[str, int]) -> None:
-    for r in results:
-        for pattern, n in expected.items():
-            assert r["counts"][pattern] == n, f"rank {r['rank']}, {pattern}:\n{r['report']}"
-        assert not r["fallbacks"], r["report"]
-
-
-def misses(r: dict, pattern: str) -> list[str]:
-    return [reason for p, _where, reason in r["near_misses"] if p == pattern]
-
-
 @needs_gloo
 def test_fsdp_request_on_cpu_trains_with_ddp(tmp_path, reference):
     """TrainingArguments(use_cpu=True, fsdp=True, fsdp_config={"version": 2, ...}) on 2 gloo processes: accelerate
@@ -80,7 +69,7 @@ def test_fsdp2_through_accelerate(tmp_path, reference):
     and the loss graph receives the logits as an input: lm_head + cross-entropy cannot be fused there (reported as a
     near miss), nor can the causal mask, built before the first layer."""
     results, params = run("fsdp2", tmp_path)
-    assert_fused(results, dict(rms_norm=3, rotary=1, swiglu=1, linear_cross_entropy=0, causal_mask=0))
+    assert_counts(results, dict(rms_norm=3, rotary=1, swiglu=1, linear_cross_entropy=0, causal_mask=0))
     for r in results:
         assert r["distributed_type"] == "FSDP" and r["fsdp_version"] == 2 and r["trainer_fsdp"], r
         assert r["wrapper"] == "FSDPOptimizedModule" and r["param_kinds"] == ["DTensor"], r
@@ -104,9 +93,9 @@ def test_deepspeed_zero(stage, tmp_path, reference):
         assert r["distributed_type"] == "DEEPSPEED" and r["trainer_deepspeed"], r
         assert r["wrapper"] == "DeepSpeedEngine" and r["zero_partitioned"] is (stage == 3), r
     if stage == 2:
-        assert_fused(results, dict(rms_norm=5, rotary=2, swiglu=2, linear_cross_entropy=1, causal_mask=2))
+        assert_counts(results, dict(rms_norm=5, rotary=2, swiglu=2, linear_cross_entropy=1, causal_mask=2))
         assert all(r["graphs"] == 1 and not r["near_misses"] for r in results)
     else:
-        assert_fused(results, dict(rms_norm=1))
+        assert_counts(results, dict(rms_norm=1))
         assert all(r["graphs"] > 10 and r["near_misses"] for r in results)
     assert_parity(results, params, reference)

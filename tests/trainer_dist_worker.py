@@ -161,7 +161,7 @@ def run(spec: dict, out_dir: str, rank: int) -> dict:
                param_kinds=sorted({type(p).__name__ for p in model.parameters()}),
                zero_partitioned=any(hasattr(p, "ds_id") for p in model.parameters()),
                losses=[h["loss"] for h in logs], grad_norms=[h.get("grad_norm") for h in logs],
-               counts=REPORT.counts, graphs=len(REPORT.graphs), fallbacks=REPORT.fallbacks, report=str(REPORT),
+               counts=REPORT.counts, graphs=len(REPORT.graphs), fallbacks=REPORT.fallbacks, text=str(REPORT),
                near_misses=[[m.pattern, m.where, m.reason] for m in REPORT.near_misses])
     params = full_params(model, trainer)
     if rank == 0:
