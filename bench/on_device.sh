@@ -18,12 +18,18 @@
 # Carry wheels in .whl (see the device tool's README): Liger-Kernel, and for the sft stage trl, datasets, dill and
 # multiprocess (the image has no TRL). Results and logs go to $OUT/results.tgz
 # (the device returns only a few files) and each stage's last lines to the call's output.
+# On a machine of several GPUs two lists of stages can run at once, one per GPU, each under its own TAG:
+#   bash bench/on_device.sh install; CUDA_VISIBLE_DEVICES=1 TAG=a bash bench/on_device.sh tests > $OUT/a.log &
+#   CUDA_VISIBLE_DEVICES=0 TAG=b bash bench/on_device.sh kernels; wait     (results_a.tgz, results_b.tgz)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . >/dev/null 2>&1
+if [ ! -d /tmp/site/liger_compile ]; then  # installed once per machine (parallel lists must not install twice)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . >/dev/null 2>&1
+fi
 export PYTHONPATH=/tmp/site
-R=$OUT/results
+TAG=${TAG:-}
+R=$OUT/results${TAG:+_$TAG}
 mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$R/gpu.txt" 2>&1
 E2E="python3 bench/bench_e2e.py --out $R"
@@ -59,8 +65,9 @@ for stage in "${@:-tests}"; do
          tail -8 "$R/bench_sft.log" ;;
     context) timeout 560 python3 bench/bench_context.py --variants ours,liger_kernel --start 65536 --budget-s 540 \
                --out "$R" > "$R/bench_context.log" 2>&1; tail -12 "$R/bench_context.log" ;;
+    install) ;;  # nothing more than the install above
     *) echo "unknown stage $stage" ;;
   esac
-  tar -czf "$OUT/results.tgz" -C "$OUT" results  # after every stage: a call cut short keeps what it measured
+  tar -czf "$OUT/results${TAG:+_$TAG}.tgz" -C "$OUT" "$(basename "$R")"  # after every stage: a call cut short keeps what it measured
 done
 rm -rf "$R"
