@@ -96,18 +96,20 @@ def test_changing_lengths_stay_fused_without_extra_recompiles(p=FP32):
         return results
 
     ours = p.check(model, steps, count_inductor=True)
-    # one static graph, one dynamic graph for all later lengths: as many as Inductor compiles
-    assert ours.graphs == ours.inductor_graphs == 2, ours
+    # One static graph, then symbolic-length graphs: as many as Inductor compiles, fewer than one per length (on
+    # CPU two; on CUDA transformers' mask code adds a guard, and Inductor and we both compile a third graph).
+    assert ours.graphs == ours.inductor_graphs < len(LENGTHS), ours
     report = ours.report
-    assert len(report.graphs) == 2 and not report.fallbacks, str(report)
-    static, dynamic = report.graphs
+    assert len(report.graphs) == ours.graphs and not report.fallbacks, str(report)
+    static, *dynamic = report.graphs
     expected = {"rms_norm": 3, "rotary": 1, "swiglu": 1, "linear_cross_entropy": 1}
     assert static.counts == {**expected, "causal_mask": 1}, str(report)
-    # The symbolic-length graph keeps every fusion but the causal-mask rewrite: that one is proved by evaluating
+    # The symbolic-length graphs keep every fusion but the causal-mask rewrite: that one is proved by evaluating
     # the mask while compiling, which needs a concrete length; the masked SDPA stays (a near miss, never wrong).
-    assert dynamic.counts == expected, str(report)
-    (miss,) = dynamic.near_misses
-    assert miss.pattern == "causal_mask" and "dynamic shapes" in miss.reason, str(report)
+    for graph in dynamic:
+        assert graph.counts == expected, str(report)
+        (miss,) = graph.near_misses
+        assert miss.pattern == "causal_mask" and "dynamic shapes" in miss.reason, str(report)
     # the last (symbolic-length) step's logits are lazy, with that step's shape (their values: checked above)
     logits = outs[-1].logits
     assert isinstance(logits, LazyTensor) and logits.shape == (2, LENGTHS[-1], VOCAB)
