@@ -3,18 +3,23 @@
 #   bash bench/on_device.sh tests kernels       GPU tests, then the kernel table
 # Stages:
 #   tests      GPU tests (tests/test_gpu*.py and the kernel tests on CUDA; 4 pytest-xdist workers)
+#   sweep      RMSNorm tile sweep (bench/sweep_rms_norm.py)
 #   kernels    kernel table (eager, Inductor, Liger-Kernel, ours): event, GPU-busy and CUDA-graph times, memory
 #   e2e4k      Llama-3.2-1B 4x4096, all variants side by side, one process each
 #   ours4k     the same, backend="liger" only (a quick check after a change)
 #   e2e32k     Llama-3.2-1B 1x32768: Liger-Kernel and ours (eager/Inductor are in ../shared/ANCHORS.md)
 #   e2e64k     Llama-3.2-1B 1x65536: Liger-Kernel and ours (eager and Inductor run out of memory: ANCHORS.md)
 #   ours32k    Llama-3.2-1B 1x32768, backend="liger" only
+#   retest     the add_rms_norm kernel tests and the bf16 training-shape tests that are not padding/packing
+#   fsdp2      FSDP2 over 2 GPUs (needs both): eager, Inductor, Liger-Kernel, ours (bench/bench_fsdp.py)
 #   convergence  the bf16 explain and convergence tests only
 #   qwen4k     Qwen2-1.5B 4x4096, all variants but Liger-Kernel + Inductor
 #   ablation   Llama-3.2-1B 4x4096: ours, and ours with each pattern disabled (the step with and without each)
 #   profiles4k / profiles32k   one profiled step of eager, Inductor and ours: attention ms per layer, kernel tables
 #   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: backend "liger" vs "inductor"
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
+# Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, P32_VARIANTS, CONTEXT_VARIANTS,
+# CONTEXT_START, CONTEXT_MAX, CONTEXT_BUDGET (seconds).
 # Carry wheels in .whl (see the device tool's README): Liger-Kernel, and for the sft stage trl, datasets, dill and
 # multiprocess (the image has no TRL). Results and logs go to $OUT/results.tgz
 # (the device returns only a few files) and each stage's last lines to the call's output.
@@ -41,12 +46,18 @@ for stage in "${@:-tests}"; do
              tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py tests/test_kernel_add_rms_norm.py \
              tests/test_kernel_linear_cross_entropy.py tests/test_gpu_training_shapes.py > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
+    retest) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \
+              tests/test_kernel_add_rms_norm.py tests/test_gpu_training_shapes.py -k "not padding and not packed" \
+              > "$R/gpu_retest.log" 2>&1
+            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_retest.log" | tail -12 ;;
+    fsdp2) timeout 420 python3 bench/bench_fsdp.py --gpus 2 --out "$R" --timeout 180 > "$R/bench_fsdp.log" 2>&1
+           grep -E "^\| |^[a-z_]+: |graph|near miss" "$R/bench_fsdp.log" | cut -c1-400 | tail -30 ;;
     convergence) timeout 170 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 165 \
                    tests/test_gpu_families.py -k "convergence or explain_counts_bf16" > "$R/gpu_convergence.log" 2>&1
                  grep -E "FAILED|ERROR|passed|failed|assert|Error" "$R/gpu_convergence.log" | tail -25 ;;
-    kernels) timeout 100 python3 bench/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
-             grep "^| bwd" "$R/sweep_rms_norm.log" | sort -t"|" -k6 -n | head -4; grep "^| fwd" "$R/sweep_rms_norm.log" | sort -t"|" -k6 -n | head -2
-             timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1
+    sweep) timeout 150 python3 bench/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
+           for k in "fwd |" "bwd |" "bwd+ds"; do grep "^| $k" "$R/sweep_rms_norm.log" | sort -t"|" -k6 -n | head -4; done ;;
+    kernels) timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1
              grep -E "^\| |FAILED|report:" "$R/bench_kernels.log" ;;
     e2e4k) timeout 400 $E2E --timeout 110 2>&1 | tail -9 ;;
     ours4k) timeout 150 $E2E --variants ours --timeout 140 2>&1 | tail -4 ;;
@@ -54,16 +65,19 @@ for stage in "${@:-tests}"; do
     e2e64k) timeout 260 $E2E --batch 1 --seq 65536 --variants liger_kernel,ours --timeout 135 --steps 3 \
               --warmup 2 2>&1 | tail -5 ;;
     ours32k) timeout 140 $E2E --batch 1 --seq 32768 --variants ours --timeout 135 --steps 3 --warmup 2 2>&1 | tail -4 ;;
-    qwen4k) timeout 420 $E2E --model qwen2-1.5b --variants eager,inductor,liger_kernel,ours --timeout 120 2>&1 | tail -7 ;;
-    ablation) timeout 560 $E2E --variants ours,ours-no-rms_norm,ours-no-rotary,ours-no-swiglu,ours-no-linear_cross_entropy,ours-no-causal_mask \
+    qwen4k) timeout 420 $E2E --model qwen2-1.5b --variants "${QWEN_VARIANTS:-eager,inductor,liger_kernel,ours}" \
+              --timeout 120 2>&1 | tail -7 ;;
+    ablation) timeout 560 $E2E --variants "${ABLATION_VARIANTS:-ours,ours-no-rms_norm,ours-no-rotary,ours-no-swiglu,ours-no-linear_cross_entropy,ours-no-causal_mask}" \
                 --name ablation_llama-1b_4x4096 --no-phases --timeout 90 2>&1 | tail -9 ;;
     profiles4k) timeout 400 $E2E --variants eager,inductor,ours --profile "$R/profiles" --name profile_llama-1b_4x4096 \
                   --no-phases --steps 2 --warmup 2 --timeout 130 2>&1 | tail -6 ;;
-    profiles32k) timeout 560 $E2E --batch 1 --seq 32768 --variants eager,inductor,ours --profile "$R/profiles" \
+    profiles32k) timeout 560 $E2E --batch 1 --seq 32768 --variants "${P32_VARIANTS:-eager,inductor,ours}" --profile "$R/profiles" \
                    --name profile_llama-1b_1x32768 --no-phases --steps 2 --warmup 2 --timeout 180 2>&1 | tail -6 ;;
     sft) timeout 300 python3 bench/bench_sft.py --timeout 145 --out "$R" > "$R/bench_sft.log" 2>&1
          tail -8 "$R/bench_sft.log" ;;
-    context) timeout 560 python3 bench/bench_context.py --variants ours,liger_kernel --start 65536 --budget-s 540 \
+    context) b=${CONTEXT_BUDGET:-540}
+             timeout $((b + 20)) python3 bench/bench_context.py --variants "${CONTEXT_VARIANTS:-ours,liger_kernel}" \
+               --start "${CONTEXT_START:-65536}" --max "${CONTEXT_MAX:-524288}" --budget-s "$b" \
                --out "$R" > "$R/bench_context.log" 2>&1; tail -12 "$R/bench_context.log" ;;
     install) ;;  # nothing more than the install above
     *) echo "unknown stage $stage" ;;

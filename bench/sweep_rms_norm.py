@@ -3,7 +3,8 @@
     python bench/sweep_rms_norm.py [--rows 16384] [--cols 4096]
 
 Prints forward and backward ms per tile shape for x[rows, cols] bf16, next to the byte floor at 4.3 TB/s; the
-defaults in kernels/rms_norm.py come from here.
+defaults in kernels/rms_norm.py come from here. Then the backward with the residual sum's gradient added
+(liger::add_rms_norm's, one more read) across rows per program and software-pipelining depth (num_stages).
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def main(argv=None):
         cfg = dict(ROWS=rows, num_warps=warps, ROWS_PER_PROGRAM=rpp)
         ms = graph_ms(lambda: K.launch_backward(dy, x, w, rstd, 0.0, True, config=cfg))
         print(f"| bwd | {rows} | {warps} | {rpp} | {ms:.4f} |", flush=True)
+    ds = torch.randn_like(x)
+    print("\n| kernel | num_warps | ROWS_PER_PROGRAM | num_stages | ms |\n|---|---|---|---|---|")
+    for has_ds, warps, rpp, stages in itertools.product((False, True), (8, 16), (32, 64, 128), (1, 2, 3, 4)):
+        cfg = dict(ROWS=1, num_warps=warps, ROWS_PER_PROGRAM=rpp, num_stages=stages)
+        ms = graph_ms(lambda: K.launch_backward(dy, x, w, rstd, 0.0, True, config=cfg, d_sum=ds if has_ds else None))
+        print(f"| bwd{'+ds' if has_ds else ''} | {warps} | {rpp} | {stages} | {ms:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
