@@ -98,7 +98,10 @@ def run_rank(args) -> dict | None:
            "peak_GiB": peak.item() if cuda else None, "first_step_s": first.item(),
            "first_loss": loss0.item() / world}
     if report is not None:
+        from liger_compile import facts  # noqa: PLC0415
+
         row["fused"] = report.counts
+        row["layer_calls"] = dict(facts.stats)  # rank 0's graph calls run with the causal mask assumed, or not
         print(report, file=sys.stderr)
     return row
 

@@ -6,12 +6,14 @@ import logging
 import os
 import traceback
 
+import torch
 from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
+from . import facts
 from . import options as _options
 from .lazy import wrap_outputs
-from .pattern import all_patterns
+from .pattern import all_output_checks, all_patterns
 from .report import GraphReport
 from .rewrite import copy_graph_module, rewrite
 
@@ -31,14 +33,19 @@ def _dump(directory: str, index: int, before: GraphModule, after: GraphModule | 
         f.write(str(report) + "\n")
 
 
-def rewrite_graph(gm: GraphModule, opts: _options.Options) -> tuple[GraphModule, GraphReport]:
-    """Returns (graph to compile, report). Never raises when opts.fallback: the original graph comes back."""
-    index = next(_graph_ids)
+def rewrite_graph(gm: GraphModule, opts: _options.Options, assume: bool = True, index: int | None = None,
+                  record: bool = True) -> tuple[GraphModule, GraphReport]:
+    """Returns (graph to compile, report). Never raises when opts.fallback: the original graph comes back.
+    `assume`: whether sites may be fused on assumptions tested at run time (liger_compile/facts.py); `record`:
+    whether the report and dump count this rewrite (not for a graph's second version without assumptions)."""
+    index = next(_graph_ids) if index is None else index
     patterns = [p for p in all_patterns() if p.name not in opts.disable]
+    checks = [c for c in all_output_checks() if c.fact not in opts.disable]
     new_gm = None
     try:
         new_gm = copy_graph_module(gm)
-        report = rewrite(new_gm, patterns, index=index, skip_logits=opts.skip_logits)
+        report = rewrite(new_gm, patterns, index=index, skip_logits=opts.skip_logits, assume=assume,
+                         output_checks=checks)
         result = new_gm
     except RestartAnalysis:
         raise
@@ -50,6 +57,8 @@ def rewrite_graph(gm: GraphModule, opts: _options.Options) -> tuple[GraphModule,
         log.warning("liger_compile: rewrite of graph %d failed, compiling it unchanged with Inductor: %s\n%s",
                     index, report.fallback, traceback.format_exc(limit=4))
         result, new_gm = gm, None
+    if not record:
+        return result, report
     counts = ", ".join(f"{k}={v}" for k, v in report.counts.items()) or "nothing fused"
     log.info("liger_compile: graph %d: %s; %d near misses", index, counts, len(report.near_misses))
     if opts.dump:
@@ -59,18 +68,58 @@ def rewrite_graph(gm: GraphModule, opts: _options.Options) -> tuple[GraphModule,
     return result, report
 
 
+def _finish(compiled, report: GraphReport):
+    """The compiled graph function as Dynamo gets it: facts of its outputs recorded, lazy logits in place."""
+    return wrap_outputs(facts.checking_outputs(compiled, report.output_checks), report.lazy_outputs)
+
+
+def _symbolic(example_inputs) -> bool:
+    return any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and not all(
+        isinstance(d, int) for d in x.shape)) for x in example_inputs)
+
+
+def _without_assumptions(gm: GraphModule, inputs, opts: _options.Options, report: GraphReport):
+    """The graph's second version, for inputs its assumptions do not hold for: every other fusion, none that
+    assumed. Compiled for the inputs at hand (the graph's shapes are static), or run as it is if that fails."""
+    fb_gm, fb_report = rewrite_graph(gm, opts, assume=False, index=report.index, record=False)
+    report.near_misses += [m for m in fb_report.near_misses if m not in report.near_misses]
+    log.info("liger_compile: graph %d received inputs its fusions' run-time assumptions do not hold for; its "
+             "version without them is compiled for such inputs", report.index)
+    if not opts.inductor:
+        return _finish(fb_gm.forward, fb_report)
+    from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
+
+    try:
+        return _finish(compile_fx(fb_gm, inputs, config_patches=opts.inductor_config), fb_report)
+    except Exception as e:  # correct either way: the rewritten graph runs uncompiled
+        log.warning("liger_compile: compiling graph %d without its assumptions failed (%s); it runs eagerly",
+                    report.index, e)
+        return _finish(fb_gm.forward, fb_report)
+
+
 def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """`torch.compile(model, backend="liger", mode=..., options=...)` lands here."""
     opts = _options.parse(mode, options)
     compiled_gm, report = rewrite_graph(gm, opts)
+    fn = _compile(gm, compiled_gm, example_inputs, opts, report)
+    if not report.assumptions:
+        return fn
+    if _symbolic(example_inputs):  # no concrete shapes to compile the second version for later: build it now
+        fallback = _without_assumptions(gm, example_inputs, opts, report)
+        return facts.dispatching(fn, report.assumptions, lambda inputs: fallback)
+    return facts.dispatching(fn, report.assumptions, lambda inputs: _without_assumptions(gm, inputs, opts, report))
+
+
+def _compile(gm: GraphModule, compiled_gm: GraphModule, example_inputs, opts: _options.Options, report: GraphReport):
+    """Inductor on the rewritten graph; on the original graph (no fusions, no assumptions) if that fails."""
     if not opts.inductor:
-        return wrap_outputs(compiled_gm.forward, report.lazy_outputs)
+        return _finish(compiled_gm.forward, report)
     from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
-    if report.fused:
+    if report.fused or report.output_checks:
         try:
             compiled = compile_fx(compiled_gm, example_inputs, config_patches=opts.inductor_config)
-            return wrap_outputs(compiled, report.lazy_outputs)
+            return _finish(compiled, report)
         except RestartAnalysis:
             # Dynamo's own control flow (e.g. specialising a float scalar and tracing again): not a failure. The
             # graph will come back re-traced; its report is the one that counts.
@@ -82,5 +131,7 @@ def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, opti
                 raise
             report.fallback = f"Inductor failed on the rewritten graph: {type(e).__name__}: {e}"
             report.lazy_outputs.clear()
+            report.assumptions.clear()
+            report.output_checks.clear()
             log.warning("liger_compile: %s; compiling graph %d unchanged", report.fallback, report.index)
     return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)

@@ -31,12 +31,31 @@ def _no_objection(match: Match) -> str | None:
 
 
 @dataclass
+class Assume:
+    """What a check returns to fuse a site provided that, at run time, graph input `node` holds `fact` (recorded by
+    an earlier graph's OutputCheck, liger_compile/facts.py). Where that cannot be arranged (a nested graph, the
+    graph's version without assumptions), the site is a near miss with reason `unproved`."""
+    node: object  # torch.fx.Node, a placeholder of the graph being rewritten
+    fact: str
+    unproved: str
+
+
+@dataclass
+class OutputCheck:
+    """A fact a graph's returned value may have, for graphs after a graph break to rely on (Assume). A pattern
+    module lists them in OUTPUT_CHECKS."""
+    fact: str
+    candidate: Callable[[torch.Tensor], bool]  # on the output's example value, while compiling: worth checking?
+    holds: Callable[[torch.Tensor], bool]  # on the real value, at run time (may synchronise with the GPU)
+
+
+@dataclass
 class Pattern:
     name: str  # report key, e.g. "rms_norm"
     variant: str  # which source form it matches, e.g. "llama" or "gemma"
     search: Callable  # the model's math, as plain torch code; its parameters are the wildcards
     replace: Callable  # same parameters; builds the fused call
-    check: Callable[[Match], str | None] = _no_objection  # returns why a site must not be fused, or None
+    check: Callable[[Match], str | Assume | None] = _no_objection  # why a site must not be fused, or None
     anchor: str | None = None  # an op that marks a candidate site, for near-miss reports (e.g. "rsqrt")
     # An interior value the graph also returns (the logits next to a fused loss) may be provided by the rewrite:
     # lazily (computed from the match's inputs on first use) or, with `replace_keeping`, by the fused op itself,
@@ -74,21 +93,29 @@ def _torch_functionals():
 
 
 @functools.cache
-def all_patterns() -> tuple[Pattern, ...]:
-    """Every pattern of every module in liger_compile.patterns, in module then list order."""
+def _pattern_modules() -> tuple:
     from . import patterns as package  # noqa: PLC0415 - imported lazily: pattern modules import torch ops
 
-    found: list[Pattern] = []
+    modules = []
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
             continue
         try:
-            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            modules.append(importlib.import_module(f"{package.__name__}.{info.name}"))
         except Exception as e:  # a broken optional pattern must not take the backend down
             log.warning("liger_compile: pattern module %s failed to import (%s); it is skipped", info.name, e)
-            continue
-        found.extend(getattr(module, "PATTERNS", ()))
-    return tuple(found)
+    return tuple(modules)
+
+
+@functools.cache
+def all_patterns() -> tuple[Pattern, ...]:
+    """Every pattern of every module in liger_compile.patterns, in module then list order."""
+    return tuple(p for module in _pattern_modules() for p in getattr(module, "PATTERNS", ()))
+
+
+@functools.cache
+def all_output_checks() -> tuple[OutputCheck, ...]:
+    return tuple(c for module in _pattern_modules() for c in getattr(module, "OUTPUT_CHECKS", ()))
 
 
 def pattern_names() -> list[str]:

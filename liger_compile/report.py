@@ -48,6 +48,9 @@ class GraphReport:
     nodes_before: int = 0
     nodes_after: int = 0
     lazy_outputs: list = field(default_factory=list, repr=False)  # liger_compile.lazy.LazyOutput
+    # liger_compile.facts: (input slot, fact) the fused sites assume; (output slot, OutputCheck) checked at run time
+    assumptions: list = field(default_factory=list, repr=False)
+    output_checks: list = field(default_factory=list, repr=False)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -70,6 +73,8 @@ class GraphReport:
             lines.append("  nothing fused")
         for miss in self.near_misses:
             lines.append(f"  near miss {miss.pattern}: {miss.where}: {miss.reason}")
+        for slot, check in self.output_checks:
+            lines.append(f"  run-time check: output {slot} is recorded as {check.fact} when it is one")
         return "\n".join(lines)
 
 

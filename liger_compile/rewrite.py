@@ -11,7 +11,7 @@ import torch
 
 from .lazy import LazyOutput, extract
 from .matcher import DtypeOf, Match, MatchFailure, example_value, is_output_cast, op_name, pattern_root, try_match
-from .pattern import Pattern
+from .pattern import Assume, OutputCheck, Pattern
 from .report import GraphReport, NearMiss, Site, where
 
 _COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "example_value", "val")
@@ -149,14 +149,38 @@ def _inputs_from_enclosing(gm: GraphModule, name: str, body: GraphModule, outer:
     return {**outer, **dict(zip(placeholders, calls[0].args[1:]))}
 
 
+def _checked_outputs(graph: Graph, checks: Iterable[OutputCheck]) -> list[tuple[int, OutputCheck]]:
+    """(output slot, check) for each returned tensor a check wants to look at when the graph runs."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    outs = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    found = []
+    for slot, node in enumerate(outs):
+        value = example_value(node) if isinstance(node, Node) else None
+        if isinstance(value, torch.Tensor):
+            found += [(slot, c) for c in checks if c.candidate(value)]
+    return found
+
+
+def _assumable(a: Assume, graph: Graph, nested: bool) -> int | None:
+    """The input slot of an assumption the graph's compiled function can test at run time, or None."""
+    if nested or a.node.op != "placeholder" or a.node.graph is not graph:
+        return None
+    return [n for n in graph.nodes if n.op == "placeholder"].index(a.node)
+
+
 def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_logits: bool = True,
-            nested: bool = False, outer: dict[Node, Node] | None = None) -> GraphReport:
+            nested: bool = False, outer: dict[Node, Node] | None = None, assume: bool = True,
+            output_checks: Iterable[OutputCheck] = ()) -> GraphReport:
     """Rewrites gm (and the graphs nested in it) in place; returns the report. Exceptions propagate (the backend
     falls back on them). In a nested graph (e.g. an activation-checkpointed layer's body) the outputs are not the
-    user's, so no intermediate may be returned lazily there."""
+    user's, so no intermediate may be returned lazily there. With `assume`, a site whose check returns an Assume
+    about a graph input is fused and the assumption recorded (report.assumptions) for the backend to test at run
+    time; `output_checks` name returned values whose facts the compiled graph records (report.output_checks)."""
     graph = gm.graph
     patterns = list(patterns)
     report = GraphReport(index=index, nodes_before=len(graph.nodes))
+    if not nested:
+        report.output_checks = _checked_outputs(graph, output_checks)
     anchors = [(p.name, p.anchor) for p in patterns if p.anchor]
     anchor_nodes = {name: [n for n in graph.nodes if op_name(n) == op] for name, op in dict(anchors).items()}
     node_where = {n: where(n) for ns in anchor_nodes.values() for n in ns}
@@ -171,10 +195,13 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
             m, failure, visited = try_match(pattern.graph, node, allow_returned=pattern.returned_ok and not nested)
             if m is not None and covered.intersection(m.nodes):
                 m, failure = None, MatchFailure("overlaps a site another pattern already fused", 10**6)
-            policy = "none"
+            policy, assumed = "none", None
             if m is not None:
                 m.outer = outer or {}
                 reason = _subclass_input(m) or pattern.check(m)
+                if isinstance(reason, Assume):
+                    slot = _assumable(reason, graph, nested) if assume else None
+                    assumed, reason = (None, reason.unproved) if slot is None else ((slot, reason.fact), None)
                 policy = _returned_policy(m, pattern, skip_logits) if not reason else "none"
                 reason = reason or (policy if policy not in ("none", "lazy", "keep") else None)
                 if reason:
@@ -184,6 +211,9 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
                 continue
             m.pattern = pattern
             variant = pattern.variant + {"lazy": ", logits lazy", "keep": ", logits kept"}.get(policy, "")
+            if assumed is not None:
+                variant += f", if input {assumed[0]} is {assumed[1]} at run time"
+                report.assumptions.append(assumed)
             site = Site(pattern.name, variant, where(m.root))
             covered.update(m.nodes)
             if policy == "lazy":

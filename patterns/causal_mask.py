@@ -8,13 +8,21 @@ When the mask is computed from shapes alone (positions from an in-graph `arange`
 position ids), its value is fixed for the graph's static shapes: we compute it once while compiling and
 replace the call only if it equals the lower-triangular causal mask. A mask that depends on any runtime tensor
 (padding, packed sequences' position ids) is left exactly as it is.
+
+Across a graph break (FSDP's per-layer hooks put every decoder layer in a graph of its own) the mask is built in
+one graph and used in the next, where it is an input. The graph that returns a [B, 1, T, T] boolean mask checks
+its value when it runs (OUTPUT_CHECKS; one comparison on the GPU, once per forward) and records it if it is plain
+causal; the layer's graph fuses assuming that (Assume) and runs its masked version for any other mask
+(liger_compile/facts.py).
 """
+import operator
+
 import torch
 import torch.nn.functional as F
 
 from liger_compile.lazy import extract
-from liger_compile.matcher import Match
-from liger_compile.pattern import Pattern
+from liger_compile.matcher import Match, example_value
+from liger_compile.pattern import Assume, OutputCheck, Pattern
 
 MAX_CHECKED_ELEMENTS_OFF_GPU = 2**31  # a bigger mask takes too long to evaluate on a CPU while compiling
 # Building the mask may hold a few mask-sized tensors at once (the comparisons HF combines); a mask is checked only
@@ -106,6 +114,10 @@ def check(m: Match) -> str | None:
     try:
         compute, used = extract(m["mask"], [], outer=m.outer)  # through a checkpointed body's inputs too
     except ValueError as e:
+        source = _graph_input_behind(m["mask"])
+        if source is not None:
+            return Assume(source, "causal_mask", f"the mask is the graph input {source.name}, built by an earlier "
+                          "graph, and was not checked to be plain causal")
         return f"the mask depends on runtime inputs ({e})"
     from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: PLC0415
 
@@ -115,6 +127,30 @@ def check(m: Match) -> str | None:
         del value
     return None if same else "the mask is computed from shapes alone but is not plain causal"
 
+
+def _graph_input_behind(node):
+    """The graph input `node` is, through views that change nothing (a full slice, an expand to its own shape)."""
+    while True:
+        if node.op == "placeholder":
+            return node
+        src = node.args[0] if node.args else None
+        same_op = node.target is operator.getitem or node.target in ("expand", "contiguous")
+        if not (same_op and hasattr(src, "op")):
+            return None
+        v, sv = example_value(node), example_value(src)
+        if not (isinstance(v, torch.Tensor) and isinstance(sv, torch.Tensor) and v.shape == sv.shape
+                and v.dtype == sv.dtype):
+            return None
+        node = src
+
+
+def _square_bool_mask(v: torch.Tensor) -> bool:
+    """Worth checking when the graph runs: a static [B, 1, T, T] boolean tensor."""
+    return (v.dtype == torch.bool and v.dim() == 4 and all(isinstance(d, int) for d in v.shape)
+            and v.shape[1] == 1 and v.shape[-1] == v.shape[-2])
+
+
+OUTPUT_CHECKS = [OutputCheck("causal_mask", _square_bool_mask, lambda mask: _is_lower_triangular(mask))]
 
 PATTERNS = [
     Pattern("causal_mask", "sdpa, repeat_kv -> enable_gqa", masked_sdpa_repeated_kv, causal_sdpa_gqa, check_gqa,

@@ -1,0 +1,76 @@
+"""Facts about tensors that cross graph breaks: one compiled graph checks a value it returns, a later graph relies on it.
+
+A graph break (FSDP's per-layer hooks, a `torch.compiler.disable`d call, compiled DDP's buckets) puts the code that
+builds a value in one graph and the code that uses it in another. While compiling the user, nothing says what the
+input will hold: HF's attention mask, built in the model's graph, reaches each decoder layer's graph as an input.
+So:
+  - the producing graph's compiled function checks, at run time, each returned value a pattern module's
+    `OUTPUT_CHECKS` names as a candidate (e.g. "this [B, 1, T, T] boolean mask is lower-triangular") and records
+    the tensors for which the check holds;
+  - a consuming graph's pattern may fuse assuming a fact about one of its inputs (`Assume`); that graph is then
+    compiled twice, with and (on first need) without those fusions, and each call runs the version whose
+    assumptions hold for the tensors it was actually given.
+A fact belongs to one tensor object at one version: written in place after the check, it no longer holds.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import Counter
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("liger_compile")
+
+# (id(tensor), fact) -> (weak reference to the tensor, its version counter when the fact was checked)
+_known: dict[tuple[int, str], tuple[weakref.ref, int]] = {}
+# calls of graphs compiled with assumptions: how many ran the fused version ("assumed") and how many the other
+stats: Counter = Counter()
+
+
+def mark(t: torch.Tensor, fact: str) -> None:
+    key = (id(t), fact)
+    _known[key] = (weakref.ref(t, lambda _ref, key=key: _known.pop(key, None)), t._version)
+
+
+def holds(t, fact: str) -> bool:
+    entry = _known.get((id(t), fact))
+    return entry is not None and entry[0]() is t and t._version == entry[1]
+
+
+def checking_outputs(fn, checks: list) -> Callable:
+    """fn, recording the facts `checks` [(output slot, OutputCheck)] find true of its outputs at run time."""
+    if not checks:
+        return fn
+
+    def run(*args):
+        outs = fn(*args)
+        if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():  # no sync inside a capture
+            for slot, check in checks:
+                value = outs[slot]
+                if isinstance(value, torch.Tensor) and check.holds(value):
+                    mark(value, check.fact)
+        return outs
+
+    return run
+
+
+def dispatching(assumed, assumptions: list[tuple[int, str]], make_fallback: Callable[[list], Callable]) -> Callable:
+    """A graph function that runs `assumed` when every (input slot, fact) of `assumptions` holds for the inputs it is
+    given, and otherwise the version without those fusions, built once by make_fallback(inputs) on first need.
+    (Dynamo calls a backend's function with the graph's inputs as arguments, as every function here takes them.)"""
+    fallback = []
+
+    def run(*args):
+        if all(holds(args[slot], fact) for slot, fact in assumptions):
+            stats["assumed"] += 1
+            return assumed(*args)
+        stats["fallback"] += 1
+        if not fallback:
+            fallback.append(make_fallback(list(args)))
+        return fallback[0](*args)
+
+    run._liger_assumptions = assumptions  # visible for debugging and tests
+    run._liger_fallback = fallback
+    return run

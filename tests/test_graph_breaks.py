@@ -1,0 +1,111 @@
+"""Fusions across graph breaks: the causal mask built in one graph and used by the layers' graphs.
+
+FSDP2 (and any `torch.compiler.disable`d hook) puts each decoder layer in a graph of its own, so the mask the model
+builds reaches the layer as an input. The model's graph checks the mask when it runs; the layer's graph uses
+`is_causal` when it was given that checked mask and its masked version for any other (liger_compile/facts.py).
+"""
+import gc
+
+import pytest
+import torch
+
+import liger_compile
+import liger_compile.backend as backend_module
+from liger_compile import facts
+from models import batch, loss_and_grads, tiny
+
+
+def test_a_fact_belongs_to_one_tensor_at_one_version():
+    t, other = torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    facts.mark(t, "causal_mask")
+    assert facts.holds(t, "causal_mask")
+    assert not facts.holds(other, "causal_mask")  # equal values, another tensor: not checked
+    assert not facts.holds(t, "another_fact")
+    assert not facts.holds(t[:2], "causal_mask")  # a view is another tensor
+    t[0] = False  # written in place after the check
+    assert not facts.holds(t, "causal_mask")
+    key = (id(other), "causal_mask")
+    facts.mark(other, "causal_mask")
+    del other
+    gc.collect()
+    assert key not in facts._known  # no entry outlives its tensor
+
+
+def layers_in_graphs_of_their_own(model):
+    """What FSDP2's per-layer hooks do to Dynamo: a graph break before every decoder layer."""
+    @torch.compiler.disable
+    def hook(module, args, kwargs):
+        return None
+
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(hook, with_kwargs=True)
+    return model
+
+
+@pytest.fixture
+def second_versions(monkeypatch):
+    """Counts the graphs compiled a second time, without their assumptions."""
+    built = []
+    original = backend_module._without_assumptions
+
+    def counting(*args, **kwargs):
+        built.append(args[-1].index)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "_without_assumptions", counting)
+    return built
+
+
+def compare(model, compiled, inputs):
+    ref_loss, ref_grads = loss_and_grads(model, inputs)
+    loss, grads = loss_and_grads(model, inputs, run=compiled)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_mask_from_an_earlier_graph_is_used_as_causal(inductor, second_versions):
+    model = layers_in_graphs_of_their_own(tiny("llama", layers=2))
+    report = liger_compile.Report()
+    compiled = torch.compile(model, backend="liger", options={"report": report, "inductor": inductor})
+    before = facts.stats["assumed"]
+    compare(model, compiled, batch())
+    # the layers' graph fused the masked attention assuming the checked mask, and every layer call ran that version
+    assert report.counts["causal_mask"] == 1, str(report)
+    (site,) = [s for g in report.graphs for s in g.fused if s.pattern == "causal_mask"]
+    assert "at run time" in site.variant
+    assert any("run-time check" in str(g) for g in report.graphs), str(report)
+    assert facts.stats["assumed"] - before == 2  # two layers, one graph
+    assert second_versions == []
+
+
+def test_other_masks_run_the_masked_version(second_versions):
+    """A padding mask is not causal: the layers' graph is compiled once more without the assumption, and runs that
+    version for it; the causal batch after it runs the fused version again. Every step equals eager."""
+    model = layers_in_graphs_of_their_own(tiny("llama", layers=2))
+    report = liger_compile.Report()
+    compiled = torch.compile(model, backend="liger", options={"report": report})
+    plain = batch()
+    padding = torch.ones_like(plain["input_ids"])
+    padding[0, :3] = 0
+    padded = {**plain, "attention_mask": padding, "labels": plain["labels"].masked_fill(padding == 0, -100)}
+    compare(model, compiled, plain)
+    assumed = facts.stats["assumed"]
+    compare(model, compiled, padded)
+    assert len(second_versions) == 1
+    assert facts.stats["assumed"] == assumed  # neither layer took the causal version
+    compare(model, compiled, plain)
+    assert facts.stats["assumed"] == assumed + 2 and len(second_versions) == 1
+    assert any("not checked to be plain causal" in m.reason for m in report.near_misses), str(report)
+
+
+def test_disabling_the_pattern_disables_the_check():
+    model = layers_in_graphs_of_their_own(tiny("llama", layers=2))
+    report = liger_compile.Report()
+    compiled = torch.compile(model, backend="liger", options={"report": report, "disable": ["causal_mask"],
+                                                             "inductor": False})
+    compare(model, compiled, batch())
+    assert report.counts["causal_mask"] == 0
+    assert not any("run-time check" in str(g) for g in report.graphs), str(report)
