@@ -68,7 +68,7 @@ for stage in "${@:-tests}"; do
     qwen4k) timeout 420 $E2E --model qwen2-1.5b --variants "${QWEN_VARIANTS:-eager,inductor,liger_kernel,ours}" \
               --timeout 120 2>&1 | tail -7 ;;
     ablation) timeout 560 $E2E --variants "${ABLATION_VARIANTS:-ours,ours-no-rms_norm,ours-no-rotary,ours-no-swiglu,ours-no-linear_cross_entropy,ours-no-causal_mask}" \
-                --name ablation_llama-1b_4x4096 --no-phases --timeout 90 2>&1 | tail -9 ;;
+                --name ablation_llama-1b_4x4096 --no-phases --timeout 120 2>&1 | tail -9 ;;
     profiles4k) timeout 400 $E2E --variants eager,inductor,ours --profile "$R/profiles" --name profile_llama-1b_4x4096 \
                   --no-phases --steps 2 --warmup 2 --timeout 130 2>&1 | tail -6 ;;
     profiles32k) timeout 560 $E2E --batch 1 --seq 32768 --variants "${P32_VARIANTS:-eager,inductor,ours}" --profile "$R/profiles" \
