@@ -135,8 +135,16 @@ def phase_peaks(run, opt, ids) -> dict:
     return out
 
 
-# Kernel names of SDPA's backends (cuDNN, flash, memory-efficient) and of the math fallback's softmax.
+# Kernel names of SDPA's backends (cuDNN, flash, memory-efficient) and of the math fallback's softmax; the
+# cross-entropy's log-softmax kernels (eager's `cunn_SoftMaxForward<..LogSoftMax..>`, Inductor's
+# `triton_red_fused__log_softmax..`) are not attention.
 ATTENTION_KERNELS = ("attention", "flash", "fmha", "cudnn", "sdpa", "softmax")
+NOT_ATTENTION = ("logsoftmax", "log_softmax")
+
+
+def is_attention_kernel(name: str) -> bool:
+    name = name.lower()
+    return any(k in name for k in ATTENTION_KERNELS) and not any(k in name for k in NOT_ATTENTION)
 
 
 def profile_step(run, opt, ids, path, layers: int) -> dict:
@@ -153,7 +161,7 @@ def profile_step(run, opt, ids, path, layers: int) -> dict:
     events = prof.key_averages()
     table = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
     kernels = [e for e in events if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
-    attention_us = sum(e.self_device_time_total for e in kernels if any(k in e.key.lower() for k in ATTENTION_KERNELS))
+    attention_us = sum(e.self_device_time_total for e in kernels if is_attention_kernel(e.key))
     total_us = sum(e.self_device_time_total for e in kernels)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

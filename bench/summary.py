@@ -1,4 +1,4 @@
-"""One table and one chart over every recorded training-step run: bench/results/e2e_*.json.
+"""One table and one chart over every recorded training-step run: bench/results/{e2e,profile,ablation}_*.json.
 
     python bench/summary.py [--results bench/results]     -> e2e_summary.md, e2e_summary.png
 
@@ -148,11 +148,13 @@ def e2e_chart(path: str, title: str, configs: list[str], rows: dict[str, list[di
 
 
 def load_runs(results: str) -> dict[str, list[dict]]:
-    """config -> rows of the e2e_*.json runs there (the config read from the file name)."""
+    """config -> rows of the e2e_/profile_/ablation_*.json runs there (the config read from the file name); a
+    profile run's rows are its timed steps (the profiled step comes after them)."""
     runs = {}
-    for path in sorted(glob.glob(os.path.join(results, "e2e_*.json"))):
+    paths = [p for kind in ("e2e", "profile", "ablation") for p in glob.glob(os.path.join(results, f"{kind}_*.json"))]
+    for path in sorted(paths):
         name = os.path.basename(path)[:-5]
-        m = re.fullmatch(r"e2e_(.+?)_(\d+)x(\d+)(?:_(.+))?", name)
+        m = re.fullmatch(r"(?:e2e|profile|ablation)_(.+?)_(\d+)x(\d+)(?:_(.+))?", name)
         if not m or name == "e2e_summary":
             continue
         with open(path) as f:
@@ -174,7 +176,7 @@ def _fmt_row(config, r):
             "first step s": num("first_step_s", "{:.1f}"),
             "first step vs inductor": num("first_step_vs_inductor", "{:.2f}x"),
             "meets target": target_check(base_config(config), r) if r["variant"] == "ours" else "",
-            "error": str(r.get("error", "")).replace("|", "/").replace("\n", " ")[:120]}
+            "file": r.get("file", ""), "error": str(r.get("error", "")).replace("|", "/").replace("\n", " ")[:120]}
 
 
 def summarize(results: str) -> str:
@@ -197,7 +199,7 @@ def summarize(results: str) -> str:
     from common import markdown_table  # noqa: PLC0415
 
     cols = ["config", "variant", "source", "tokens/s", "peak GiB", "first step s", "first step vs inductor",
-            "meets target", "error"]
+            "meets target", "file", "error"]
     files = sorted({r["file"] for rs in runs.values() for r in rs})
     md = ("# Training step: every recorded run, with the anchors and the issue's targets\n\n"
           "Written by `bench/summary.py` from " + (", ".join(f"`{f}`" for f in files) or "no runs") + ". "

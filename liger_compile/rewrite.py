@@ -161,22 +161,24 @@ def _checked_outputs(graph: Graph, checks: Iterable[OutputCheck]) -> list[tuple[
     return found
 
 
-def _assumable(a: Assume, graph: Graph, nested: bool) -> int | None:
-    """The input slot of an assumption the graph's compiled function can test at run time, or None."""
-    if nested or a.node.op != "placeholder" or a.node.graph is not graph:
+def _assumable(a: Assume, top: Graph) -> int | None:
+    """The input slot of an assumption the compiled function of the outermost graph `top` can test at run time (an
+    input of that graph), or None."""
+    if a.node.op != "placeholder" or a.node.graph is not top:
         return None
-    return [n for n in graph.nodes if n.op == "placeholder"].index(a.node)
+    return [n for n in top.nodes if n.op == "placeholder"].index(a.node)
 
 
 def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_logits: bool = True,
             nested: bool = False, outer: dict[Node, Node] | None = None, assume: bool = True,
-            output_checks: Iterable[OutputCheck] = ()) -> GraphReport:
+            output_checks: Iterable[OutputCheck] = (), top: Graph | None = None) -> GraphReport:
     """Rewrites gm (and the graphs nested in it) in place; returns the report. Exceptions propagate (the backend
     falls back on them). In a nested graph (e.g. an activation-checkpointed layer's body) the outputs are not the
     user's, so no intermediate may be returned lazily there. With `assume`, a site whose check returns an Assume
     about a graph input is fused and the assumption recorded (report.assumptions) for the backend to test at run
     time; `output_checks` name returned values whose facts the compiled graph records (report.output_checks)."""
     graph = gm.graph
+    top = top or graph  # the graph whose inputs an assumption may be about
     patterns = list(patterns)
     report = GraphReport(index=index, nodes_before=len(graph.nodes))
     if not nested:
@@ -200,7 +202,7 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
                 m.outer = outer or {}
                 reason = _subclass_input(m) or pattern.check(m)
                 if isinstance(reason, Assume):
-                    slot = _assumable(reason, graph, nested) if assume else None
+                    slot = _assumable(reason, top) if assume else None
                     assumed, reason = (None, reason.unproved) if slot is None else ((slot, reason.fact), None)
                 policy = _returned_policy(m, pattern, skip_logits) if not reason else "none"
                 reason = reason or (policy if policy not in ("none", "lazy", "keep") else None)
@@ -213,7 +215,8 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
             variant = pattern.variant + {"lazy": ", logits lazy", "keep": ", logits kept"}.get(policy, "")
             if assumed is not None:
                 variant += f", if input {assumed[0]} is {assumed[1]} at run time"
-                report.assumptions.append(assumed)
+                if assumed not in report.assumptions:
+                    report.assumptions.append(assumed)
             site = Site(pattern.name, variant, where(m.root))
             covered.update(m.nodes)
             if policy == "lazy":
@@ -239,8 +242,9 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
     for name, sub in gm.named_children():
         if isinstance(sub, GraphModule):
             inner = rewrite(sub, patterns, index, skip_logits, nested=True,
-                            outer=_inputs_from_enclosing(gm, name, sub, outer or {}))
+                            outer=_inputs_from_enclosing(gm, name, sub, outer or {}), assume=assume, top=top)
             report.fused += [Site(s.pattern, s.variant, f"{s.where} [in {name}]") for s in inner.fused]
+            report.assumptions += [a for a in inner.assumptions if a not in report.assumptions]
             report.near_misses += inner.near_misses
             report.nodes_before += inner.nodes_before
             report.nodes_after += inner.nodes_after

@@ -115,6 +115,8 @@ def check(m: Match) -> str | None:
         compute, used = extract(m["mask"], [], outer=m.outer)  # through a checkpointed body's inputs too
     except ValueError as e:
         source = _graph_input_behind(m["mask"])
+        while source is not None and source in m.outer:  # a checkpointed body's input: what the enclosing graph passes
+            source = _graph_input_behind(m.outer[source])
         if source is not None:
             return Assume(source, "causal_mask", f"the mask is the graph input {source.name}, built by an earlier "
                           "graph, and was not checked to be plain causal")

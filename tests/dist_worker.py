@@ -107,6 +107,7 @@ def report_summary(report: liger_compile.Report) -> dict:
         "near_misses": [[m.pattern, m.where, m.reason] for m in report.near_misses],
         "fallbacks": report.fallbacks,
         "text": str(report),
+        "layer_calls": dict(liger_compile.facts.stats),  # graph calls run with a run-time assumption, or not
     }
 
 

@@ -109,3 +109,18 @@ def test_disabling_the_pattern_disables_the_check():
     compare(model, compiled, batch())
     assert report.counts["causal_mask"] == 0
     assert not any("run-time check" in str(g) for g in report.graphs), str(report)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointed_layers_in_graphs_of_their_own(use_reentrant, second_versions):
+    """FSDP2 with activation checkpointing: each layer's graph runs its body under a checkpoint, and the mask reaches
+    the body through the layer graph's input; the assumption is about that input."""
+    model = layers_in_graphs_of_their_own(tiny("llama", layers=2))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.train()
+    report = liger_compile.Report()
+    compiled = torch.compile(model, backend="liger", options={"report": report, "inductor": False})
+    before = facts.stats["assumed"]
+    compare(model, compiled, batch())
+    assert report.counts["causal_mask"] == 1, str(report)
+    assert facts.stats["assumed"] - before == 2 and second_versions == [], str(report)

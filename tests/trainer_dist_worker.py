@@ -162,7 +162,8 @@ def run(spec: dict, out_dir: str, rank: int) -> dict:
                zero_partitioned=any(hasattr(p, "ds_id") for p in model.parameters()),
                losses=[h["loss"] for h in logs], grad_norms=[h.get("grad_norm") for h in logs],
                counts=REPORT.counts, graphs=len(REPORT.graphs), fallbacks=REPORT.fallbacks, text=str(REPORT),
-               near_misses=[[m.pattern, m.where, m.reason] for m in REPORT.near_misses])
+               near_misses=[[m.pattern, m.where, m.reason] for m in REPORT.near_misses],
+               layer_calls=dict(liger_compile.facts.stats))
     params = full_params(model, trainer)
     if rank == 0:
         torch.save(params, os.path.join(out_dir, "params.pt"))
