@@ -49,7 +49,12 @@ def checking_outputs(fn, checks: list) -> Callable:
         if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():  # no sync inside a capture
             for slot, check in checks:
                 value = outs[slot]
-                if isinstance(value, torch.Tensor) and check.holds(value):
+                try:
+                    found = isinstance(value, torch.Tensor) and check.holds(value)
+                except Exception as e:  # a check that cannot run proves nothing: the layers run their unfused version
+                    log.warning("liger_compile: run-time check %s failed (%s); not relied on", check.fact, e)
+                    found = False
+                if found:
                     mark(value, check.fact)
         return outs
 

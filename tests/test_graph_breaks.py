@@ -124,3 +124,19 @@ def test_checkpointed_layers_in_graphs_of_their_own(use_reentrant, second_versio
     compare(model, compiled, batch())
     assert report.counts["causal_mask"] == 1, str(report)
     assert facts.stats["assumed"] - before == 2 and second_versions == [], str(report)
+
+
+def test_a_failing_run_time_check_proves_nothing(monkeypatch, second_versions):
+    """A check that raises when the graph runs leaves the mask unrecorded: the layers run their masked version."""
+    from liger_compile.pattern import all_output_checks
+
+    (check,) = [c for c in all_output_checks() if c.fact == "causal_mask"]
+
+    def broken(mask):
+        raise RuntimeError("cannot read this mask")
+
+    monkeypatch.setattr(check, "holds", broken)
+    model = layers_in_graphs_of_their_own(tiny("llama", layers=2))
+    compiled = torch.compile(model, backend="liger", options={"inductor": False})
+    compare(model, compiled, batch())
+    assert len(second_versions) == 1
