@@ -230,14 +230,19 @@ def one_argv(args, variant: str, batch: int, seq: int) -> list[str]:
 
 def drive(args) -> list[dict]:
     rows = []
-    for v in args.variants.split(","):
-        row = run_variant(one_argv(args, v, args.batch, args.seq), args.timeout)
-        stderr = row.pop("stderr")
-        row = {"variant": v, **row, "model": args.model, "batch": args.batch, "seq": args.seq}
-        rows.append(row)
-        print(f"{v}: {row} ({row['wall_s']:.0f} s)", flush=True)
-        if stderr and v == "ours":
-            print("\n".join(x for x in stderr.splitlines() if "graph" in x or "near miss" in x)[:4000])
+    for rep in range(args.repeat):  # round robin: a drift of the machine reaches every variant alike
+        for v in args.variants.split(","):
+            row = run_variant(one_argv(args, v, args.batch, args.seq), args.timeout)
+            stderr = row.pop("stderr")
+            row = {"variant": v, **row, "model": args.model, "batch": args.batch, "seq": args.seq}
+            if args.repeat > 1:
+                row["repeat"] = rep
+            rows.append(row)
+            print(f"{v}: {row} ({row['wall_s']:.0f} s)", flush=True)
+            if stderr and v == "ours" and rep == 0:
+                print("\n".join(x for x in stderr.splitlines() if "graph" in x or "near miss" in x)[:4000])
+    if args.repeat > 1:
+        rows = combine_repeats(rows)
     ind = next((r for r in rows if r["variant"] == "inductor" and "first_step_s" in r), None)
     for r in rows:
         if ind and "first_step_s" in r:
@@ -247,6 +252,24 @@ def drive(args) -> list[dict]:
                                                      if "first_step_vs_inductor" in r else "")
         for r in rows if "first_step_s" in r), flush=True)
     return rows
+
+
+def combine_repeats(rows: list[dict]) -> list[dict]:
+    """One row per variant from its repeated runs: median tokens/s and step, their range, the runs kept in "runs".
+    The first run's first step is the compile time (later runs find the kernels compiled)."""
+    out = []
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == v]
+        ok = [r for r in runs if "tokens/s" in r]
+        if not ok:
+            out.append({**runs[0], "runs": runs})
+            continue
+        tps = sorted(r["tokens/s"] for r in ok)
+        out.append({**ok[0], "tokens/s": statistics.median(tps), "tokens/s_min": tps[0], "tokens/s_max": tps[-1],
+                    "step_ms": statistics.median(r["step_ms"] for r in ok),
+                    "peak_GiB": max(r["peak_GiB"] for r in ok) if ok[0].get("peak_GiB") is not None else None,
+                    "n_runs": len(ok), "runs": runs})
+    return out
 
 
 def main(argv=None):
@@ -266,6 +289,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--fake-oom-tokens", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=1, help="run the variant list this many times, round robin; the "
+                    "table gives each variant's median tokens/s and range")
     ap.add_argument("--name", default=None, help="results file name (default e2e_<model>_<b>x<t>[_<mode>])")
     args = ap.parse_args(argv)
     if args.one:
@@ -278,6 +303,7 @@ def main(argv=None):
     cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "first_step_s", "first_step_vs_inductor", "first_loss",
             "peak_fwd_GiB", "peak_bwd_GiB", "peak_opt_GiB"]
     cols += ["attention_ms_per_layer", "gpu_ms"] if args.profile else []
+    cols += ["tokens/s_min", "tokens/s_max", "n_runs"] if args.repeat > 1 else []
     cols += ["error"]
     title = f"Training step, {args.model} shape, {args.batch} x {args.seq}, bf16" + (" (TINY, CPU check)"
                                                                                     if args.tiny else "")

@@ -18,7 +18,8 @@
 #   profiles4k / profiles32k   one profiled step of eager, Inductor and ours: attention ms per layer, kernel tables
 #   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: backend "liger" vs "inductor"
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
-# Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, P32_VARIANTS, CONTEXT_VARIANTS,
+# Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, ABLATION_REPEAT (runs of the list,
+# round robin, medians reported; later runs find the kernels compiled), P32_VARIANTS, CONTEXT_VARIANTS,
 # CONTEXT_START, CONTEXT_MAX, CONTEXT_BUDGET (seconds).
 # Carry wheels in .whl (see the device tool's README): Liger-Kernel, and for the sft stage trl, datasets, dill and
 # multiprocess (the image has no TRL). Results and logs go to $OUT/results.tgz
@@ -68,7 +69,7 @@ for stage in "${@:-tests}"; do
     qwen4k) timeout 420 $E2E --model qwen2-1.5b --variants "${QWEN_VARIANTS:-eager,inductor,liger_kernel,ours}" \
               --timeout 120 2>&1 | tail -7 ;;
     ablation) timeout 560 $E2E --variants "${ABLATION_VARIANTS:-ours,ours-no-rms_norm,ours-no-rotary,ours-no-swiglu,ours-no-linear_cross_entropy,ours-no-causal_mask}" \
-                --name ablation_llama-1b_4x4096 --no-phases --timeout 120 2>&1 | tail -9 ;;
+                --name ablation_llama-1b_4x4096 --no-phases --timeout 120 --repeat "${ABLATION_REPEAT:-1}" 2>&1 | tail -9 ;;
     profiles4k) timeout 400 $E2E --variants eager,inductor,ours --profile "$R/profiles" --name profile_llama-1b_4x4096 \
                   --no-phases --steps 2 --warmup 2 --timeout 130 2>&1 | tail -6 ;;
     profiles32k) timeout 560 $E2E --batch 1 --seq 32768 --variants "${P32_VARIANTS:-eager,inductor,ours}" --profile "$R/profiles" \
