@@ -45,7 +45,8 @@ for stage in "${@:-tests}"; do
     tests) timeout 540 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/test_gpu.py \
              tests/test_gpu_families.py tests/test_kernel_rms_norm.py tests/test_kernel_rotary.py \
              tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py tests/test_kernel_add_rms_norm.py \
-             tests/test_kernel_linear_cross_entropy.py tests/test_gpu_training_shapes.py > "$R/gpu_tests.log" 2>&1
+             tests/test_kernel_linear_cross_entropy.py tests/test_gpu_training_shapes.py tests/test_graph_breaks.py \
+             > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
     retest) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \
               tests/test_kernel_add_rms_norm.py tests/test_gpu_training_shapes.py -k "not padding and not packed" \
