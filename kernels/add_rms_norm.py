@@ -11,49 +11,16 @@ Math (x, residual: [..., D] same dtype, w: [D]):
 Backward, given dy and ds (the gradient of s from its other uses; None when it has none):
     dx = d_residual = rms_norm's input gradient (fp32) + ds,  rounded once to the input dtype
     dw = sum over rows of dy * n'     (as rms_norm's)
-The row math is kernels/rms_norm.py's (`normalise`; backward is its kernel given ds): y and dw equal rms_norm's.
+Both passes are kernels/rms_norm.py's kernels under a flag (forward HAS_RESIDUAL, backward HAS_DS), with its tiles
+(one more read and write per element each way): y and dw equal rms_norm's on the rounded sum.
 """
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import rms_norm as R
 from ._common import use_triton
-from .rms_norm import normalise
-
-
-@triton.jit
-def _add_rms_norm_fwd_kernel(
-    X, RES, S, W, Y, RSTD,
-    x_row_stride, res_row_stride, s_row_stride, y_row_stride, n_rows, n_cols, eps,
-    OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-):
-    # X, RES: [n_rows, n_cols] (own row strides, unit column stride); S like X in X's dtype; W: [n_cols];
-    # Y: [n_rows, n_cols]; RSTD: [n_rows] fp32
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    mask = row_mask[:, None] & (cols < n_cols)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(X + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(RES + rows64 * res_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = (x + r).to(S.dtype.element_ty)  # one rounding, as eager's add
-    tl.store(S + rows64 * s_row_stride + cols[None, :], s, mask=mask)
-    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + OFFSET
-    n, rstd = normalise(s.to(tl.float32), n_cols, eps)
-    if CAST_BEFORE_WEIGHT:
-        n = n.to(S.dtype.element_ty).to(tl.float32)
-    y = n * w[None, :]
-    tl.store(Y + rows64 * y_row_stride + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
-
-
-# Tiles: rms_norm's (same rows, same passes, one more read and write per element): a fixed one for hidden-size
-# rows, autotuned among the same list for narrow rows on CUDA. Backward is rms_norm's kernel, given d_sum.
-_fwd_tuned = triton.autotune(R._configs(R.FWD_NARROW), key=["n_cols"])(_add_rms_norm_fwd_kernel)
 
 
 def _check(x, residual):
@@ -63,21 +30,9 @@ def _check(x, residual):
 
 
 def launch_forward(x, residual, weight, eps, offset, cast_before_weight, config=None):
-    """Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1) -> (s, y, rstd).
-    `config` fixes the tile shape; without it CUDA autotunes narrow rows and everything else takes rms_norm's."""
-    x2, r2 = R._as_rows(x), R._as_rows(residual)
-    n_rows, n_cols = x2.shape
-    s = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    y = torch.empty((n_rows, n_cols), dtype=R.out_dtype(x, weight, cast_before_weight), device=x.device)
-    rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-    args = (x2, r2, s, weight, y, rstd, x2.stride(0), r2.stride(0), s.stride(0), y.stride(0), n_rows, n_cols, eps)
-    consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols))
-    if config is None and x.device.type == "cuda" and not R._wide(n_cols):
-        wrap_triton(_fwd_tuned)[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **consts)
-    else:
-        cfg = {k: v for k, v in (config or R.fwd_config(n_cols)).items() if k != "BLOCK_N"}
-        wrap_triton(_add_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, cfg["ROWS"]),)](*args, **consts, **cfg)
-    return s.view(x.shape), y.view(x.shape), rstd.view(x.shape[:-1])
+    """Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1) -> (s, y, rstd)."""
+    y, rstd, s = R.launch_forward(x, weight, eps, offset, cast_before_weight, config=config, residual=residual)
+    return s, y, rstd
 
 
 def launch_backward(dy, d_sum, s, weight, rstd, offset, cast_before_weight, config=None):

@@ -45,17 +45,25 @@ def normalise_backward(x, dy, w, rstd, n_cols):
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, W, Y, RSTD,
-    x_row_stride, y_row_stride, n_rows, n_cols, eps,
+    X, W, Y, RSTD, RES, S,
+    x_row_stride, y_row_stride, res_row_stride, s_row_stride, n_rows, n_cols, eps,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
-    # X: [n_rows, n_cols] (row stride x_row_stride, unit column stride); W: [n_cols]; Y like X; RSTD: [n_rows] fp32
+    # X: [n_rows, n_cols] (row stride x_row_stride, unit column stride); W: [n_cols]; Y like X; RSTD: [n_rows] fp32.
+    # With HAS_RESIDUAL (liger::add_rms_norm), the row normalised is X + RES (RES like X), rounded once to X's dtype
+    # as eager's add rounds it, and also stored into S (like X): the next residual.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     mask = row_mask[:, None] & (cols < n_cols)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(X + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(RES + rows64 * res_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + rows64 * s_row_stride + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + OFFSET
     n, rstd = normalise(x, n_cols, eps)
     if CAST_BEFORE_WEIGHT:
@@ -128,7 +136,7 @@ def _configs(entries):
     return [triton.Config({k: v for k, v in e.items() if k != "num_warps"}, num_warps=e["num_warps"]) for e in entries]
 
 
-_fwd_tuned = {False: triton.autotune(_configs(FWD_NARROW), key=["n_cols"])(_rms_norm_fwd_kernel)}
+_fwd_tuned = {False: triton.autotune(_configs(FWD_NARROW), key=["n_cols", "HAS_RESIDUAL"])(_rms_norm_fwd_kernel)}
 _bwd_tuned = {False: triton.autotune(_configs(BWD_NARROW), key=["n_cols"])(_rms_norm_bwd_kernel)}
 
 
@@ -150,22 +158,28 @@ def out_dtype(x: torch.Tensor, weight: torch.Tensor, cast_before_weight: bool) -
     return torch.promote_types(x.dtype, weight.dtype) if cast_before_weight else x.dtype
 
 
-def launch_forward(x, weight, eps, offset, cast_before_weight, config=None):
-    """Runs the Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1).
-    `config` fixes the tile shape; without it CUDA autotunes and other devices take fwd_config()."""
+def launch_forward(x, weight, eps, offset, cast_before_weight, config=None, residual=None):
+    """Runs the Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1) -> (y, rstd),
+    or with `residual` -> (y, rstd, x + residual) (liger::add_rms_norm). `config` fixes the tile shape; without it
+    CUDA autotunes narrow rows and everything else takes fwd_config()."""
     x2 = _as_rows(x)
     n_rows, n_cols = x2.shape
     y = torch.empty((n_rows, n_cols), dtype=out_dtype(x, weight, cast_before_weight), device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-    args = (x2, weight, y, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps)
-    consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols))
+    r2 = _as_rows(residual) if residual is not None else x2  # never read without HAS_RESIDUAL
+    s = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device) if residual is not None else x2
+    args = (x2, weight, y, rstd, r2, s, x2.stride(0), y.stride(0), r2.stride(0), s.stride(0), n_rows, n_cols, eps)
+    consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
+                  HAS_RESIDUAL=residual is not None)
     if config is None and x.device.type == "cuda" and not _wide(n_cols):
         wrap_triton(_fwd_tuned[False])[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **consts)
     else:
         cfg = dict(config or fwd_config(n_cols))
         cfg.pop("BLOCK_N", None)
         wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, cfg["ROWS"]),)](*args, **consts, **cfg)
-    return y.view(x.shape), rstd.view(x.shape[:-1])
+    if residual is None:
+        return y.view(x.shape), rstd.view(x.shape[:-1])
+    return y.view(x.shape), rstd.view(x.shape[:-1]), s.view(x.shape)
 
 
 def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None, d_sum=None):
