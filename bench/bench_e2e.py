@@ -86,19 +86,10 @@ def run_one(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     g = torch.Generator(device=args.device).manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device, generator=g)
-    times, losses = [], []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
-        loss = run(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+    times, losses = timed_steps(run, opt, ids, args.warmup + args.steps, sync)
+    losses = [loss.item() for loss in losses]
     step = statistics.median(times[args.warmup:])
     # read before phase_peaks resets the counter
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -115,6 +106,24 @@ def run_one(args) -> dict:
         result["fused"] = report.counts
         print(report, file=sys.stderr)
     return result
+
+
+def timed_steps(run, opt, ids, n: int, sync, before_step=lambda: None) -> tuple[list[float], list[torch.Tensor]]:
+    """n training steps (forward, backward, optimizer step): each one's wall time in s, between synchronisations,
+    and its loss (detached)."""
+    times, losses = [], []
+    for _ in range(n):
+        before_step()
+        sync()
+        t0 = time.perf_counter()
+        loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.detach())
+    return times, losses
 
 
 def phase_peaks(run, opt, ids) -> dict:

@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_e2e import MODELS, build, classify_failure  # noqa: E402
+from bench_e2e import MODELS, build, classify_failure, timed_steps  # noqa: E402
 
 VARIANTS = ["eager", "inductor", "liger_kernel", "ours"]
 # The device tool's multi-GPU machines keep NVLink multicast off (it can take a shared host's GPUs down); the
@@ -70,18 +70,7 @@ def run_rank(args) -> dict | None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for _ in range(args.warmup + args.steps):
-        dist.barrier()
-        sync()
-        t0 = time.perf_counter()
-        loss = run(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.detach())
+    times, losses = timed_steps(run, opt, ids, args.warmup + args.steps, sync, before_step=dist.barrier)
     # every rank's numbers: the slowest rank sets the step, the fullest GPU the memory, the loss is the ranks' mean
     step = torch.tensor(statistics.median(times[args.warmup:]), device=device)
     first = torch.tensor(times[0], device=device)
