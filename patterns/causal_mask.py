@@ -152,7 +152,7 @@ def _square_bool_mask(v: torch.Tensor) -> bool:
             and v.shape[1] == 1 and v.shape[-1] == v.shape[-2])
 
 
-OUTPUT_CHECKS = [OutputCheck("causal_mask", _square_bool_mask, lambda mask: _is_lower_triangular(mask))]
+OUTPUT_CHECKS = [OutputCheck("causal_mask", _square_bool_mask, _is_lower_triangular)]
 
 PATTERNS = [
     Pattern("causal_mask", "sdpa, repeat_kv -> enable_gqa", masked_sdpa_repeated_kv, causal_sdpa_gqa, check_gqa,
