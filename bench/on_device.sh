@@ -3,7 +3,9 @@
 #   bash bench/on_device.sh tests kernels       GPU tests, then the kernel table
 # Stages:
 #   tests      GPU tests (tests/test_gpu*.py and the kernel tests on CUDA; 4 pytest-xdist workers)
-#   sweep      RMSNorm tile sweep (bench/sweep_rms_norm.py)
+#   sweep      RMSNorm tile sweep at 4096 and 2048 columns (bench/sweep_rms_norm.py)
+#   lce        lm_head+CE: row-kernel and chunk settings, two-stream variant, profile (bench/bench_lce.py)
+#   trig       rotary with cos/sin computed in the kernel vs read (bench/bench_rotary_trig.py)
 #   kernels    kernel table (eager, Inductor, Liger-Kernel, ours): event, GPU-busy and CUDA-graph times, memory
 #   e2e4k      Llama-3.2-1B 4x4096, all variants side by side, one process each
 #   ours4k     the same, backend="liger" only (a quick check after a change)
@@ -57,8 +59,13 @@ for stage in "${@:-tests}"; do
     convergence) timeout 170 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 165 \
                    tests/test_gpu_families.py -k "convergence or explain_counts_bf16" > "$R/gpu_convergence.log" 2>&1
                  grep -E "FAILED|ERROR|passed|failed|assert|Error" "$R/gpu_convergence.log" | tail -25 ;;
-    sweep) timeout 150 python3 bench/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
-           for k in "fwd |" "bwd |" "bwd+ds"; do grep "^| $k" "$R/sweep_rms_norm.log" | sort -t"|" -k6 -n | head -4; done ;;
+    sweep) timeout 330 python3 bench/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
+           for d in 4096 2048; do for k in "fwd" "bwd" "bwd+ds"; do
+             grep "^| $k | $d |" "$R/sweep_rms_norm.log" | sort -t"|" -k8 -n | head -3; done; done ;;
+    lce) timeout 400 python3 bench/bench_lce.py --out "$R" > "$R/bench_lce.log" 2>&1
+         grep -vE "^\| row " "$R/bench_lce.log" | tail -45; grep -E "^\| row " "$R/bench_lce.log" | sort -t"|" -k7 -n | head -5 ;;
+    trig) timeout 200 python3 bench/bench_rotary_trig.py --out "$R" > "$R/bench_rotary_trig.log" 2>&1
+          tail -8 "$R/bench_rotary_trig.log" ;;
     kernels) timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1
              grep -E "^\| |FAILED|report:" "$R/bench_kernels.log" ;;
     e2e4k) timeout 400 $E2E --timeout 110 2>&1 | tail -9 ;;

@@ -27,6 +27,7 @@ sum of exp over the classes other than the label apart from the label's own term
     S_other = sum_{j != y} exp(z_j - m),  e_y = exp(z_y - m),  S = S_other + e_y
     p_y - 1 = -S_other / S,    nll = log1p(S_other / e_y) when e_y >= S_other (else log(S) + m - z_y)
 """
+import functools
 import math
 from typing import Optional
 
@@ -72,21 +73,31 @@ def _log1p(x):
 @triton.jit
 def _lce_chunk_kernel(
     LOGITS, LABELS, LOSSES, INV_DENOM,
-    logits_row_stride, n_cols, ignore_index, label_smoothing, softcap,
+    logits_row_stride, n_rows, n_cols, ignore_index, label_smoothing, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # LOGITS: [rows, n_cols] (unit column stride), overwritten with d loss / d logits; LABELS: [rows] int64;
     # LOSSES: [rows] fp32, the unscaled per-row loss; INV_DENOM: [1] fp32, the reduction's 1/D.
-    row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2^31
-    base = LOGITS + row * logits_row_stride
-    label = tl.load(LABELS + row)
+    # Program p takes rows p, p + G, p + 2G, ... (G programs): with G = rows that is one row per program; a
+    # smaller, resident G keeps the rows in flight few enough that pass 2 re-reads its row from L2, not DRAM.
+    # Inductor passes Python floats as fp64 scalars: pin them to fp32 so the row math stays in fp32.
+    cap = tl.cast(softcap, tl.float32)
+    eps = tl.cast(label_smoothing, tl.float32)
+    scale_all = tl.load(INV_DENOM).to(tl.float32)
+    for row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        _lce_row(LOGITS + tl.cast(row, tl.int64) * logits_row_stride, LABELS + row, LOSSES + row, scale_all,
+                 n_cols, ignore_index, eps, cap, HAS_SOFTCAP, HAS_SMOOTHING, BLOCK_V)
+
+
+@triton.jit
+def _lce_row(base, LABEL, LOSS, scale_all, n_cols, ignore_index, eps, cap,
+             HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
+    # One row: base points at its n_cols logits (overwritten with dz), LABEL at its label, LOSS at its loss.
+    label = tl.load(LABEL)
     valid = label != ignore_index
     in_range = (label >= 0) & (label < n_cols)
     bad = valid & ((label < 0) | (label >= n_cols))
     y = tl.where(in_range, label, 0)  # any column is safe to read; bad and ignored rows are masked at the end
-    # Inductor passes Python floats as fp64 scalars: pin them to fp32 so the row math stays in fp32.
-    cap = tl.cast(softcap, tl.float32)
-    eps = tl.cast(label_smoothing, tl.float32)
 
     z_y = tl.load(base + y).to(tl.float32)
     if HAS_SOFTCAP:
@@ -121,13 +132,12 @@ def _lce_chunk_kernel(
         loss = (1.0 - eps) * nll + eps * (m + log_s - sum_z / n_cols)
     loss = tl.where(valid, loss, 0.0)
     loss = tl.where(bad, float("nan"), loss)  # an out-of-range label poisons the loss instead of reading garbage
-    tl.store(LOSSES + row, loss)
+    tl.store(LOSS, loss)
 
     # Pass 2: dz_j = p_j - eps / V, and p_y - 1 + eps for the label, taken as -S_other / S + eps (no cancellation).
     inv_s = 1.0 / s
     g_y = eps - s_other * inv_s
-    scale = tl.load(INV_DENOM).to(tl.float32)
-    scale = tl.where(bad, float("nan"), scale)
+    scale = tl.where(bad, float("nan"), scale_all)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < n_cols
@@ -142,7 +152,7 @@ def _lce_chunk_kernel(
             g = g * (1.0 - t * t)  # d (c tanh(x / c)) / dx
         # Ignored rows get exact zeros, whatever the scale (1/0 = inf when every label is ignored).
         g = tl.where(valid, g * scale, 0.0)
-        tl.store(base + cols, g.to(LOGITS.dtype.element_ty), mask=mask)
+        tl.store(base + cols, g.to(base.dtype.element_ty), mask=mask)
 
 
 def kernel_config(v: int) -> dict:
@@ -151,6 +161,11 @@ def kernel_config(v: int) -> dict:
     block_v = min(MAX_BLOCK_V, max(128, triton.next_power_of_2(v)))
     num_warps = max(1, min(16, block_v // 512))
     return dict(BLOCK_V=block_v, num_warps=num_warps)
+
+
+@functools.lru_cache(None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def chunk_rows(n: int, v: int, dtype: torch.dtype) -> int:
@@ -169,9 +184,15 @@ def launch_chunk_kernel(logits, labels, losses, inv_denom, ignore_index, label_s
     assert logits.stride(1) == 1, "the kernel reads rows with unit column stride"
     n_rows, n_cols = logits.shape
     cfg = dict(config or kernel_config(n_cols))
-    wrap_triton(_lce_chunk_kernel)[(n_rows,)](
+    # PROGRAMS: how many programs share the rows (default one per row); PROGRAMS_PER_SM: as many per SM (CUDA)
+    programs = cfg.pop("PROGRAMS", None) or n_rows
+    per_sm = cfg.pop("PROGRAMS_PER_SM", None)
+    if per_sm and logits.device.type == "cuda":
+        programs = per_sm * _sm_count(logits.device)
+    programs = max(1, min(n_rows, programs))
+    wrap_triton(_lce_chunk_kernel)[(programs,)](
         logits, labels, losses, inv_denom,
-        logits.stride(0), n_cols, ignore_index, label_smoothing, softcap,
+        logits.stride(0), n_rows, n_cols, ignore_index, label_smoothing, softcap,
         HAS_SOFTCAP=softcap > 0, HAS_SMOOTHING=label_smoothing > 0, **cfg,
     )
 

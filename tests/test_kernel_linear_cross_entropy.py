@@ -281,6 +281,21 @@ def test_confident_predictions_op_bf16():
         assert rel_err(got, want) < 0.05, rel_err(got, want)
 
 
+@pytest.mark.parametrize("programs", [1, 3, 4])
+def test_chunk_kernel_rows_shared_by_fewer_programs(interpreted, programs):
+    """With fewer programs than rows each program walks rows p, p + G, ...: every row's loss and gradient come out
+    as with one program per row (N=10 rows over 1, 3 or 4 programs: ragged last turns)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(N, V, generator=g) * 3
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[1::3] = IGNORE
+    z_one, l_one = run_chunk(lce.launch_chunk_kernel, logits, labels, 1 / 7.0, 0.1, 0.0)
+    z, losses = logits.to(DEV, copy=True), torch.full(labels.shape, -1.0, device=DEV)
+    lce.launch_chunk_kernel(z, labels.to(DEV), losses, torch.tensor([1 / 7.0], device=DEV), IGNORE, 0.1, 0.0,
+                            config=dict(SMALL_TILE, PROGRAMS=programs))
+    assert torch.equal(z.cpu(), z_one) and torch.equal(losses.cpu(), l_one)
+
+
 def test_chunk_rows_default():
     assert CHUNK_ROWS(16384, 128256, torch.bfloat16) == 768  # 192 MiB of bf16 logits, whole 64-row tiles
     assert CHUNK_ROWS(5, 128256, torch.bfloat16) == 5

@@ -1,0 +1,174 @@
+"""Where lm_head + cross-entropy's time goes, and which chunk / row-kernel settings are fastest (one CUDA GPU).
+
+    python bench/bench_lce.py [--out DIR]
+
+x[16384, 4096] bf16, W[128256, 4096] bf16, one label in seven ignored (the kernel table's case). Prints:
+  1. the per-row kernel alone on one chunk's logits, per tile / warps / programs per SM / num_stages (graph replay)
+     against its byte floor (two reads of the chunk, one write, at 4.3 TB/s);
+  2. the whole op (forward + the backward's scaling) per chunk budget and row-kernel setting: graph-replay ms and
+     extra memory beyond the gradients; the three plain matmuls of the same shapes as the floor;
+  3. a variant that runs the first half-chunk's row kernel on a second stream while the second half's logits
+     matmul runs (bench only: kept if it wins);
+  4. a profile of the best setting: device ms per op and shape.
+Writes lce_sweep.md/json into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import graph_ms, write_results  # noqa: E402
+
+from liger_compile.kernels import linear_cross_entropy as lce  # noqa: E402
+
+N, H, V, DT, IGNORE = 16384, 4096, 128256, torch.bfloat16, -100
+
+
+def inputs():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, H, device="cuda", dtype=DT, generator=g)
+    w = (torch.randn(V, H, device="cuda", dtype=DT, generator=g) * H ** -0.5)
+    y = torch.randint(0, V, (N,), device="cuda", generator=g)
+    y[::7] = IGNORE
+    return x, w, y
+
+
+def row_kernel_sweep(x, w, y):
+    rows = lce.chunk_rows(N, V, DT)
+    logits = torch.mm(x[:rows], w.t())
+    losses = torch.empty(rows, device="cuda")
+    inv = torch.tensor([1 / N], device="cuda")
+    floor = 3 * rows * V * 2 / 4.3e12 * 1e3
+    out = []
+    for (block_v, warps), per_sm, stages in itertools.product(
+            [(8192, 16), (8192, 8), (4096, 8), (4096, 16), (4096, 4), (2048, 4), (2048, 8), (16384, 16)],
+            [None, 1, 2, 4], [1, 3]):
+        cfg = dict(BLOCK_V=block_v, num_warps=warps, num_stages=stages, PROGRAMS_PER_SM=per_sm)
+        z = logits.clone()
+        try:
+            ms = graph_ms(lambda: lce.launch_chunk_kernel(z, y[:rows], losses, inv, IGNORE, 0.0, 0.0, config=cfg))
+        except Exception as e:  # a tile that does not fit (registers, shared memory) is just not a candidate
+            print(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+            continue
+        out.append(dict(part="row kernel", rows=rows, BLOCK_V=block_v, num_warps=warps, num_stages=stages,
+                        programs_per_sm=per_sm or "row", ms=ms, floor_ms=floor))
+        print(f"| row | {block_v} | {warps} | {per_sm or 'row'} | {stages} | {ms:.4f} | floor {floor:.4f} |", flush=True)
+    return out
+
+
+def op_call(x, w, y, cfg, scale=True):
+    def run():
+        loss, gh, gw, _, _ = lce.launch_forward(x, w, None, y, None, IGNORE, 0.0, 0.0, "mean", True, config=cfg)
+        return (loss, gh * 1.0, gw * 1.0) if scale else (loss, gh, gw)  # backward's scaling by grad_output, traced
+    return run
+
+
+def two_stream_forward(x, w, y, cfg):
+    """launch_forward's loop (no bias/softcap/smoothing) with each chunk split in halves: the first half's row
+    kernel runs on a side stream while the second half's logits matmul runs on the main one."""
+    side = torch.cuda.Stream()
+
+    def run():
+        main = torch.cuda.current_stream()
+        h, labels = x, y
+        denom = (labels != IGNORE).sum().float()
+        inv = (1.0 / denom).reshape(1)
+        gh = torch.empty_like(h)
+        gw = torch.zeros_like(w)
+        losses = torch.empty(N, device="cuda")
+        rows = lce.chunk_rows(N, V, DT)
+        buf = torch.empty((rows, V), dtype=DT, device="cuda")
+        for s in range(0, N, rows):
+            e = min(s + rows, N)
+            m = s + (e - s) // 2
+            z = buf[: e - s]
+            torch.mm(h[s:m], w.t(), out=z[: m - s])
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                lce.launch_chunk_kernel(z[: m - s], labels[s:m], losses[s:m], inv, IGNORE, 0.0, 0.0, config=cfg)
+            torch.mm(h[m:e], w.t(), out=z[m - s:])
+            lce.launch_chunk_kernel(z[m - s:], labels[m:e], losses[m:e], inv, IGNORE, 0.0, 0.0, config=cfg)
+            main.wait_stream(side)
+            torch.mm(z, w, out=gh[s:e])
+            gw.addmm_(z.t(), h[s:e])
+        return losses.sum() / denom, gh, gw
+    return run
+
+
+def extra_gib(fn, x, w):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return (peak - (x.numel() + w.numel()) * 2) / 2**30  # beyond the two gradients
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    x, w, y = inputs()
+    print(f"x[{N}, {H}] W[{V}, {H}] bf16, chunk rows {lce.chunk_rows(N, V, DT)}", flush=True)
+    print("| part | BLOCK_V | warps | programs/SM | stages | ms | |", flush=True)
+    rows = row_kernel_sweep(x, w, y)
+    best = min(rows, key=lambda r: r["ms"])
+    best_cfg = dict(BLOCK_V=best["BLOCK_V"], num_warps=best["num_warps"], num_stages=best["num_stages"],
+                    PROGRAMS_PER_SM=None if best["programs_per_sm"] == "row" else best["programs_per_sm"])
+    print(f"best row kernel: {best_cfg} {best['ms']:.4f} ms", flush=True)
+
+    def three_matmuls():
+        z = torch.mm(x, w.t())
+        return torch.mm(z, w), torch.mm(z.t(), x)
+
+    three = graph_ms(three_matmuls, replays=10)
+    print(f"three plain matmuls (logits, dh, dW over all {N} rows): {three:.2f} ms", flush=True)
+    rows.append(dict(part="three plain matmuls", ms=three))
+    default = lce.LOGITS_CHUNK_BYTES
+    for budget_mib, cfg_name in itertools.product((192, 224, 240), ("default", "best")):
+        lce.LOGITS_CHUNK_BYTES = budget_mib * 2**20
+        cfg = None if cfg_name == "default" else best_cfg
+        fn = op_call(x, w, y, cfg)
+        ms = graph_ms(fn, replays=10)
+        gib = extra_gib(op_call(x, w, y, cfg, scale=False), x, w)
+        rows.append(dict(part="op", chunk_mib=budget_mib, chunk_rows=lce.chunk_rows(N, V, DT), row_cfg=cfg_name,
+                         ms=ms, extra_beyond_grads_gib=gib))
+        print(f"| op | chunk {budget_mib} MiB ({lce.chunk_rows(N, V, DT)} rows) | row cfg {cfg_name} | {ms:.2f} ms "
+              f"| {gib:.3f} GiB |", flush=True)
+    lce.LOGITS_CHUNK_BYTES = default
+    for cfg_name, cfg in (("default", None), ("best", best_cfg)):
+        fn = two_stream_forward(x, w, y, cfg)
+        ms = graph_ms(fn, replays=10)
+        ref = op_call(x, w, y, cfg)()
+        got = fn()
+        same = bool(torch.allclose(got[0], ref[0]) and torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]))
+        rows.append(dict(part="op, two streams", chunk_mib=default // 2**20, row_cfg=cfg_name, ms=ms,
+                         extra_beyond_grads_gib=extra_gib(fn, x, w), same_result=same))
+        print(f"| two streams | row cfg {cfg_name} | {ms:.2f} ms | same result {same} |", flush=True)
+
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    fn = op_call(x, w, y, best_cfg)
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=14,
+                                                             max_name_column_width=40, max_shapes_column_width=70))
+    cols = ["part", "rows", "BLOCK_V", "num_warps", "programs_per_sm", "num_stages", "chunk_mib", "chunk_rows",
+            "row_cfg", "ms", "floor_ms", "extra_beyond_grads_gib", "same_result"]
+    write_results(args.out, "lce_sweep", "lm_head + cross-entropy: row kernel and chunk settings (graph replay)",
+                  rows, cols)
+
+
+if __name__ == "__main__":
+    main()
