@@ -115,15 +115,22 @@ def extra_gib(fn, x, w):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--parts", default="rows,budgets,streams,chunk_rows,profile")
+    ap.add_argument("--chunk-rows", default="704,745,768,781,820,912,964",
+                    help="explicit rows per chunk to time (745, 781, 820, 912, 964: 16384 rows in 22..17 equal chunks)")
     args = ap.parse_args(argv)
+    parts = args.parts.split(",")
     x, w, y = inputs()
     print(f"x[{N}, {H}] W[{V}, {H}] bf16, chunk rows {lce.chunk_rows(N, V, DT)}", flush=True)
-    print("| part | BLOCK_V | warps | programs/SM | stages | ms | |", flush=True)
-    rows = row_kernel_sweep(x, w, y)
-    best = min(rows, key=lambda r: r["ms"])
-    best_cfg = dict(BLOCK_V=best["BLOCK_V"], num_warps=best["num_warps"], num_stages=best["num_stages"],
-                    PROGRAMS_PER_SM=None if best["programs_per_sm"] == "row" else best["programs_per_sm"])
-    print(f"best row kernel: {best_cfg} {best['ms']:.4f} ms", flush=True)
+    rows = []
+    best_cfg = lce.kernel_config(V)
+    if "rows" in parts:
+        print("| part | BLOCK_V | warps | programs/SM | stages | ms | |", flush=True)
+        rows = row_kernel_sweep(x, w, y)
+        best = min(rows, key=lambda r: r["ms"])
+        best_cfg = dict(BLOCK_V=best["BLOCK_V"], num_warps=best["num_warps"], num_stages=best["num_stages"],
+                        PROGRAMS_PER_SM=None if best["programs_per_sm"] == "row" else best["programs_per_sm"])
+        print(f"best row kernel: {best_cfg} {best['ms']:.4f} ms", flush=True)
 
     def three_matmuls():
         z = torch.mm(x, w.t())
@@ -133,7 +140,8 @@ def main(argv=None):
     print(f"three plain matmuls (logits, dh, dW over all {N} rows): {three:.2f} ms", flush=True)
     rows.append(dict(part="three plain matmuls", ms=three))
     default = lce.LOGITS_CHUNK_BYTES
-    for budget_mib, cfg_name in itertools.product((192, 224, 240), ("default", "best")):
+    for budget_mib, cfg_name in itertools.product((192, 224, 240) if "budgets" in parts else (),
+                                                  ("default", "best")):
         lce.LOGITS_CHUNK_BYTES = budget_mib * 2**20
         cfg = None if cfg_name == "default" else best_cfg
         fn = op_call(x, w, y, cfg)
@@ -144,7 +152,15 @@ def main(argv=None):
         print(f"| op | chunk {budget_mib} MiB ({lce.chunk_rows(N, V, DT)} rows) | row cfg {cfg_name} | {ms:.2f} ms "
               f"| {gib:.3f} GiB |", flush=True)
     lce.LOGITS_CHUNK_BYTES = default
-    for cfg_name, cfg in (("default", None), ("best", best_cfg)):
+    real_chunk_rows = lce.chunk_rows
+    for c in [int(r) for r in args.chunk_rows.split(",")] if "chunk_rows" in parts else []:
+        lce.chunk_rows = lambda n, v, dtype, c=c: min(n, c)
+        ms = graph_ms(op_call(x, w, y, None), replays=10)
+        gib = extra_gib(op_call(x, w, y, None, scale=False), x, w)
+        rows.append(dict(part="op", chunk_rows=c, row_cfg="default", ms=ms, extra_beyond_grads_gib=gib))
+        print(f"| op | {c} rows per chunk ({-(-N // c)} chunks) | {ms:.2f} ms | {gib:.3f} GiB |", flush=True)
+    lce.chunk_rows = real_chunk_rows
+    for cfg_name, cfg in (("default", None), ("best", best_cfg)) if "streams" in parts else ():
         fn = two_stream_forward(x, w, y, cfg)
         ms = graph_ms(fn, replays=10)
         ref = op_call(x, w, y, cfg)()
@@ -154,6 +170,11 @@ def main(argv=None):
                          extra_beyond_grads_gib=extra_gib(fn, x, w), same_result=same))
         print(f"| two streams | row cfg {cfg_name} | {ms:.2f} ms | same result {same} |", flush=True)
 
+    three = graph_ms(three_matmuls, replays=10)  # again, after the op runs: the clock may have moved
+    print(f"three plain matmuls, again: {three:.2f} ms", flush=True)
+    rows.append(dict(part="three plain matmuls (again)", ms=three))
+    if "profile" not in parts:
+        return write(args.out, rows)
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     fn = op_call(x, w, y, best_cfg)
@@ -164,9 +185,13 @@ def main(argv=None):
         torch.cuda.synchronize()
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=14,
                                                              max_name_column_width=40, max_shapes_column_width=70))
+    write(args.out, rows)
+
+
+def write(out, rows):
     cols = ["part", "rows", "BLOCK_V", "num_warps", "programs_per_sm", "num_stages", "chunk_mib", "chunk_rows",
             "row_cfg", "ms", "floor_ms", "extra_beyond_grads_gib", "same_result"]
-    write_results(args.out, "lce_sweep", "lm_head + cross-entropy: row kernel and chunk settings (graph replay)",
+    write_results(out, "lce_sweep", "lm_head + cross-entropy: row kernel and chunk settings (graph replay)",
                   rows, cols)
 
 

@@ -3,9 +3,9 @@
     python bench/sweep_rms_norm.py [--rows 16384] [--cols 4096,2048]
 
 For x[rows, cols] bf16 and each width: forward ms per tile (rows per program step, warps); backward ms, without and
-with the residual sum's gradient (liger::add_rms_norm's backward, one more read), per warps, rows per program
-(including one and two programs per SM) and software-pipelining depth (num_stages); each next to its byte floor at
-4.3 TB/s. The wide-row tiles in kernels/rms_norm.py come from here.
+with the residual sum's gradient (liger::add_rms_norm's backward, one more read), per rows per step, warps, rows per
+program (including two programs per SM) and with or without loading the next step's rows ahead (PREFETCH); each
+next to its byte floor at 4.3 TB/s. (Session 4 also swept num_stages 1-3: no effect on these loops.) The wide-row tiles in kernels/rms_norm.py come from here.
 """
 from __future__ import annotations
 
@@ -30,22 +30,21 @@ def sweep(n: int, d: int):
     _, rstd = K.launch_forward(x, w, 1e-5, 0.0, True)
     mb = n * d * 2 / 4.3e12 * 1e3  # ms to move one [n, d] bf16 tensor
     print(f"\nx[{n}, {d}] bf16; floors: fwd {2 * mb:.4f} ms, bwd {3 * mb:.4f} ms, bwd+ds {4 * mb:.4f} ms")
-    print("| kernel | cols | ROWS | num_warps | ROWS_PER_PROGRAM | num_stages | ms |\n|---|---|---|---|---|---|---|")
+    print("| kernel | cols | ROWS | num_warps | ROWS_PER_PROGRAM | PREFETCH | ms |\n|---|---|---|---|---|---|---|")
     for rows, warps in itertools.product((1, 2, 4), (4, 8, 16)):
         cfg = dict(ROWS=rows, num_warps=warps)
         ms = graph_ms(lambda: K.launch_forward(x, w, 1e-5, 0.0, True, config=cfg))
         print(f"| fwd | {d} | {rows} | {warps} | - | - | {ms:.4f} |", flush=True)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rpps = sorted({16, 32, 64, 128, triton.cdiv(n, sms), triton.cdiv(n, 2 * sms)})
-    configs = [(1, w, r, s) for w, r, s in itertools.product((8, 16), rpps, (1, 3))]
-    configs += [(2, 16, r, s) for r, s in itertools.product((64, triton.cdiv(n, sms)), (1, 3))]
+    rpps = sorted({16, 32, 64, triton.cdiv(n, 2 * sms)})
+    configs = list(itertools.product((1, 2), (8, 16), rpps, (False, True)))
     for has_ds in (False, True):
-        for rows, warps, rpp, stages in configs:
-            cfg = dict(ROWS=rows, num_warps=warps, ROWS_PER_PROGRAM=rpp, num_stages=stages)
+        for rows, warps, rpp, prefetch in configs:
+            cfg = dict(ROWS=rows, num_warps=warps, ROWS_PER_PROGRAM=rpp, PREFETCH=prefetch)
             ms = graph_ms(lambda: K.launch_backward(dy, x, w, rstd, 0.0, True, config=cfg,
                                                     d_sum=ds if has_ds else None))
-            print(f"| bwd{'+ds' if has_ds else ''} | {d} | {rows} | {warps} | {rpp} | {stages} | {ms:.4f} |",
-                  flush=True)
+            print(f"| bwd{'+ds' if has_ds else ''} | {d} | {rows} | {warps} | {rpp} | {'prefetch' if prefetch else '-'} "
+                  f"| {ms:.4f} |", flush=True)
 
 
 def main(argv=None):

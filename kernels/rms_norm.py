@@ -74,15 +74,32 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _bwd_loads(X, DY, DS, r, row_end, cols, col_mask, x_row_stride, dy_row_stride, ds_row_stride,
+               ROWS: tl.constexpr, HAS_DS: tl.constexpr):
+    # Rows [r, r + ROWS) of x, dy (and ds) as loaded (input dtype), zero past row_end.
+    rows = r + tl.arange(0, ROWS)
+    mask = (rows < row_end)[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows64 * dy_row_stride + cols[None, :], mask=mask, other=0.0)
+    ds = dy
+    if HAS_DS:
+        ds = tl.load(DS + rows64 * ds_row_stride + cols[None, :], mask=mask, other=0.0)
+    return x, dy, ds
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL, DS,
     dy_row_stride, x_row_stride, dx_row_stride, ds_row_stride, n_rows, n_cols,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    ROWS_PER_PROGRAM: tl.constexpr, HAS_DS: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, HAS_DS: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
     # Program p owns rows [p * ROWS_PER_PROGRAM, (p + 1) * ROWS_PER_PROGRAM), walks them ROWS at a time, and writes
     # its fp32 partial dweight into DW_PARTIAL[p, :] (summed by the launcher). With HAS_DS, DS is a gradient that
     # reached the norm's input by another path (liger::add_rms_norm: the residual sum's later uses), added into dx.
+    # With PREFETCH the next step's rows are loaded before this step's math, so each program has two steps' loads
+    # in flight (a whole row per step takes most of a program's registers, which caps the programs per SM).
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -90,17 +107,27 @@ def _rms_norm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid * ROWS_PER_PROGRAM
     row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, n_rows)
+    if PREFETCH:
+        x_next, dy_next, ds_next = _bwd_loads(X, DY, DS, row_start, row_end, cols, col_mask, x_row_stride,
+                                              dy_row_stride, ds_row_stride, ROWS, HAS_DS)
     for r in range(row_start, row_end, ROWS):
+        if PREFETCH:
+            x, dy, ds = x_next, dy_next, ds_next
+            x_next, dy_next, ds_next = _bwd_loads(X, DY, DS, r + ROWS, row_end, cols, col_mask, x_row_stride,
+                                                  dy_row_stride, ds_row_stride, ROWS, HAS_DS)
+        else:
+            x, dy, ds = _bwd_loads(X, DY, DS, r, row_end, cols, col_mask, x_row_stride, dy_row_stride,
+                                   ds_row_stride, ROWS, HAS_DS)
         rows = r + tl.arange(0, ROWS)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64 * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = x.to(tl.float32)
+        dy = dy.to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         dx, n = normalise_backward(x, dy, w, rstd, n_cols)
         if HAS_DS:
-            dx += tl.load(DS + rows64 * ds_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dx += ds.to(tl.float32)
+        rows64 = rows.to(tl.int64)[:, None]
         tl.store(DX + rows64 * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if CAST_BEFORE_WEIGHT:
             n = n.to(X.dtype.element_ty).to(tl.float32)
@@ -123,13 +150,19 @@ FWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (8, 4), (32, 4), (
 BWD_WIDE = [dict(ROWS=1, num_warps=8)]
 BWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (32, 4), (8, 2), (32, 8), (64, 8))]
 ROWS_PER_PROGRAM = {True: 16, False: 256}
-# Many wide rows: fewer, longer programs write fewer partial-dweight rows. H200, x[16384, 4096] bf16, CUDA-graph
-# replay (bench/sweep_rms_norm.py): 64 rows per program 0.134 ms, 16 rows 0.140 ms.
+# Many rows of 4096 or more columns: fewer, longer programs. H200, CUDA-graph replay (bench/sweep_rms_norm.py,
+# bench/results/sweep_rms_norm.log), [16384, 4096] bf16: 64 rows per program 0.134 ms, 16 rows 0.142 ms; at 2048
+# columns the other way round (more programs fit an SM): 16 rows 0.076 ms, 64 rows 0.098 ms (with the residual
+# sum's gradient 0.094 against 0.127).
 MANY_ROWS, ROWS_PER_PROGRAM_MANY = 16384, 64
 
 
-def rows_per_program(n_rows: int, wide: bool) -> int:
-    return ROWS_PER_PROGRAM_MANY if wide and n_rows >= MANY_ROWS else ROWS_PER_PROGRAM[wide]
+def rows_per_program(n_rows: int, n_cols: int) -> int:
+    if not _wide(n_cols):
+        return ROWS_PER_PROGRAM[False]
+    if n_rows >= MANY_ROWS and triton.next_power_of_2(n_cols) >= 4096:
+        return ROWS_PER_PROGRAM_MANY
+    return ROWS_PER_PROGRAM[True]
 
 
 def _configs(entries):
@@ -189,7 +222,7 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     wide = _wide(n_cols)
-    rpp = (config or {}).get("ROWS_PER_PROGRAM", rows_per_program(n_rows, wide))
+    rpp = (config or {}).get("ROWS_PER_PROGRAM", rows_per_program(n_rows, n_cols))
     dw_partial = torch.empty((triton.cdiv(n_rows, rpp), n_cols), dtype=torch.float32, device=x.device)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
                   ROWS_PER_PROGRAM=rpp, HAS_DS=d_sum is not None)

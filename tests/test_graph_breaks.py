@@ -119,13 +119,35 @@ def test_disabling_the_pattern_disables_the_check():
     assert not any("run-time check" in str(g) for g in report.graphs), str(report)
 
 
+def checkpointed(use_reentrant):
+    model = layers_in_graphs_of_their_own(tiny("llama", layers=2))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.train()
+    return model
+
+
+def dynamo_gives_a_graph_with_attention(model) -> bool:
+    """Whether Dynamo hands any backend a graph (or a checkpoint body inside one) that calls SDPA for this model."""
+    found = []
+
+    def record(gm, example_inputs):
+        found.extend(n for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+                     if "scaled_dot_product_attention" in str(n.target))
+        return gm.forward
+
+    torch.compile(model, backend=record)(**{k: v.to(DEVICE) for k, v in batch().items()}).loss.backward()
+    return bool(found)
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_checkpointed_layers_in_graphs_of_their_own(use_reentrant, second_versions):
     """FSDP2 with activation checkpointing: each layer's graph runs its body under a checkpoint, and the mask reaches
     the body through the layer graph's input; the assumption is about that input."""
-    model = layers_in_graphs_of_their_own(tiny("llama", layers=2))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    model.train()
+    if not dynamo_gives_a_graph_with_attention(checkpointed(use_reentrant)):
+        # transformers 5.17 (the H200 image): the graph break in the checkpointed layer's __call__ is one Dynamo
+        # cannot resume from, so the layer runs eagerly whatever the backend; 5.24 (CI) gives the layer's graph
+        pytest.skip("Dynamo runs this transformers version's checkpointed layers eagerly: no graph to fuse")
+    model = checkpointed(use_reentrant)
     report = liger_compile.Report()
     compiled = torch.compile(model, backend="liger", options={"report": report, "inductor": False})
     before = facts.stats["assumed"]

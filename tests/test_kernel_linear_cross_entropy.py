@@ -300,7 +300,7 @@ def test_chunk_rows_default():
     assert CHUNK_ROWS(16384, 128256, torch.bfloat16) == 768  # 192 MiB of bf16 logits, whole 64-row tiles
     assert CHUNK_ROWS(5, 128256, torch.bfloat16) == 5
     assert CHUNK_ROWS(100, 10**9, torch.float32) == 1
-    assert lce.kernel_config(128256) == dict(BLOCK_V=8192, num_warps=16)
+    assert lce.kernel_config(128256) == dict(BLOCK_V=4096, num_warps=8)
     assert lce.kernel_config(317)["BLOCK_V"] == 512
 
 
