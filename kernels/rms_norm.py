@@ -93,7 +93,7 @@ def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL, DS,
     dy_row_stride, x_row_stride, dx_row_stride, ds_row_stride, n_rows, n_cols,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    ROWS_PER_PROGRAM: tl.constexpr, HAS_DS: tl.constexpr, PREFETCH: tl.constexpr = False,
+    ROWS_PER_PROGRAM: tl.constexpr, HAS_DS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # Program p owns rows [p * ROWS_PER_PROGRAM, (p + 1) * ROWS_PER_PROGRAM), walks them ROWS at a time, and writes
     # its fp32 partial dweight into DW_PARTIAL[p, :] (summed by the launcher). With HAS_DS, DS is a gradient that
@@ -147,22 +147,21 @@ FWD_WIDE = [dict(ROWS=1, num_warps=8)]
 FWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (8, 4), (32, 4), (16, 8), (32, 8), (64, 8))]
 # Every config of a row width walks the same rows per program, so every config writes every row of the partial
 # dweight buffer (autotuning runs several configs on one buffer: a config writing fewer rows would leave stale ones).
-BWD_WIDE = [dict(ROWS=1, num_warps=8)]
-BWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (32, 4), (8, 2), (32, 8), (64, 8))]
+# Wide rows: the next step's rows loaded ahead (PREFETCH), 8 warps, 64 rows per program once there are many rows.
+# H200, CUDA-graph replay (bench/sweep_rms_norm.py, bench/results/sweep_rms_norm.log), x[16384, D] bf16, ms:
+#                        D=4096 bwd   D=4096 bwd+ds   D=2048 bwd   D=2048 bwd+ds
+#   no prefetch (before)   0.134         0.193           0.098        0.127
+#   prefetch, 1 row/step   0.119         0.173           0.081        0.088
+#   prefetch, 2 rows/step  0.127         0.149           0.069        0.083
+# so one row per step for a plain norm of 4096+ columns, two otherwise (bwd+ds: liger::add_rms_norm's backward).
+BWD_WIDE = [dict(ROWS=2, num_warps=8, PREFETCH=True)]
+BWD_NARROW = [dict(ROWS=r, num_warps=w, PREFETCH=False) for r, w in ((16, 4), (32, 4), (8, 2), (32, 8), (64, 8))]
 ROWS_PER_PROGRAM = {True: 16, False: 256}
-# Many rows of 4096 or more columns: fewer, longer programs. H200, CUDA-graph replay (bench/sweep_rms_norm.py,
-# bench/results/sweep_rms_norm.log), [16384, 4096] bf16: 64 rows per program 0.134 ms, 16 rows 0.142 ms; at 2048
-# columns the other way round (more programs fit an SM): 16 rows 0.076 ms, 64 rows 0.098 ms (with the residual
-# sum's gradient 0.094 against 0.127).
-MANY_ROWS, ROWS_PER_PROGRAM_MANY = 16384, 64
+MANY_ROWS, ROWS_PER_PROGRAM_MANY = 16384, 64  # 64 rows per program: 0.119 ms against 0.128 with 16 (D=4096)
 
 
-def rows_per_program(n_rows: int, n_cols: int) -> int:
-    if not _wide(n_cols):
-        return ROWS_PER_PROGRAM[False]
-    if n_rows >= MANY_ROWS and triton.next_power_of_2(n_cols) >= 4096:
-        return ROWS_PER_PROGRAM_MANY
-    return ROWS_PER_PROGRAM[True]
+def rows_per_program(n_rows: int, wide: bool) -> int:
+    return ROWS_PER_PROGRAM_MANY if wide and n_rows >= MANY_ROWS else ROWS_PER_PROGRAM[wide]
 
 
 def _configs(entries):
@@ -177,8 +176,11 @@ def fwd_config(n_cols: int) -> dict:
     return dict((FWD_WIDE if _wide(n_cols) else FWD_NARROW)[0])
 
 
-def bwd_config(n_cols: int) -> dict:
-    return dict((BWD_WIDE if _wide(n_cols) else BWD_NARROW)[0])
+def bwd_config(n_cols: int, has_ds: bool = False) -> dict:
+    cfg = dict((BWD_WIDE if _wide(n_cols) else BWD_NARROW)[0])
+    if _wide(n_cols) and n_cols >= 4096 and not has_ds:
+        cfg["ROWS"] = 1
+    return cfg
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -222,15 +224,17 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     wide = _wide(n_cols)
-    rpp = (config or {}).get("ROWS_PER_PROGRAM", rows_per_program(n_rows, n_cols))
+    rpp = (config or {}).get("ROWS_PER_PROGRAM", rows_per_program(n_rows, wide))
     dw_partial = torch.empty((triton.cdiv(n_rows, rpp), n_cols), dtype=torch.float32, device=x.device)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
                   ROWS_PER_PROGRAM=rpp, HAS_DS=d_sum is not None)
     if config is None and x.device.type == "cuda" and not wide:
-        kernel, cfg = _bwd_tuned[False], {}
+        kernel, cfg = _bwd_tuned[False], {}  # its configs carry ROWS, PREFETCH and num_warps
     else:
         kernel = _rms_norm_bwd_kernel
-        cfg = {k: v for k, v in (config or bwd_config(n_cols)).items() if k not in ("BLOCK_N", "ROWS_PER_PROGRAM")}
+        cfg = {k: v for k, v in (config or bwd_config(n_cols, d_sum is not None)).items()
+               if k not in ("BLOCK_N", "ROWS_PER_PROGRAM")}
+        cfg.setdefault("PREFETCH", False)  # every constexpr is passed: Inductor's kernel wrapper ignores defaults
     wrap_triton(kernel)[(dw_partial.shape[0],)](
         dy2, x2, weight, rstd, dx, dw_partial, ds2, dy2.stride(0), x2.stride(0), dx.stride(0), ds2.stride(0),
         n_rows, n_cols, **consts, **cfg,

@@ -297,7 +297,9 @@ def test_chunk_kernel_rows_shared_by_fewer_programs(interpreted, programs):
 
 
 def test_chunk_rows_default():
-    assert CHUNK_ROWS(16384, 128256, torch.bfloat16) == 768  # 192 MiB of bf16 logits, whole 64-row tiles
+    assert CHUNK_ROWS(16384, 128256, torch.bfloat16) == 912  # 18 equal chunks under 232 MiB of bf16 logits
+    assert CHUNK_ROWS(16384, 128256, torch.float32) == 469  # 35 equal chunks; rounded up to 480 would not fit
+    assert CHUNK_ROWS(1000, 128256, torch.bfloat16) == 512  # two chunks, not 948 + 52
     assert CHUNK_ROWS(5, 128256, torch.bfloat16) == 5
     assert CHUNK_ROWS(100, 10**9, torch.float32) == 1
     assert lce.kernel_config(128256) == dict(BLOCK_V=4096, num_warps=8)
