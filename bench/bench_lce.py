@@ -116,9 +116,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--parts", default="rows,budgets,streams,chunk_rows,profile")
+    ap.add_argument("--chart", metavar="JSON", help="only redraw the charts of a recorded run")
     ap.add_argument("--chunk-rows", default="704,745,768,781,820,912,964",
                     help="explicit rows per chunk to time (745, 781, 820, 912, 964: 16384 rows in 22..17 equal chunks)")
+    ap.add_argument("--name", default="lce_sweep")
     args = ap.parse_args(argv)
+    if args.chart:
+        return chart(args.chart)
     parts = args.parts.split(",")
     x, w, y = inputs()
     print(f"x[{N}, {H}] W[{V}, {H}] bf16, chunk rows {lce.chunk_rows(N, V, DT)}", flush=True)
@@ -174,7 +178,7 @@ def main(argv=None):
     print(f"three plain matmuls, again: {three:.2f} ms", flush=True)
     rows.append(dict(part="three plain matmuls (again)", ms=three))
     if "profile" not in parts:
-        return write(args.out, rows)
+        return write(args.out, rows, args.name)
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     fn = op_call(x, w, y, best_cfg)
@@ -185,14 +189,41 @@ def main(argv=None):
         torch.cuda.synchronize()
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=14,
                                                              max_name_column_width=40, max_shapes_column_width=70))
-    write(args.out, rows)
+    write(args.out, rows, args.name)
 
 
-def write(out, rows):
+def write(out, rows, name="lce_sweep"):
     cols = ["part", "rows", "BLOCK_V", "num_warps", "programs_per_sm", "num_stages", "chunk_mib", "chunk_rows",
             "row_cfg", "ms", "floor_ms", "extra_beyond_grads_gib", "same_result"]
-    write_results(out, "lce_sweep", "lm_head + cross-entropy: row kernel and chunk settings (graph replay)",
-                  rows, cols)
+    write_results(out, name, "lm_head + cross-entropy: row kernel and chunk settings (graph replay)", rows, cols)
+    chart(os.path.join(out, f"{name}.json"))
+
+
+def chart(json_path):
+    """<name>.png next to <name>.json: the whole op's ms per setting against the three plain matmuls, and the row
+    kernel's ms per tile against its floor (where those were measured)."""
+    import json  # noqa: PLC0415
+
+    from common import bar_chart  # noqa: PLC0415
+
+    rows = json.load(open(json_path))["rows"]
+    ops = [r for r in rows if r["part"].startswith("op")]
+    plain = [r["ms"] for r in rows if r["part"].startswith("three plain")]
+    if ops:
+        labels = [f"{r.get('chunk_rows') or ''} rows" + (f", {r['chunk_mib']} MiB" if r.get("chunk_mib") else "")
+                  + (f", {r['row_cfg']}" if r.get("row_cfg") not in (None, "default") else "")
+                  + (", 2 streams" if "streams" in r["part"] else "") for r in ops]
+        series = {"op fwd+bwd (ms)": [r["ms"] for r in ops]}
+        if plain:
+            series["three plain matmuls (ms)"] = [min(plain)] * len(ops)
+        bar_chart(json_path[:-5] + ".png", "lm_head + CE, x[16384, 4096] W[128256, 4096] bf16, H200", labels, series,
+                  "ms (CUDA-graph replay)")
+    kernel = sorted((r for r in rows if r["part"] == "row kernel"), key=lambda r: r["ms"])[:10]
+    if kernel:
+        labels = [f"{r['BLOCK_V']}/{r['num_warps']}w/{r['programs_per_sm']}/s{r['num_stages']}" for r in kernel]
+        bar_chart(json_path[:-5] + "_row_kernel.png", "LCE row kernel on one chunk: 10 fastest (BLOCK_V/warps/"
+                  "programs per SM/stages)", labels, {"ms": [r["ms"] for r in kernel],
+                                                      "floor": [r["floor_ms"] for r in kernel]}, "ms")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,10 @@ def hf_cos_sin(pos, inv_freq, scaling, dtype):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--chart", metavar="JSON", help="only redraw the chart of a recorded run")
     args = ap.parse_args(argv)
+    if args.chart:
+        return chart(args.chart)
     dt = torch.bfloat16
     q = torch.randn(B, T, HQ, D, device="cuda", dtype=dt).transpose(1, 2)
     k = torch.randn(B, T, HK, D, device="cuda", dtype=dt).transpose(1, 2)
@@ -122,6 +125,17 @@ def main(argv=None):
              f"sin {sin_diff} of {B * T * D // 2}; rotated outputs equal to ours: {out_same}.")
     write_results(args.out, "rotary_trig", "Rotary: cos/sin read vs computed in the kernel", rows,
                   ["variant", "fwd_bwd_ms"], notes)
+    chart(os.path.join(args.out, "rotary_trig.json"))
+
+
+def chart(json_path):
+    import json  # noqa: PLC0415
+
+    from common import bar_chart  # noqa: PLC0415
+
+    rows = json.load(open(json_path))["rows"]
+    bar_chart(json_path[:-5] + ".png", "Rotary q+k at Llama-3-8B shapes, fwd+bwd, H200", [r["variant"] for r in rows],
+              {"ms (CUDA-graph replay)": [r["fwd_bwd_ms"] for r in rows]}, "ms")
 
 
 if __name__ == "__main__":

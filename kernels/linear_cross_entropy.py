@@ -13,8 +13,8 @@ Gradient of the loss with respect to z (p = softmax(z)):
     dh    = dz @ W,   dW = dz^T @ h,   db = sum over rows of dz
 
 The forward pass computes the gradients too (the loss is a scalar, so its gradient needs nothing but the loss's own
-inputs), so backward only scales them by grad_output. Tokens go in chunks of C rows, C chosen so one chunk's logits
-fit a fixed budget (``chunk_rows``). Per chunk:
+inputs), so backward only scales them by grad_output. Tokens go in equal chunks of C rows, C chosen so one chunk's
+logits fit a fixed budget (``chunk_rows``). Per chunk:
     1. logits = h_c @ W^T (+ b)                cuBLAS, input dtype
     2. one Triton program per row: an online max / sum-of-exp over BLOCK_V-wide tiles, the row's loss, then a
        second pass that overwrites the row's logits with dz, in place (input dtype)
