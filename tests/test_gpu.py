@@ -13,7 +13,8 @@ def rel_err(a, ref):
     return ((a.double() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("shape", [(4, 4096, 4096), (4, 4096, 32, 128)])  # Llama-3-8B hidden; q_norm-like heads
+# Llama-3-8B hidden, Llama-3.2-1B hidden, q_norm-like heads: every backward tile (one or two rows per step, prefetch)
+@pytest.mark.parametrize("shape", [(4, 4096, 4096), (4, 4096, 2048), (4, 4096, 32, 128)])
 def test_rms_norm_bf16_vs_hf_module(shape):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -35,6 +36,40 @@ def test_rms_norm_bf16_vs_hf_module(shape):
     assert rel_err(y, y64) <= rel_err(y_hf, y64) * 1.05 + 1e-4
     assert rel_err(dx, dx64) <= rel_err(dx_hf, dx64) * 1.05 + 1e-4
     assert rel_err(dw, dw64) <= rel_err(dw_hf, dw64) * 1.05 + 1e-4
+
+
+@pytest.mark.parametrize("d", [4096, 2048])
+def test_add_rms_norm_bf16_vs_hf_at_training_shapes(d):
+    """liger::add_rms_norm (residual + branch, then the norm; the sum is the next residual and has its own later
+    gradient) at 16384 tokens, as close to float64 as HF's bf16 code for the normalised output, the sum and every
+    gradient."""
+    import liger_compile.kernels.add_rms_norm  # noqa: F401, PLC0415
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: PLC0415
+
+    hf = LlamaRMSNorm(d, eps=1e-5).to("cuda", torch.bfloat16)
+    hf.weight.data.normal_(1.0, 0.2)
+    x = torch.randn(16384, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn(16384, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy, ds = torch.randn_like(x), torch.randn_like(x)
+
+    def grads(normed, s, inputs):
+        return torch.autograd.grad((normed, s), inputs, (dy, ds))
+
+    s_hf = x + r
+    y_hf = hf(s_hf)
+    g_hf = grads(y_hf, s_hf, (x, r, hf.weight))
+    s, y, _ = torch.ops.liger.add_rms_norm(x, r, hf.weight, 1e-5, 0.0, True)
+    g = grads(y, s, (x, r, hf.weight))
+
+    x64, r64 = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    w64 = hf.weight.detach().double().requires_grad_()
+    s64 = x64 + r64
+    y64 = w64 * (s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-5))
+    g64 = grads(y64, s64, (x64, r64, w64))
+    assert rel_err(y, y64) <= rel_err(y_hf, y64) * 1.05 + 1e-4
+    assert rel_err(s, s64) <= rel_err(s_hf, s64) * 1.05 + 1e-4
+    for ours, theirs, ref in zip(g, g_hf, g64):
+        assert rel_err(ours, ref) <= rel_err(theirs, ref) * 1.05 + 1e-4
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
