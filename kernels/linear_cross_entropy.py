@@ -80,8 +80,9 @@ def _lce_chunk_kernel(
 ):
     # LOGITS: [rows, n_cols] (unit column stride), overwritten with d loss / d logits; LABELS: [rows] int64;
     # LOSSES: [rows] fp32, the unscaled per-row loss; INV_DENOM: [1] fp32, the reduction's 1/D.
-    # Program p takes rows p, p + G, p + 2G, ... (G programs): with G = rows that is one row per program; a
-    # smaller, resident G keeps the rows in flight few enough that pass 2 re-reads its row from L2, not DRAM.
+    # Program p takes rows p, p + G, p + 2G, ... (G programs). The default is G = rows, one row per program. A
+    # smaller G (fewer rows in flight, so that pass 2 might re-read its row from L2) is a launch option the bench
+    # sweeps; on the H200 it was slower (bench/results/lce_sweep.md).
     # Inductor passes Python floats as fp64 scalars: pin them to fp32 so the row math stays in fp32.
     cap = tl.cast(softcap, tl.float32)
     eps = tl.cast(label_smoothing, tl.float32)
