@@ -130,13 +130,21 @@ def check(m: Match) -> str | None:
     return None if same else "the mask is computed from shapes alone but is not plain causal"
 
 
+def _full_index(index) -> bool:
+    """An index that selects everything in order: full slices and Ellipsis only (an index tensor can keep the shape
+    and still reorder the values)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is Ellipsis or (isinstance(p, slice) and p == slice(None)) for p in parts)
+
+
 def _graph_input_behind(node):
     """The graph input `node` is, through views that change nothing (a full slice, an expand to its own shape)."""
     while True:
         if node.op == "placeholder":
             return node
         src = node.args[0] if node.args else None
-        same_op = node.target is operator.getitem or node.target in ("expand", "contiguous")
+        full_slice = node.target is operator.getitem and len(node.args) == 2 and _full_index(node.args[1])
+        same_op = full_slice or node.target in ("expand", "contiguous")
         if not (same_op and hasattr(src, "op")):
             return None
         v, sv = example_value(node), example_value(src)

@@ -35,6 +35,27 @@ def test_a_fact_belongs_to_one_tensor_at_one_version():
     assert key not in facts._known  # no entry outlives its tensor
 
 
+def test_only_views_that_change_nothing_lead_back_to_the_graph_input():
+    """The layer's mask counts as the checked graph input only through full slices and expands to its own shape: an
+    index tensor keeps the shape but reorders the values, so a mask taken that way is not the checked one."""
+    from liger_compile.patterns.causal_mask import _graph_input_behind
+
+    def f(mask, perm):
+        return mask[:, :, perm], mask[..., :], mask[:, :, :, :].expand(2, 1, 4, 4), mask[:, :, 1:]
+
+    gm = torch.fx.symbolic_trace(f)
+
+    class Recording(torch.fx.Interpreter):  # example values, as Dynamo's graphs carry them
+        def run_node(self, n):
+            n.meta["val"] = super().run_node(n)
+            return n.meta["val"]
+
+    Recording(gm).run(torch.ones(2, 1, 4, 4, dtype=torch.bool), torch.tensor([3, 2, 1, 0]))
+    (outputs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
+    found = [_graph_input_behind(o) for o in outputs]
+    assert [n.name if n is not None else None for n in found] == [None, "mask", "mask", None]
+
+
 def layers_in_graphs_of_their_own(model):
     """What FSDP2's per-layer hooks do to Dynamo: a graph break before every decoder layer (on DEVICE)."""
     model = model.to(DEVICE)
