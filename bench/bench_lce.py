@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import graph_ms, write_results  # noqa: E402
+from common import extra_peak_gib, graph_ms, write_results  # noqa: E402
 
 from liger_compile.kernels import linear_cross_entropy as lce  # noqa: E402
 
@@ -101,15 +101,7 @@ def two_stream_forward(x, w, y, cfg):
 
 
 def extra_gib(fn, x, w):
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return (peak - (x.numel() + w.numel()) * 2) / 2**30  # beyond the two gradients
+    return extra_peak_gib(fn) - (x.numel() + w.numel()) * 2 / 2**30  # beyond the two gradients (bf16)
 
 
 def main(argv=None):
