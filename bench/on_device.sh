@@ -5,6 +5,8 @@
 #   tests      GPU tests (tests/test_gpu*.py and the kernel tests on CUDA; 4 pytest-xdist workers)
 #   sweep      RMSNorm tile sweep at 4096 and 2048 columns (bench/sweep_rms_norm.py)
 #   lce        lm_head+CE: row-kernel and chunk settings, two-stream variant, profile (bench/bench_lce.py)
+#   lceexp     lm_head+CE with the softmax in our matmul's epilogue: tile settings vs cuBLAS, op by path, profile
+#   lcetests   the lm_head+CE tests only (test_gpu.py's and the kernel tests on CUDA)
 #   trig       rotary with cos/sin computed in the kernel vs read (bench/bench_rotary_trig.py)
 #   kernels    kernel table (eager, Inductor, Liger-Kernel, ours): event, GPU-busy and CUDA-graph times, memory
 #   e2e4k      Llama-3.2-1B 4x4096, all variants side by side, one process each
@@ -64,6 +66,15 @@ for stage in "${@:-tests}"; do
              grep "^| $k | $d |" "$R/sweep_rms_norm.log" | sort -t"|" -k8 -n | head -3; done; done ;;
     lce) timeout 400 python3 bench/bench_lce.py --out "$R" > "$R/bench_lce.log" 2>&1
          grep -vE "^\| row " "$R/bench_lce.log" | tail -45; grep -E "^\| row " "$R/bench_lce.log" | sort -t"|" -k7 -n | head -5 ;;
+    lceexp) timeout 500 python3 bench/bench_lce_exp_matmul.py --out "$R" --configs "${LCE_CONFIGS:-all}" \
+              > "$R/bench_lce_exp_matmul.log" 2>&1
+            grep -E "^\| |plain|vs row|Error|error" "$R/bench_lce_exp_matmul.log" | cut -c1-300 | tail -30
+            grep -E "Self CUDA time total|exp_matmul_kernel|row_combine|row_scaled|gemm|nvjet|elementwise|index|bmm" \
+              "$R/bench_lce_exp_matmul.log" | cut -c1-48,120-200 | head -16 ;;
+    lcetests) timeout 300 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/test_gpu.py \
+                tests/test_kernel_linear_cross_entropy.py tests/test_kernel_lce_exp_matmul.py \
+                tests/test_kernel_launch_args.py > "$R/gpu_lce_tests.log" 2>&1
+              grep -E "FAILED|ERROR|passed|failed|Error" "$R/gpu_lce_tests.log" | tail -25 ;;
     trig) timeout 200 python3 bench/bench_rotary_trig.py --out "$R" > "$R/bench_rotary_trig.log" 2>&1
           tail -8 "$R/bench_rotary_trig.log" ;;
     kernels) timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1

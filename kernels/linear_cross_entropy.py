@@ -29,6 +29,7 @@ sum of exp over the classes other than the label apart from the label's own term
 """
 import functools
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -37,7 +38,10 @@ import triton.language as tl
 from torch.library import custom_op, wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import lce_exp_matmul, lce_row_combine, lce_row_scaled_matmul
 from ._common import use_triton
+from ._math import log1p as _log1p
+from ._math import tanh as _tanh
 
 # One chunk's logits (C x V in the input dtype) stay under this many bytes, and the tokens are split into equal
 # chunks (no small last chunk, whose matmuls run below speed). 232 MiB is 948 rows of Llama-3's 128256-word
@@ -56,20 +60,6 @@ CHUNK_ROW_MULTIPLE = 16  # chunk rows rounded up to this, for the matmuls' tiles
 GRAD_WEIGHT_ACC_DTYPE = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
 
 MAX_BLOCK_V = 4096
-
-
-@triton.jit
-def _tanh(x):
-    # tl has no tanh; 1 - 2 / (e^{2x} + 1) saturates to +-1 as e^{2x} overflows to inf or underflows to 0.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _log1p(x):
-    # log1p from log: u = 1 + x is rounded, and log(u) * x / (u - 1) cancels that rounding (Goldberg's trick).
-    u = 1.0 + x
-    d = tl.where(u == 1.0, 1.0, u - 1.0)  # keeps the unused branch free of 0/0
-    return tl.where(u == 1.0, x, tl.log(u) * (x / d))
 
 
 @triton.jit
@@ -278,15 +268,36 @@ def _denominator(labels, num_items, ignore_index, reduction, device) -> torch.Te
 
 
 def launch_forward(hidden, weight, bias, labels, num_items, ignore_index, label_smoothing, softcap, reduction,
-                   use_kernel, config=None, keep_logits=False):
-    """The chunked algorithm; use_kernel picks the Triton per-row kernel (any device Triton reaches) or
-    reference_chunk. Returns (loss, grad_hidden, grad_weight, grad_bias or an empty tensor) for grad_output = 1."""
+                   use_kernel, config=None, keep_logits=False, path=None, matmul_config=None):
+    """The chunked algorithm. path: "exp_matmul" (our matmul with the softmax in its epilogue, see
+    exp_matmul_applies), "row_kernel" (cuBLAS logits and a Triton pass over each row; use_kernel False runs
+    reference_chunk instead), or None: the first of them that applies. config: the row kernel's settings,
+    matmul_config: lce_exp_matmul's (lce_exp_matmul.config by default). Returns (loss, grad_hidden, grad_weight,
+    grad_bias or an empty tensor, kept logits or an empty tensor) for grad_output = 1."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long()
     n, v = h.shape[0], weight.shape[0]
     device = h.device
     denom = _denominator(y, num_items, ignore_index, reduction, device)
     inv_denom = (1.0 / denom).reshape(1)
+    auto = path is None
+    if auto:
+        path = "exp_matmul" if use_kernel and exp_matmul_applies(h, weight, bias, label_smoothing, keep_logits) \
+            and _EXP_MATMUL_BUILDS.get(device) is not False else "row_kernel"
+    if path == "exp_matmul":
+        try:
+            losses, grad_h, grad_w = _forward_exp_matmul(h, weight, y, inv_denom, ignore_index, softcap,
+                                                         matmul_config)
+            _EXP_MATMUL_BUILDS[device] = True
+            loss = losses.sum() / denom
+            return loss, grad_h.view(hidden.shape), grad_w.to(weight.dtype), h.new_empty(0), h.new_empty(0)
+        except Exception as e:  # noqa: BLE001
+            if not auto or _EXP_MATMUL_BUILDS.get(device):
+                raise  # asked for by name, or it ran here before: a real error, not a build failure
+            # a Triton or driver that cannot build the kernel (shared memory, an older TMA API): the other path
+            warnings.warn(f"liger_compile: lm_head + cross-entropy's exp-epilogue matmul did not build on {device} "
+                          f"({type(e).__name__}: {str(e)[:200]}); using cuBLAS logits and the per-row kernel")
+            _EXP_MATMUL_BUILDS[device] = False
 
     grad_h = torch.empty(h.shape, dtype=h.dtype, device=device)
     grad_w = torch.zeros(weight.shape, dtype=GRAD_WEIGHT_ACC_DTYPE.get(weight.dtype, weight.dtype), device=device)
@@ -323,6 +334,122 @@ def launch_forward(hidden, weight, bias, labels, num_items, ignore_index, label_
     loss = losses.sum() / denom
     grad_b = grad_b.to(bias.dtype) if bias is not None else h.new_empty(0)
     return loss, grad_h.view(hidden.shape), grad_w.to(weight.dtype), grad_b, kept
+
+
+# device -> True once the exp-epilogue path ran there, False once it failed to build there (row-kernel path after)
+_EXP_MATMUL_BUILDS: dict = {}
+
+
+def exp_matmul_applies(h, weight, bias, label_smoothing, keep_logits) -> bool:
+    """Where the exp-epilogue path runs; everything else takes the row-kernel path, case by case:
+    - CUDA with TMA (compute capability 9.0+): the matmul is fed by tensor descriptors;
+    - bf16 hidden and weight: exp(z - ref) needs fp32's exponent range, which bf16 has and fp16 (max 65504) has
+      not; fp32 inputs would need a tf32 or fp32 matmul of their own;
+    - hidden size a multiple of 8: TMA wants 16-byte row strides;
+    - no bias (no HF causal LM has an lm_head bias), no label smoothing: both add terms that are not one factor
+      per row (db needs sum_i r_i P_ij; smoothing adds eps / V to every column, times 1 - t^2 with softcap);
+    - logits not kept: the epilogue writes exp(z - ref), not z."""
+    return (h.device.type == "cuda" and torch.cuda.get_device_capability(h.device) >= (9, 0)
+            and h.dtype == weight.dtype == torch.bfloat16 and h.shape[-1] % 8 == 0
+            and bias is None and label_smoothing == 0 and not keep_logits)
+
+
+# The exp-epilogue path's whole working memory (one chunk's P, its partial sums and a few vectors of chunk length)
+# stays under this: 0.25 GiB less 1 MiB. With Llama-3's 128256-word vocabulary that is 1024 rows per chunk, so
+# 16384 tokens go in 16 chunks (the row-kernel path, which also holds an [C, H] fp32 product, takes 18 of 912).
+EXP_MATMUL_WORKSPACE_BYTES = 255 * 2**20
+
+
+def exp_matmul_chunks(n: int, v: int, block_rows: int, n_col_tiles: int) -> list[tuple[int, int]]:
+    """(start, end) of each chunk: whole blocks of block_rows rows (the matmul's row tile, so no tile runs part
+    empty) spread evenly over the fewest chunks whose working memory fits EXP_MATMUL_WORKSPACE_BYTES (at least one
+    block per chunk)."""
+    per_row = triton.cdiv(v, 8) * 8 * 2 + n_col_tiles * 4 + 6 * 4  # P row (bf16, padded), partial sums, vectors
+    budget_blocks = max(1, EXP_MATMUL_WORKSPACE_BYTES // per_row // block_rows)
+    blocks = triton.cdiv(n, block_rows)
+    n_chunks = triton.cdiv(blocks, budget_blocks)
+    per, extra = divmod(blocks, n_chunks)
+    bounds, start = [], 0
+    for i in range(n_chunks):
+        end = min(n, start + (per + (i < extra)) * block_rows)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _forward_exp_matmul(h, weight, y, inv_denom, ignore_index, softcap, config=None):
+    """Per chunk of C tokens (grad_h's [C, H] slice serves as scratch until the chunk's dh lands in it):
+      1. zc_y, the label's soft-capped logit, by one dot product per row (bf16 like the logits); ref = zc_y, or +inf
+         on rows that take no part;
+      2. lce_exp_matmul: P = exp(zc - ref) (label column 0), partial sums, row max;
+      3. lce_row_combine: loss, row factor r, P's label entry; 2 and 3 again only if a row overflowed (device flag);
+      4. dW += P^T (diag(r) h_c) by cuBLAS (diag(r) h_c rounded to bf16 in the scratch);
+      5. dh_c = diag(r) (P @ W) by lce_row_scaled_matmul, into grad_h's slice."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, k_dim = h.shape
+    v = weight.shape[0]
+    device = h.device
+    cfg = dict(config or lce_exp_matmul.config(device.type))
+    bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+    persistent = cfg.pop("PERSISTENT", False)
+    subtile = cfg.pop("SUBTILE", 1)
+    dh_cfg = dict(lce_row_scaled_matmul.config(device.type))
+    dh_bm, dh_bn, dh_bk = dh_cfg.pop("BM"), dh_cfg.pop("BN"), dh_cfg.pop("BK")
+    n_col_tiles = triton.cdiv(v, bn)
+    chunks = exp_matmul_chunks(n, v, bm, n_col_tiles)
+    rows = max(end - start for start, end in chunks)
+
+    grad_h = torch.empty_like(h)
+    grad_w = torch.zeros_like(weight)  # bf16: see GRAD_WEIGHT_ACC_DTYPE
+    losses = torch.empty(n, dtype=torch.float32, device=device)
+    v_pad = triton.cdiv(v, 8) * 8  # 16-byte row stride for TMA
+    buffer = torch.empty((rows, v_pad), dtype=h.dtype, device=device)
+    part_sum = torch.empty((rows, n_col_tiles), dtype=torch.float32, device=device)
+    row_max = torch.empty(rows, dtype=torch.float32, device=device)
+    ref = torch.empty(rows, dtype=torch.float32, device=device)
+    row_scale = torch.empty(rows, dtype=torch.float32, device=device)
+    rerun = torch.zeros(len(chunks), dtype=torch.int32, device=device)
+    w_desc = TensorDescriptor.from_tensor(weight, [bn, bk])
+    w_kn_desc = TensorDescriptor.from_tensor(weight, [dh_bk, dh_bn])
+    upcast = device.type != "cuda"
+    block_r, block_t = 8, 128
+
+    for i, (start, end) in enumerate(chunks):
+        c = end - start
+        h_c, y_c = h[start:end], y[start:end]
+        p = buffer[:c, :v]
+        scratch = grad_h[start:end]
+        good = (y_c != ignore_index) & (y_c >= 0) & (y_c < v)
+        torch.index_select(weight, 0, torch.where(good, y_c, 0), out=scratch)
+        z_y = torch.bmm(h_c.unsqueeze(1), scratch.unsqueeze(2)).view(c).float()
+        if softcap > 0:
+            z_y = softcap * torch.tanh(z_y / softcap)
+        ref[:c] = z_y.masked_fill(~good, math.inf)
+        row_max[:c].fill_(-math.inf)
+        tiles = triton.cdiv(c, bm) * n_col_tiles
+        grid = (min(tiles, _sm_count(device)) if persistent and device.type == "cuda" else tiles,)
+        descs = (TensorDescriptor.from_tensor(h_c, [bm, bk]), w_desc,
+                 TensorDescriptor.from_tensor(p, [bm, bn // subtile]))
+        flag = rerun[i:i + 1]
+        for is_rerun in (False, True):
+            wrap_triton(lce_exp_matmul.exp_matmul_kernel)[grid](
+                *descs, ref, y_c, part_sum, row_max, flag, c, v, k_dim, n_col_tiles, softcap,
+                HAS_SOFTCAP=softcap > 0, IS_RERUN=is_rerun, UPCAST_DOT=upcast, BM=bm, BN=bn, BK=bk,
+                SUBTILE=subtile, PLAIN=False, **cfg)
+            wrap_triton(lce_row_combine.row_combine_kernel)[(triton.cdiv(c, block_r),)](
+                p, v_pad, ref, y_c, part_sum, row_max, z_y, losses[start:end], row_scale, inv_denom, flag,
+                c, v, n_col_tiles, ignore_index, softcap, lce_exp_matmul.SAFE_EXP,
+                HAS_SOFTCAP=softcap > 0, IS_RERUN=is_rerun, ROUND_BY_HAND=upcast, BLOCK_R=block_r, BLOCK_T=block_t,
+                num_warps=4)
+        torch.mul(h_c, row_scale[:c, None], out=scratch)
+        grad_w.addmm_(p.t(), scratch)
+        wrap_triton(lce_row_scaled_matmul.row_scaled_matmul_kernel)[
+            (triton.cdiv(c, dh_bm) * triton.cdiv(k_dim, dh_bn),)](
+            TensorDescriptor.from_tensor(p, [dh_bm, dh_bk]), w_kn_desc,
+            TensorDescriptor.from_tensor(scratch, [dh_bm, dh_bn]), row_scale, c, v,
+            UPCAST_DOT=upcast, BM=dh_bm, BN=dh_bn, BK=dh_bk, **dh_cfg)
+    return losses, grad_h, grad_w
 
 
 # A custom op rather than a triton_op: the work is three cuBLAS matmuls per chunk writing into slices of

@@ -59,5 +59,8 @@ def test_every_launch_passes_every_parameter(checked_launches, cols):
     logits = torch.randn(3, cols).to(DEV)
     linear_cross_entropy.launch_chunk_kernel(logits, torch.tensor([1, -100, 2]).to(DEV), torch.empty(3).to(DEV),
                                              torch.ones(1).to(DEV), -100, 0.0, 0.0)
-    assert {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rotary_kernel", "_lce_chunk_kernel"} <= set(
-        checked_launches)
+    hb, wb = torch.randn(5, 16).bfloat16().to(DEV), torch.randn(cols, 16).bfloat16().to(DEV)
+    linear_cross_entropy.launch_forward(hb, wb, None, torch.tensor([1, -100, 2, 0, 3]).to(DEV), None, -100, 0.0, 0.0,
+                                        "mean", True, path="exp_matmul")
+    assert {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rotary_kernel", "_lce_chunk_kernel",
+            "exp_matmul_kernel", "row_combine_kernel", "row_scaled_matmul_kernel"} <= set(checked_launches)

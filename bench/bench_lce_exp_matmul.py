@@ -1,0 +1,214 @@
+"""lm_head + cross-entropy with the softmax in the logits matmul's epilogue (kernels/lce_exp_matmul.py), one CUDA GPU.
+
+    python bench/bench_lce_exp_matmul.py [--out DIR] [--configs all|default]
+
+x[16384, 4096] bf16, W[128256, 4096] bf16, one label in seven ignored (the kernel table's case). Prints:
+  1. one 896-row chunk's logits matmul: cuBLAS (bf16 out) against our exp-epilogue kernel per tile setting, ms and
+     TFLOP/s (graph replay);
+  2. the whole op (forward + the backward's scaling) per path: row_kernel (cuBLAS + per-row Triton pass) and
+     exp_matmul with the default and the fastest tile setting, ms and memory beyond the gradients, next to the three
+     plain matmuls; the two paths' loss and gradients against each other;
+  3. a profile of the exp_matmul path: device ms per op.
+Writes lce_exp_matmul.md/json into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import extra_peak_gib, graph_ms, median_ms, write_results  # noqa: E402
+
+from liger_compile.kernels import lce_exp_matmul  # noqa: E402
+from liger_compile.kernels import linear_cross_entropy as lce  # noqa: E402
+
+N, H, V, DT, IGNORE, CHUNK = 16384, 4096, 128256, torch.bfloat16, -100, 1024
+
+BASE = lce_exp_matmul.config("cuda")  # 128 x 256, 3 stages, two halves, persistent, warp-specialised
+CONFIGS = [
+    {},
+    dict(PLAIN=True, SUBTILE=1),  # the matmul alone (bf16 logits out): what the epilogue costs
+    dict(SUBTILE=1),
+    dict(WARP_SPECIALIZE=False),
+    dict(PERSISTENT=False, WARP_SPECIALIZE=False),
+    dict(num_stages=4),
+]
+DH_CONFIGS = [
+    dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=4),
+    dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
+    dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4),
+    dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3),
+    dict(BM=64, BN=256, BK=64, num_warps=4, num_stages=4),
+]
+
+
+def inputs():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, H, device="cuda", dtype=DT, generator=g)
+    w = (torch.randn(V, H, device="cuda", dtype=DT, generator=g) * H ** -0.5)
+    y = torch.randint(0, V, (N,), device="cuda", generator=g)
+    y[::7] = IGNORE
+    return x, w, y
+
+
+def chunk_matmul(x, w, y, cfg):
+    """One launch of the exp-epilogue kernel on the first CHUNK rows (first pass only: the rerun launch is a no-op)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415
+
+    cfg = dict(cfg)
+    bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+    persistent = cfg.pop("PERSISTENT")
+    subtile, plain = cfg.pop("SUBTILE"), cfg.pop("PLAIN", False)
+    h_c, y_c = x[:CHUNK], y[:CHUNK]
+    p = torch.empty(CHUNK, V, device="cuda", dtype=DT)
+    tiles_n = triton.cdiv(V, bn)
+    part_sum = torch.empty(CHUNK, tiles_n, device="cuda")
+    row_max = torch.full((CHUNK,), float("-inf"), device="cuda")
+    ref = torch.bmm(h_c.unsqueeze(1), w[y_c.clamp(min=0)].unsqueeze(2)).view(CHUNK).float()
+    ref = ref.masked_fill(y_c == IGNORE, float("inf"))
+    flag = torch.zeros(1, device="cuda", dtype=torch.int32)
+    tiles = triton.cdiv(CHUNK, bm) * tiles_n
+    grid = (min(tiles, torch.cuda.get_device_properties(0).multi_processor_count) if persistent else tiles,)
+    descs = (TensorDescriptor.from_tensor(h_c, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
+             TensorDescriptor.from_tensor(p, [bm, bn // subtile]))
+
+    def run():
+        lce_exp_matmul.exp_matmul_kernel[grid](*descs, ref, y_c, part_sum, row_max, flag,
+                                               CHUNK, V, H, tiles_n, 0.0, HAS_SOFTCAP=False, IS_RERUN=False,
+                                               UPCAST_DOT=False, BM=bm, BN=bn, BK=bk, SUBTILE=subtile,
+                                               PLAIN=plain, **cfg)
+    run()
+    # check against cuBLAS's logits: P = exp(z - ref) off the label column (bf16 rounding on both sides)
+    z = torch.mm(h_c, w.t()).float()
+    want = torch.exp(z[:64] - ref[:64, None])
+    want.scatter_(1, y_c[:64].clamp(min=0)[:, None], 0.0)
+    if plain:
+        want = z[:64]
+    err = ((p[:64].float() - want).norm() / want.norm()).item()
+    return run, err
+
+
+def op_call(x, w, y, path, mcfg, scale=True):
+    def run():
+        loss, gh, gw, _, _ = lce.launch_forward(x, w, None, y, None, IGNORE, 0.0, 0.0, "mean", True, path=path,
+                                                matmul_config=mcfg)
+        return (loss, gh * 1.0, gw * 1.0) if scale else (loss, gh, gw)
+    return run
+
+
+def extra_gib(fn, x, w):
+    return extra_peak_gib(fn) - (x.numel() + w.numel()) * 2 / 2**30  # beyond the two gradients (bf16)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--configs", default="all", choices=["all", "default"])
+    ap.add_argument("--name", default="lce_exp_matmul")
+    args = ap.parse_args(argv)
+    x, w, y = inputs()
+    flops = 2 * CHUNK * V * H
+    rows = []
+    buf = torch.empty(CHUNK, V, device="cuda", dtype=DT)
+    ms = graph_ms(lambda: torch.mm(x[:CHUNK], w.t(), out=buf), replays=20)
+    rows.append(dict(part=f"chunk {CHUNK} rows: cuBLAS logits", ms=ms, tflops=flops / ms / 1e9))
+    print(f"| cuBLAS mm [{CHUNK}, {H}] x [{H}, {V}] | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
+    best = (None, float("inf"))
+    for change in CONFIGS if args.configs == "all" else [{}]:
+        cfg = {**BASE, **change}
+        try:
+            run, err = chunk_matmul(x, w, y, cfg)
+            ms = graph_ms(run, replays=20)
+        except Exception as e:  # a tile that does not fit (registers, shared memory) is just not a candidate
+            print(f"| exp matmul {change} | {type(e).__name__}: {str(e)[:160]} |", flush=True)
+            continue
+        rows.append(dict(part="chunk: exp matmul", config=str(change or "default"), ms=ms,
+                         tflops=flops / ms / 1e9, rel_err_vs_cublas=err))
+        print(f"| exp matmul {change or 'default'} | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s | err {err:.2e} |",
+              flush=True)
+        if ms < best[1] and err < 1e-2 and not cfg.get("PLAIN"):
+            best = (cfg, ms)
+
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415
+
+    from liger_compile.kernels import lce_row_scaled_matmul  # noqa: PLC0415
+
+    p = torch.rand(CHUNK, V, device="cuda", dtype=DT) * 1e-3
+    r = torch.rand(CHUNK, device="cuda")
+    dh = torch.empty(CHUNK, H, device="cuda", dtype=DT)
+    ms = graph_ms(lambda: torch.mm(p, w, out=dh), replays=20)
+    rows.append(dict(part=f"chunk {CHUNK} rows: cuBLAS dh = P @ W", ms=ms, tflops=flops / ms / 1e9))
+    print(f"| cuBLAS dh [{CHUNK}, {V}] x [{V}, {H}] | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
+    want = (torch.mm(p, w).float() * r[:, None])
+    for cfg in DH_CONFIGS:
+        cfg = dict(cfg)
+        bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+        descs = (TensorDescriptor.from_tensor(p, [bm, bk]), TensorDescriptor.from_tensor(w, [bk, bn]),
+                 TensorDescriptor.from_tensor(dh, [bm, bn]))
+
+        def run(descs=descs, bm=bm, bn=bn, bk=bk, cfg=cfg):
+            lce_row_scaled_matmul.row_scaled_matmul_kernel[(triton.cdiv(CHUNK, bm) * triton.cdiv(H, bn),)](
+                *descs, r, CHUNK, V, UPCAST_DOT=False, BM=bm, BN=bn, BK=bk, **cfg)
+        try:
+            run()
+            err = ((dh.float() - want).norm() / want.norm()).item()
+            ms = graph_ms(run, replays=20)
+        except Exception as e:  # noqa: BLE001
+            print(f"| dh {bm}x{bn}x{bk} {cfg} | {type(e).__name__}: {str(e)[:160]} |", flush=True)
+            continue
+        rows.append(dict(part="chunk: row-scaled dh", config=f"{bm}x{bn}x{bk} {cfg}", ms=ms,
+                         tflops=flops / ms / 1e9, rel_err_vs_cublas=err))
+        print(f"| dh {bm}x{bn}x{bk} {cfg} | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s | err {err:.2e} |", flush=True)
+    del p, dh
+
+    def three_matmuls():
+        z = torch.mm(x, w.t())
+        return torch.mm(z, w), torch.mm(z.t(), x)
+
+    three = graph_ms(three_matmuls, replays=10)
+    rows.append(dict(part="three plain matmuls", ms=three))
+    print(f"three plain matmuls: {three:.2f} ms", flush=True)
+    results = {}
+    for name, path, mcfg in (("row_kernel", "row_kernel", None), ("exp_matmul default", "exp_matmul", None),
+                             ("exp_matmul fastest", "exp_matmul", best[0])):
+        if name.endswith("fastest") and (best[0] is None or best[0] == BASE):
+            continue
+        fn = op_call(x, w, y, path, mcfg)
+        ms = graph_ms(fn, replays=10)
+        gib = extra_gib(op_call(x, w, y, path, mcfg, scale=False), x, w)
+        results[name] = fn()
+        ev = median_ms(fn)  # events around eager calls, for comparison with the replay
+        print(f"   (events, no graph: {ev:.2f} ms)", flush=True)
+        rows.append(dict(part=f"op: {name}", config=str(mcfg), ms=ms, extra_beyond_grads_gib=gib))
+        print(f"| op {name} | {ms:.2f} ms | {gib:.3f} GiB |", flush=True)
+    ref = results["row_kernel"]
+    for name, got in results.items():
+        d = [abs(got[0] - ref[0]).item()] + [((a.float() - b.float()).norm() / b.float().norm()).item()
+                                              for a, b in zip(got[1:], ref[1:])]
+        print(f"{name} vs row_kernel: |loss diff| {d[0]:.2e}, grad_h rel {d[1]:.2e}, grad_w rel {d[2]:.2e}")
+        rows.append(dict(part=f"agreement: {name} vs row_kernel", loss_diff=d[0], grad_h_rel=d[1], grad_w_rel=d[2]))
+    three = graph_ms(three_matmuls, replays=10)
+    rows.append(dict(part="three plain matmuls (again)", ms=three))
+    print(f"three plain matmuls, again: {three:.2f} ms", flush=True)
+
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    fn = op_call(x, w, y, "exp_matmul", best[0])
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=16,
+                                                             max_name_column_width=40, max_shapes_column_width=60))
+    cols = ["part", "config", "ms", "tflops", "rel_err_vs_cublas", "extra_beyond_grads_gib", "loss_diff",
+            "grad_h_rel", "grad_w_rel"]
+    write_results(args.out, args.name, "lm_head + cross-entropy: the exp-epilogue matmul (graph replay)", rows, cols)
+
+
+if __name__ == "__main__":
+    main()

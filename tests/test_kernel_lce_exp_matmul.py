@@ -1,0 +1,147 @@
+"""lm_head + cross-entropy's exp-epilogue path (kernels/lce_exp_matmul.py, lce_row_combine.py,
+lce_row_scaled_matmul.py): loss and gradients against float64 and against eager bf16's own error.
+
+On CPU the three Triton kernels run in Triton's interpreter (tests/conftest.py) with 16-row tiles; on the H200 they
+run for real, where this path is the op's default for bf16."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+
+from liger_compile.kernels import lce_exp_matmul
+from liger_compile.kernels import linear_cross_entropy as lce
+
+IGNORE = -100
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+N = 300 if DEV == "cuda" else 37  # several 128-row (GPU) or 16-row (CPU) tiles, the last one ragged
+H, V = 48, 203  # a vocabulary no multiple of any tile
+
+
+@pytest.fixture(autouse=True)
+def interpreted_or_cuda():
+    if DEV == "cpu" and isinstance(lce_exp_matmul.exp_matmul_kernel, triton.runtime.jit.JITFunction):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment (or conftest)")
+
+
+@pytest.fixture
+def several_chunks(monkeypatch):
+    """Workspace for one row tile per chunk: N rows go in several chunks, so dW accumulates across them."""
+    bm = lce_exp_matmul.config(DEV)["BM"]
+    tiles = triton.cdiv(V, lce_exp_matmul.config(DEV)["BN"])
+    monkeypatch.setattr(lce, "EXP_MATMUL_WORKSPACE_BYTES", bm * (triton.cdiv(V, 8) * 8 * 2 + tiles * 4 + 24))
+    assert len(lce.exp_matmul_chunks(N, V, bm, tiles)) == triton.cdiv(N, bm)
+
+
+def make(seed=0, scale=2.0, n=N):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, H, generator=g).bfloat16()
+    w = (torch.randn(V, H, generator=g) * scale / math.sqrt(H)).bfloat16()
+    y = torch.randint(0, V, (n,), generator=g)
+    y[::7] = IGNORE
+    return x, w, y
+
+
+def exp_path(x, w, y, num_items=None, softcap=0.0, reduction="mean"):
+    out = lce.launch_forward(x.to(DEV), w.to(DEV), None, y.to(DEV), None if num_items is None else num_items.to(DEV),
+                             IGNORE, 0.0, softcap, reduction, True, path="exp_matmul")
+    return [t.cpu() for t in out[:3]]
+
+
+def reference(x, w, y, dtype, num_items=None, softcap=0.0, reduction="mean"):
+    """Eager: F.linear in dtype, then cross-entropy on the fp32 (fp64) logits; loss and (dx, dw)."""
+    xx, ww = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    z = F.linear(xx, ww)
+    z = z.double() if dtype == torch.float64 else z.float()
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    loss = F.cross_entropy(z, y, ignore_index=IGNORE, reduction=reduction)
+    if num_items is not None:
+        loss = loss / num_items
+    return [loss.detach(), *torch.autograd.grad(loss, (xx, ww))]
+
+
+def rel(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("case", ["mean", "num_items", "softcap", "sum_softcap"])
+def test_exp_path_as_close_to_float64_as_eager_bf16(case, several_chunks):
+    kw = dict(mean={}, num_items=dict(num_items=torch.tensor(29.0), reduction="sum"), softcap=dict(softcap=3.0),
+              sum_softcap=dict(softcap=3.0, reduction="sum"))[case]
+    x, w, y = make()
+    ours = exp_path(x, w, y, **kw)
+    ref = reference(x, w, y, torch.float64, **kw)
+    eager = reference(x, w, y, torch.bfloat16, **kw)
+    assert abs(ours[0].item() - ref[0].item()) <= abs(eager[0].item() - ref[0].item()) * 2 + 1e-4 * abs(ref[0].item())
+    for got, want, theirs in zip(ours[1:], ref[1:], eager[1:]):
+        assert torch.isfinite(got).all()
+        assert rel(got, want) <= rel(theirs, want) * 2 + 1e-4
+
+
+def test_exp_path_rows_far_below_their_max_are_computed_again(several_chunks):
+    """Logits ~ +-300 apart: exp(z - z_label) overflows fp32 on most rows, the first pass flags them and the second
+    launch recomputes them against their true max. Without it the loss and gradients would be inf/nan."""
+    x, w, y = make(scale=60.0)
+    ours = exp_path(x, w, y)
+    ref = reference(x, w, y, torch.float64)
+    eager = reference(x, w, y, torch.bfloat16)
+    assert abs(ours[0].item() - ref[0].item()) <= abs(eager[0].item() - ref[0].item()) * 2 + 1e-3 * ref[0].item()
+    for got, want, theirs in zip(ours[1:], ref[1:], eager[1:]):
+        assert torch.isfinite(got).all()
+        assert rel(got, want) <= rel(theirs, want) * 2 + 1e-3
+
+
+def test_exp_path_confident_rows_keep_their_gradient():
+    """p_label -> 1: the label's gradient p - 1 is ~ -sum of the others, kept without cancellation."""
+    x, w, y = make(n=16)
+    y[:] = torch.arange(16)
+    w[:16] = (x[:16].float()).bfloat16()  # the label's logit ~ |x|^2 ~ 48, far above the rest
+    ours = exp_path(x[:16], w, y)
+    ref = reference(x[:16], w, y, torch.float64)
+    assert ref[0].item() < 1e-7 and ours[0].item() > 0  # eager fp32 would round lse - z_y to 0 here
+    assert abs(ours[0].item() - ref[0].item()) <= 0.05 * ref[0].item()
+    assert rel(ours[1], ref[1]) < 0.05 and rel(ours[2], ref[2]) < 0.05
+
+
+def test_exp_path_all_ignored_and_bad_labels():
+    x, w, y = make(n=20)
+    loss, dx, dw = exp_path(x, w, torch.full_like(y, IGNORE))
+    assert math.isnan(loss.item()) and (dx == 0).all() and (dw == 0).all()  # torch: 0/0
+    y_bad = y.clone()
+    y_bad[3] = V  # outside the vocabulary, not ignore_index: the loss is NaN, never a silent number
+    assert math.isnan(exp_path(x, w, y_bad)[0].item())
+
+
+def test_exp_path_one_token():
+    x, w, y = make(n=1)
+    y[0] = 5
+    ours, ref = exp_path(x, w, y), reference(x, w, y, torch.float64)
+    assert abs(ours[0].item() - ref[0].item()) < 1e-2
+    assert rel(ours[1], ref[1]) < 2e-2 and rel(ours[2], ref[2]) < 2e-2
+
+
+def test_exp_matmul_chunks_fit_the_workspace():
+    """Llama-3's vocabulary: 16384 tokens in 16 chunks of 1024 rows, the working memory under 0.25 GiB."""
+    v, tiles = 128256, triton.cdiv(128256, 256)
+    chunks = lce.exp_matmul_chunks(16384, v, 128, tiles)
+    assert [e - s for s, e in chunks] == [1024] * 16
+    assert 1024 * (v * 2 + tiles * 4 + 24) < 0.25 * 2**30
+    chunks = lce.exp_matmul_chunks(1000, v, 128, tiles)  # a ragged end
+    assert chunks[0][0] == 0 and chunks[-1][1] == 1000 and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+
+
+def test_exp_matmul_applies_only_where_it_is_exact():
+    x, w = torch.randn(4, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+    assert not lce.exp_matmul_applies(x, w, None, 0.0, False)  # CPU
+    if DEV == "cuda":
+        xc, wc = x.cuda(), w.cuda()
+        assert lce.exp_matmul_applies(xc, wc, None, 0.0, False) == (torch.cuda.get_device_capability() >= (9, 0))
+        assert not lce.exp_matmul_applies(xc.float(), wc.float(), None, 0.0, False)
+        assert not lce.exp_matmul_applies(xc.half(), wc.half(), None, 0.0, False)
+        assert not lce.exp_matmul_applies(xc, wc, torch.zeros(8).cuda(), 0.0, False)
+        assert not lce.exp_matmul_applies(xc, wc, None, 0.1, False)
+        assert not lce.exp_matmul_applies(xc, wc, None, 0.0, True)
+        assert not lce.exp_matmul_applies(torch.randn(4, 12).bfloat16().cuda(), torch.randn(8, 12).bfloat16().cuda(),
+                                          None, 0.0, False)
