@@ -19,6 +19,7 @@ import sys
 
 import torch
 import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import extra_peak_gib, graph_ms, median_ms, write_results  # noqa: E402
@@ -92,6 +93,73 @@ def chunk_matmul(x, w, y, cfg):
     return run, err
 
 
+@triton.jit
+def acc_matmul_kernel(a_desc, b_desc, C, c_row_stride, m_dim, n_dim, k_dim, PREFETCH_C: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Bench-only candidate for dW += P^T hs: C[M, N] (bf16) += A^T B, A: [K, M] blocks [BK, BM], B: [K, N] blocks
+    [BK, BN]. PREFETCH_C loads C's tile before the K loop, so that its read overlaps the products (cuBLAS's addmm
+    reads C after them)."""
+    n_col_tiles = tl.cdiv(n_dim, BN)
+    off_m = (tl.program_id(0) // n_col_tiles) * BM  # the N tiles of one M block are neighbours: A leaves DRAM once
+    off_n = (tl.program_id(0) % n_col_tiles) * BN
+    rows = off_m + tl.arange(0, BM)
+    cols = off_n + tl.arange(0, BN)
+    mask = (rows < m_dim)[:, None] & (cols < n_dim)[None, :]
+    ptrs = C + rows.to(tl.int64)[:, None] * c_row_stride + cols[None, :]
+    if PREFETCH_C:
+        c = tl.load(ptrs, mask=mask, other=0.0)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, k_dim, BK):
+        a = a_desc.load([k, off_m])
+        b = b_desc.load([k, off_n])
+        acc = tl.dot(a.T, b, acc)
+    if not PREFETCH_C:
+        c = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, (acc + c.to(tl.float32)).to(tl.bfloat16), mask=mask)
+
+
+DW_CONFIGS = [
+    dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, PREFETCH_C=True),
+    dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, PREFETCH_C=False),
+    dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4, PREFETCH_C=True),
+    dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4, PREFETCH_C=True),
+    dict(BM=256, BN=128, BK=64, num_warps=8, num_stages=3, PREFETCH_C=True),
+]
+
+
+def dw_sweep(rows, p, w, r):
+    """dW += P^T hs for one chunk: cuBLAS's addmm_ against acc_matmul_kernel settings (graph replay)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415
+
+    hs = (torch.randn(CHUNK, H, device="cuda") * r[:, None]).to(DT)
+    dw0 = torch.randn(V, H, device="cuda", dtype=DT) * 1e-2
+    dw = dw0.clone()
+    flops = 2 * CHUNK * V * H
+    ms = graph_ms(lambda: dw.addmm_(p.t(), hs), replays=20)
+    rows.append(dict(part=f"chunk {CHUNK} rows: cuBLAS dW += P^T hs", ms=ms, tflops=flops / ms / 1e9))
+    print(f"| cuBLAS dW addmm_ | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
+    want = torch.addmm(dw0.float(), p.t().float(), hs.float())
+    for cfg in DW_CONFIGS:
+        cfg = dict(cfg)
+        bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+        descs = (TensorDescriptor.from_tensor(p, [bk, bm]), TensorDescriptor.from_tensor(hs, [bk, bn]))
+
+        def run(descs=descs, bm=bm, bn=bn, bk=bk, cfg=cfg):
+            acc_matmul_kernel[(triton.cdiv(V, bm) * triton.cdiv(H, bn),)](
+                *descs, dw, H, V, H, CHUNK, BM=bm, BN=bn, BK=bk, **cfg)
+        try:
+            dw.copy_(dw0)
+            run()
+            err = ((dw.float() - want).norm() / want.norm()).item()
+            ms = graph_ms(run, replays=20)
+        except Exception as e:  # noqa: BLE001
+            print(f"| dW {bm}x{bn}x{bk} {cfg} | {type(e).__name__}: {str(e)[:160]} |", flush=True)
+            continue
+        rows.append(dict(part="chunk: dW acc matmul", config=f"{bm}x{bn}x{bk} {cfg}", ms=ms, tflops=flops / ms / 1e9,
+                         rel_err_vs_cublas=err))
+        print(f"| dW {bm}x{bn}x{bk} {cfg} | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s | err {err:.2e} |", flush=True)
+
+
 def op_call(x, w, y, path, mcfg, scale=True):
     def run():
         loss, gh, gw, _, _ = lce.launch_forward(x, w, None, y, None, IGNORE, 0.0, 0.0, "mean", True, path=path,
@@ -163,7 +231,9 @@ def main(argv=None):
         rows.append(dict(part="chunk: row-scaled dh", config=f"{bm}x{bn}x{bk} {cfg}", ms=ms,
                          tflops=flops / ms / 1e9, rel_err_vs_cublas=err))
         print(f"| dh {bm}x{bn}x{bk} {cfg} | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s | err {err:.2e} |", flush=True)
-    del p, dh
+    del dh
+    dw_sweep(rows, p, w, r)
+    del p
 
     def three_matmuls():
         z = torch.mm(x, w.t())

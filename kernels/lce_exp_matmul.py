@@ -78,6 +78,11 @@ def exp_matmul_kernel(
         off_m = (tile % n_row_tiles) * BM
         pid_n = tile // n_row_tiles
         off_n = pid_n * BN
+        # the epilogue's row data, loaded before the products so that their latency hides behind them
+        rows = off_m + tl.arange(0, BM)
+        row_ok = rows < n_rows
+        label = tl.load(LABELS + rows, mask=row_ok, other=-1).to(tl.int32)
+        ref = tl.load(REF + rows, mask=row_ok, other=float("inf"))
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, k_dim, BK):
             a = h_desc.load([off_m, k])
@@ -90,10 +95,6 @@ def exp_matmul_kernel(
         if PLAIN:
             p_desc.store([off_m, off_n], acc.to(tl.bfloat16))
         else:
-            rows = off_m + tl.arange(0, BM)
-            row_ok = rows < n_rows
-            label = tl.load(LABELS + rows, mask=row_ok, other=-1).to(tl.int32)
-            ref = tl.load(REF + rows, mask=row_ok, other=float("inf"))
             if SUBTILE == 2:
                 halves = tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1))
                 acc0, acc1 = tl.split(halves)

@@ -6,6 +6,7 @@ caller computed for ref):
     loss_i  = log1p(S_other / e_y) if e_y >= S_other else log(S) - x_y       (= lse - zc_y, exact when confident)
     r_i     = (1 / D) / S                    so that d loss / d z_ij = r_i * P_ij for every column j
     P[i, y] = -S_other * (1 - t_y^2)         the label's entry: (p_y - 1) / r_i without the cancellation of p_y - 1
+    hs_i    = bf16(r_i * h_i)                the dW matmul's right operand, dW += P^T hs
 Ignored rows: loss 0, r 0. A label outside [0, V) that is not ignore_index: loss and r NaN (never a silent number).
 The first launch also checks that every exp(zc - ref) was safe (the row's max <= SAFE_EXP); for a row where one was
 not, it stores ref + max as the row's new reference and raises the rerun flag, and the matmul and this kernel run
@@ -19,13 +20,15 @@ from ._math import log1p, round_to_bf16
 
 @triton.jit
 def row_combine_kernel(
-    P, p_row_stride, REF, LABELS, PART_SUM, ROW_MAX, Z_LABEL, LOSSES, ROW_SCALE, INV_DENOM, RERUN,
-    n_rows, n_cols, n_col_tiles, ignore_index, softcap, safe_exp,
-    HAS_SOFTCAP: tl.constexpr, IS_RERUN: tl.constexpr, ROUND_BY_HAND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    P, p_row_stride, REF, LABELS, PART_SUM, ROW_MAX, Z_LABEL, LOSSES, ROW_SCALE, INV_DENOM, RERUN, H, H_SCALED,
+    h_row_stride, n_rows, n_cols, n_col_tiles, k_dim, ignore_index, softcap, safe_exp,
+    HAS_SOFTCAP: tl.constexpr, IS_RERUN: tl.constexpr, ROUND_BY_HAND: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # ROUND_BY_HAND: for Triton's interpreter, see round_to_bf16. P: [C, V] bf16 (row stride p_row_stride);
     # REF, ROW_MAX, Z_LABEL (zc_y), LOSSES, ROW_SCALE: [C] fp32; LABELS: [C] int64; PART_SUM: [C, n_col_tiles] fp32;
-    # INV_DENOM: [1] fp32 (1/D); RERUN: [1] int32.
+    # INV_DENOM: [1] fp32 (1/D); RERUN: [1] int32; H: [C, K] bf16 (row stride h_row_stride) and H_SCALED: [C, K]
+    # contiguous bf16, which gets diag(r) H for the dW matmul.
     live = n_rows
     if IS_RERUN:
         live = tl.where(tl.load(RERUN) != 0, n_rows, 0)
@@ -68,3 +71,9 @@ def row_combine_kernel(
         g_y = g_y * (1.0 - t_y * t_y)
     y = tl.where(good, label, 0)
     tl.store(P + rows.to(tl.int64) * p_row_stride + y, round_to_bf16(g_y, ROUND_BY_HAND).to(tl.bfloat16), mask=good)
+    for start in range(0, k_dim, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)
+        m = row_ok[:, None] & (k < k_dim)[None, :]
+        h = tl.load(H + rows.to(tl.int64)[:, None] * h_row_stride + k[None, :], mask=m, other=0.0).to(tl.float32)
+        hs = round_to_bf16(h * r[:, None], ROUND_BY_HAND)
+        tl.store(H_SCALED + rows.to(tl.int64)[:, None] * k_dim + k[None, :], hs.to(tl.bfloat16), mask=m)

@@ -13,8 +13,17 @@ Gradient of the loss with respect to z (p = softmax(z)):
     dh    = dz @ W,   dW = dz^T @ h,   db = sum over rows of dz
 
 The forward pass computes the gradients too (the loss is a scalar, so its gradient needs nothing but the loss's own
-inputs), so backward only scales them by grad_output. Tokens go in equal chunks of C rows, C chosen so one chunk's
-logits fit a fixed budget (``chunk_rows``). Per chunk:
+inputs), so backward only scales them by grad_output. Tokens go in chunks whose [C, V] working buffer fits a fixed
+budget, by one of two paths (``launch_forward``):
+
+exp_matmul (bf16 on Hopper, no bias, no smoothing: the common training case; ``exp_matmul_applies``): our own logits
+matmul finishes each tile in registers as P = exp(zc - ref) with ref the label's logit, so the chunk's logits are
+written once and never read back by a row pass; a per-row factor r = (1/D) / sum(exp(zc - ref)) then turns P into
+dz inside the backward's matmuls (dh = diag(r) (P @ W) in our matmul's epilogue, dW += P^T diag(r) h by cuBLAS).
+See _forward_exp_matmul and kernels/lce_*.py. H200, 16384 x 4096 tokens, V = 128256: 79.5 ms against 84.3 for the
+row-kernel path and 76.6 for the three plain matmuls, in one run (bench/results/lce_exp_matmul.md).
+
+row_kernel (every other case; ``chunk_rows`` sets C). Per chunk:
     1. logits = h_c @ W^T (+ b)                cuBLAS, input dtype
     2. one Triton program per row: an online max / sum-of-exp over BLOCK_V-wide tiles, the row's loss, then a
        second pass that overwrites the row's logits with dz, in place (input dtype)
@@ -38,7 +47,7 @@ import triton.language as tl
 from torch.library import custom_op, wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import lce_exp_matmul, lce_row_combine, lce_row_scaled_matmul
+from . import lce_exp_matmul, lce_label_logit, lce_row_combine, lce_row_scaled_matmul
 from ._common import use_triton
 from ._math import log1p as _log1p
 from ._math import tanh as _tanh
@@ -345,12 +354,14 @@ def exp_matmul_applies(h, weight, bias, label_smoothing, keep_logits) -> bool:
     - CUDA with TMA (compute capability 9.0+): the matmul is fed by tensor descriptors;
     - bf16 hidden and weight: exp(z - ref) needs fp32's exponent range, which bf16 has and fp16 (max 65504) has
       not; fp32 inputs would need a tf32 or fp32 matmul of their own;
-    - hidden size a multiple of 8: TMA wants 16-byte row strides;
+    - hidden size a multiple of 8, unit column strides, 16-byte aligned starts: what TMA reads;
     - no bias (no HF causal LM has an lm_head bias), no label smoothing: both add terms that are not one factor
       per row (db needs sum_i r_i P_ij; smoothing adds eps / V to every column, times 1 - t^2 with softcap);
     - logits not kept: the epilogue writes exp(z - ref), not z."""
     return (h.device.type == "cuda" and torch.cuda.get_device_capability(h.device) >= (9, 0)
             and h.dtype == weight.dtype == torch.bfloat16 and h.shape[-1] % 8 == 0
+            and h.stride(-1) == 1 and h.stride(0) % 8 == 0 and weight.is_contiguous()
+            and h.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
             and bias is None and label_smoothing == 0 and not keep_logits)
 
 
@@ -379,11 +390,12 @@ def exp_matmul_chunks(n: int, v: int, block_rows: int, n_col_tiles: int) -> list
 
 def _forward_exp_matmul(h, weight, y, inv_denom, ignore_index, softcap, config=None):
     """Per chunk of C tokens (grad_h's [C, H] slice serves as scratch until the chunk's dh lands in it):
-      1. zc_y, the label's soft-capped logit, by one dot product per row (bf16 like the logits); ref = zc_y, or +inf
-         on rows that take no part;
+      1. lce_label_logit: zc_y, the label's soft-capped logit (bf16 like the logits); ref = zc_y, or +inf on rows
+         that take no part;
       2. lce_exp_matmul: P = exp(zc - ref) (label column 0), partial sums, row max;
-      3. lce_row_combine: loss, row factor r, P's label entry; 2 and 3 again only if a row overflowed (device flag);
-      4. dW += P^T (diag(r) h_c) by cuBLAS (diag(r) h_c rounded to bf16 in the scratch);
+      3. lce_row_combine: loss, row factor r, P's label entry, diag(r) h_c (bf16, into the scratch); 2 and 3 run
+         again only if a row overflowed (a flag on the device);
+      4. dW += P^T (diag(r) h_c) by cuBLAS;
       5. dh_c = diag(r) (P @ W) by lce_row_scaled_matmul, into grad_h's slice."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -408,6 +420,7 @@ def _forward_exp_matmul(h, weight, y, inv_denom, ignore_index, softcap, config=N
     part_sum = torch.empty((rows, n_col_tiles), dtype=torch.float32, device=device)
     row_max = torch.empty(rows, dtype=torch.float32, device=device)
     ref = torch.empty(rows, dtype=torch.float32, device=device)
+    z_label = torch.empty(rows, dtype=torch.float32, device=device)
     row_scale = torch.empty(rows, dtype=torch.float32, device=device)
     rerun = torch.zeros(len(chunks), dtype=torch.int32, device=device)
     w_desc = TensorDescriptor.from_tensor(weight, [bn, bk])
@@ -420,13 +433,10 @@ def _forward_exp_matmul(h, weight, y, inv_denom, ignore_index, softcap, config=N
         h_c, y_c = h[start:end], y[start:end]
         p = buffer[:c, :v]
         scratch = grad_h[start:end]
-        good = (y_c != ignore_index) & (y_c >= 0) & (y_c < v)
-        torch.index_select(weight, 0, torch.where(good, y_c, 0), out=scratch)
-        z_y = torch.bmm(h_c.unsqueeze(1), scratch.unsqueeze(2)).view(c).float()
-        if softcap > 0:
-            z_y = softcap * torch.tanh(z_y / softcap)
-        ref[:c] = z_y.masked_fill(~good, math.inf)
-        row_max[:c].fill_(-math.inf)
+        wrap_triton(lce_label_logit.label_logit_kernel)[(c,)](
+            h_c, weight, y_c, z_label, ref, row_max, h_c.stride(0), v, k_dim, ignore_index, softcap,
+            HAS_SOFTCAP=softcap > 0, ROUND_BY_HAND=upcast, BLOCK_K=min(1024, triton.next_power_of_2(k_dim)),
+            num_warps=4)
         tiles = triton.cdiv(c, bm) * n_col_tiles
         grid = (min(tiles, _sm_count(device)) if persistent and device.type == "cuda" else tiles,)
         descs = (TensorDescriptor.from_tensor(h_c, [bm, bk]), w_desc,
@@ -438,11 +448,10 @@ def _forward_exp_matmul(h, weight, y, inv_denom, ignore_index, softcap, config=N
                 HAS_SOFTCAP=softcap > 0, IS_RERUN=is_rerun, UPCAST_DOT=upcast, BM=bm, BN=bn, BK=bk,
                 SUBTILE=subtile, PLAIN=False, **cfg)
             wrap_triton(lce_row_combine.row_combine_kernel)[(triton.cdiv(c, block_r),)](
-                p, v_pad, ref, y_c, part_sum, row_max, z_y, losses[start:end], row_scale, inv_denom, flag,
-                c, v, n_col_tiles, ignore_index, softcap, lce_exp_matmul.SAFE_EXP,
-                HAS_SOFTCAP=softcap > 0, IS_RERUN=is_rerun, ROUND_BY_HAND=upcast, BLOCK_R=block_r, BLOCK_T=block_t,
-                num_warps=4)
-        torch.mul(h_c, row_scale[:c, None], out=scratch)
+                p, v_pad, ref, y_c, part_sum, row_max, z_label, losses[start:end], row_scale, inv_denom, flag,
+                h_c, scratch, h_c.stride(0), c, v, n_col_tiles, k_dim, ignore_index, softcap,
+                lce_exp_matmul.SAFE_EXP, HAS_SOFTCAP=softcap > 0, IS_RERUN=is_rerun, ROUND_BY_HAND=upcast,
+                BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_K=min(512, triton.next_power_of_2(k_dim)), num_warps=4)
         grad_w.addmm_(p.t(), scratch)
         wrap_triton(lce_row_scaled_matmul.row_scaled_matmul_kernel)[
             (triton.cdiv(c, dh_bm) * triton.cdiv(k_dim, dh_bn),)](

@@ -63,4 +63,4 @@ def test_every_launch_passes_every_parameter(checked_launches, cols):
     linear_cross_entropy.launch_forward(hb, wb, None, torch.tensor([1, -100, 2, 0, 3]).to(DEV), None, -100, 0.0, 0.0,
                                         "mean", True, path="exp_matmul")
     assert {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rotary_kernel", "_lce_chunk_kernel",
-            "exp_matmul_kernel", "row_combine_kernel", "row_scaled_matmul_kernel"} <= set(checked_launches)
+            "exp_matmul_kernel", "row_combine_kernel", "row_scaled_matmul_kernel", "label_logit_kernel"} <= set(checked_launches)
