@@ -34,10 +34,14 @@ def row_scaled_matmul_kernel(
     c_desc.store([off_m, off_n], round_to_bf16(acc * r[:, None], UPCAST_DOT).to(tl.bfloat16))
 
 
-def config(device_type: str) -> dict:
-    """Tile settings. CUDA: 128 x 256 tiles, 64-deep K steps, 8 warps, 4 stages. H200, dh of one 1024-row chunk
-    ([1024, 128256] x [128256, 4096]) by graph replay: 1.30 ms, cuBLAS's bf16 product without the row factor 1.27;
-    128 x 128 tiles 1.41 (bench/results/lce_exp_matmul.md)."""
+def config(device_type: str, m: int = 0, n: int = 0, sms: int = 1) -> dict:
+    """Tile settings for an [m, n] output on sms multiprocessors. CUDA: 128 x 256 tiles, 64-deep K steps, 8 warps,
+    4 stages. H200, dh of one 1024-row chunk ([1024, 128256] x [128256, 4096]) by graph replay: 1.28 ms, cuBLAS's
+    bf16 product without the row factor 1.29-1.31; 128 x 128 tiles 1.38 (bench/results/lce_exp_matmul.md). One
+    program per tile and no split of K: where 128 x 256 tiles would leave more than a tenth of the multiprocessors
+    idle (a hidden size of 2048: 64 tiles for 132), 128 x 128 tiles (twice as many) are used."""
     if device_type != "cuda":
         return dict(BM=16, BN=32, BK=16, num_warps=4, num_stages=1)
+    if triton.cdiv(m, 128) * triton.cdiv(n, 256) < 0.9 * sms:
+        return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4)
     return dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=4)
