@@ -359,6 +359,13 @@ def launch_forward(hidden, weight, bias, labels, num_items, ignore_index, label_
 # LIGER_COMPILE_LCE_PATH=row_kernel (or exp_matmul) pins the path the op takes, for comparisons and diagnosis
 FORCED_PATH = os.environ.get("LIGER_COMPILE_LCE_PATH") or None
 
+# The exp path is the default from this hidden size up. H200, V = 128256, 16384 tokens: at 4096 (Llama-3-8B's lm_head)
+# 80.9 ms by graph replay against 84.1-84.3 for the row-kernel path (bench/results/kernels.md, lce_exp_matmul.md). At
+# 2048 (Llama-3.2-1B) the one whole-step measurement, taken before two fixes (the dh matmul's tiles filled half the
+# GPU at that size; a leak kept every step's chunk buffer), was 3% slower per step than the row-kernel path; until it
+# is measured again there, smaller hidden sizes keep the row-kernel path (LIGER_COMPILE_LCE_PATH=exp_matmul forces it).
+EXP_MATMUL_MIN_HIDDEN = 4096
+
 # device -> True once the exp-epilogue path ran there, False once it failed to build there (row-kernel path after)
 _EXP_MATMUL_BUILDS: dict = {}
 
@@ -371,9 +378,11 @@ def exp_matmul_applies(h, weight, bias, label_smoothing, keep_logits) -> bool:
     - hidden size a multiple of 8, unit column strides, 16-byte aligned starts: what TMA reads;
     - no bias (no HF causal LM has an lm_head bias), no label smoothing: both add terms that are not one factor
       per row (db needs sum_i r_i P_ij; smoothing adds eps / V to every column, times 1 - t^2 with softcap);
-    - logits not kept: the epilogue writes exp(z - ref), not z."""
+    - logits not kept: the epilogue writes exp(z - ref), not z;
+    - hidden size at least EXP_MATMUL_MIN_HIDDEN: where it was measured faster (see there)."""
     return (h.device.type == "cuda" and torch.cuda.get_device_capability(h.device) >= (9, 0)
             and h.dtype == weight.dtype == torch.bfloat16 and h.shape[-1] % 8 == 0
+            and h.shape[-1] >= EXP_MATMUL_MIN_HIDDEN
             and h.stride(-1) == 1 and h.stride(0) % 8 == 0 and weight.is_contiguous()
             and h.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
             and bias is None and label_smoothing == 0 and not keep_logits)

@@ -132,8 +132,9 @@ def test_exp_matmul_chunks_fit_the_workspace():
     assert chunks[0][0] == 0 and chunks[-1][1] == 1000 and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
 
 
-def test_exp_matmul_applies_only_where_it_is_exact():
-    x, w = torch.randn(4, 16).bfloat16(), torch.randn(8, 16).bfloat16()
+def test_exp_matmul_applies_only_where_it_is_exact_and_measured_faster():
+    hid = lce.EXP_MATMUL_MIN_HIDDEN
+    x, w = torch.randn(4, hid).bfloat16(), torch.randn(8, hid).bfloat16()
     assert not lce.exp_matmul_applies(x, w, None, 0.0, False)  # CPU
     if DEV == "cuda":
         xc, wc = x.cuda(), w.cuda()
@@ -143,8 +144,9 @@ def test_exp_matmul_applies_only_where_it_is_exact():
         assert not lce.exp_matmul_applies(xc, wc, torch.zeros(8).cuda(), 0.0, False)
         assert not lce.exp_matmul_applies(xc, wc, None, 0.1, False)
         assert not lce.exp_matmul_applies(xc, wc, None, 0.0, True)
-        assert not lce.exp_matmul_applies(torch.randn(4, 12).bfloat16().cuda(), torch.randn(8, 12).bfloat16().cuda(),
-                                          None, 0.0, False)
+        assert not lce.exp_matmul_applies(torch.randn(4, hid + 4).bfloat16().cuda(),
+                                          torch.randn(8, hid + 4).bfloat16().cuda(), None, 0.0, False)  # TMA strides
+        assert not lce.exp_matmul_applies(xc[:, : hid // 2], wc[:, : hid // 2].contiguous(), None, 0.0, False)
 
 
 @pytest.mark.parametrize("path", ["exp_matmul", "row_kernel"])
@@ -165,3 +167,19 @@ def test_launches_keep_nothing_alive(path):
     if DEV == "cuda":
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() == allocated
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="Llama-3's full vocabulary: too large for the interpreter")
+def test_exp_path_full_vocab_bf16_vs_float64():
+    """V = 128256, 2048 tokens in two chunks: loss and gradients at least as close to float64 as eager bf16's (x2)."""
+    n, hid, v = 2048, 1024, 128256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(n, hid, device="cuda", generator=g) * 0.5).bfloat16()
+    w = (torch.randn(v, hid, device="cuda", generator=g) * 0.02).bfloat16()
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    y[::7] = IGNORE
+    loss, dx, dw = lce.launch_forward(x, w, None, y, None, IGNORE, 0.0, 0.0, "mean", True, path="exp_matmul")[:3]
+    ref, eager = reference(x, w, y, torch.float64), reference(x, w, y, torch.bfloat16)
+    assert abs(loss.item() - ref[0].item()) <= abs(eager[0].item() - ref[0].item()) * 2 + 1e-4
+    assert rel(dx, ref[1]) <= rel(eager[1], ref[1]) * 2 + 1e-4
+    assert rel(dw, ref[2]) <= rel(eager[2], ref[2]) * 2 + 1e-4
