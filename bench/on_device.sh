@@ -28,6 +28,8 @@
 # Carry wheels in .whl (see the device tool's README): Liger-Kernel, and for the sft stage trl, datasets, dill and
 # multiprocess (the image has no TRL). Results and logs go to $OUT/results.tgz
 # (the device returns only a few files) and each stage's last lines to the call's output.
+# One invocation per TAG: each invocation removes its results folder when it ends (after packing it), so a second
+# invocation under the same TAG replaces the first one's .tgz; chain stages in one invocation instead.
 # On a machine of several GPUs two lists of stages can run at once, one per GPU, each under its own TAG:
 #   bash bench/on_device.sh install; CUDA_VISIBLE_DEVICES=1 TAG=a bash bench/on_device.sh tests > $OUT/a.log &
 #   CUDA_VISIBLE_DEVICES=0 TAG=b bash bench/on_device.sh kernels; wait     (results_a.tgz, results_b.tgz)
