@@ -299,9 +299,16 @@ def launch_forward(hidden, weight, bias, labels, num_items, ignore_index, label_
     device = h.device
     denom = _denominator(y, num_items, ignore_index, reduction, device)
     inv_denom = (1.0 / denom).reshape(1)
-    auto = path is None and not FORCED_PATH
-    path = path or FORCED_PATH
-    if auto:
+    auto = path is None
+    exact = exp_matmul_exact(h, weight, bias, label_smoothing, keep_logits)
+    if path == "exp_matmul" and not exact:
+        raise ValueError("linear_cross_entropy: the exp_matmul path takes bf16 inputs without bias, label smoothing "
+                         "or kept logits")
+    if auto and FORCED_PATH == "exp_matmul":  # pinned by the environment: wherever it is exact and runs
+        path = "exp_matmul" if use_kernel and exact and exp_matmul_runs(h, weight) else "row_kernel"
+    elif auto and FORCED_PATH:
+        path = FORCED_PATH
+    elif auto:
         path = "exp_matmul" if use_kernel and exp_matmul_applies(h, weight, bias, label_smoothing, keep_logits) \
             and _EXP_MATMUL_BUILDS.get(device) is not False else "row_kernel"
     if path == "exp_matmul":
@@ -312,7 +319,7 @@ def launch_forward(hidden, weight, bias, labels, num_items, ignore_index, label_
             loss = losses.sum() / denom
             return loss, grad_h.view(hidden.shape), grad_w.to(weight.dtype), h.new_empty(0), h.new_empty(0)
         except Exception as e:  # noqa: BLE001
-            if not auto or _EXP_MATMUL_BUILDS.get(device):
+            if not auto or FORCED_PATH or _EXP_MATMUL_BUILDS.get(device):
                 raise  # asked for by name, or it ran here before: a real error, not a build failure
             # a Triton or driver that cannot build the kernel (shared memory, an older TMA API): the other path
             warnings.warn(f"liger_compile: lm_head + cross-entropy's exp-epilogue matmul did not build on {device} "
@@ -356,8 +363,11 @@ def launch_forward(hidden, weight, bias, labels, num_items, ignore_index, label_
     return loss, grad_h.view(hidden.shape), grad_w.to(weight.dtype), grad_b, kept
 
 
-# LIGER_COMPILE_LCE_PATH=row_kernel (or exp_matmul) pins the path the op takes, for comparisons and diagnosis
+# LIGER_COMPILE_LCE_PATH=row_kernel pins the row-kernel path, =exp_matmul the exp path wherever it is exact and
+# runs (any hidden size), for comparisons and diagnosis
 FORCED_PATH = os.environ.get("LIGER_COMPILE_LCE_PATH") or None
+if FORCED_PATH not in (None, "row_kernel", "exp_matmul"):
+    raise ValueError(f"LIGER_COMPILE_LCE_PATH must be row_kernel or exp_matmul, not {FORCED_PATH!r}")
 
 # The exp path is the default from this hidden size up. H200, V = 128256, 16384 tokens: at 4096 (Llama-3-8B's lm_head)
 # 80.9 ms by graph replay against 84.1-84.3 for the row-kernel path (bench/results/kernels.md, lce_exp_matmul.md). At
@@ -370,27 +380,36 @@ EXP_MATMUL_MIN_HIDDEN = 4096
 _EXP_MATMUL_BUILDS: dict = {}
 
 
-def exp_matmul_applies(h, weight, bias, label_smoothing, keep_logits) -> bool:
-    """Where the exp-epilogue path runs; everything else takes the row-kernel path, case by case:
-    - CUDA with TMA (compute capability 9.0+): the matmul is fed by tensor descriptors;
+def exp_matmul_exact(h, weight, bias, label_smoothing, keep_logits) -> bool:
+    """Whether the exp-epilogue path computes this call's result (else it would be wrong, not just slow):
     - bf16 hidden and weight: exp(z - ref) needs fp32's exponent range, which bf16 has and fp16 (max 65504) has
       not; fp32 inputs would need a tf32 or fp32 matmul of their own;
-    - hidden size a multiple of 8, unit column strides, 16-byte aligned starts: what TMA reads;
     - no bias (no HF causal LM has an lm_head bias), no label smoothing: both add terms that are not one factor
       per row (db needs sum_i r_i P_ij; smoothing adds eps / V to every column, times 1 - t^2 with softcap);
-    - logits not kept: the epilogue writes exp(z - ref), not z;
-    - hidden size at least EXP_MATMUL_MIN_HIDDEN: where it was measured faster (see there)."""
+    - logits not kept: the epilogue writes exp(z - ref), not z."""
+    return (h.dtype == weight.dtype == torch.bfloat16 and bias is None and label_smoothing == 0
+            and not keep_logits)
+
+
+def exp_matmul_runs(h, weight) -> bool:
+    """Whether the exp-epilogue kernels can run on these tensors: CUDA with TMA (compute capability 9.0+; the
+    matmuls are fed by tensor descriptors), hidden size a multiple of 8, unit column strides and 16-byte aligned
+    starts (what TMA reads)."""
     return (h.device.type == "cuda" and torch.cuda.get_device_capability(h.device) >= (9, 0)
-            and h.dtype == weight.dtype == torch.bfloat16 and h.shape[-1] % 8 == 0
-            and h.shape[-1] >= EXP_MATMUL_MIN_HIDDEN
-            and h.stride(-1) == 1 and h.stride(0) % 8 == 0 and weight.is_contiguous()
-            and h.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-            and bias is None and label_smoothing == 0 and not keep_logits)
+            and h.shape[-1] % 8 == 0 and h.stride(-1) == 1 and h.stride(0) % 8 == 0 and weight.is_contiguous()
+            and h.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+
+
+def exp_matmul_applies(h, weight, bias, label_smoothing, keep_logits) -> bool:
+    """Where the op takes the exp-epilogue path by default: where it is exact, where it runs, and from a hidden
+    size of EXP_MATMUL_MIN_HIDDEN up (where it was measured faster; see there). Everything else: the row kernel."""
+    return (exp_matmul_exact(h, weight, bias, label_smoothing, keep_logits) and exp_matmul_runs(h, weight)
+            and h.shape[-1] >= EXP_MATMUL_MIN_HIDDEN)
 
 
 # The exp-epilogue path's whole working memory (one chunk's P, its partial sums and a few vectors of chunk length)
 # stays under this: 0.25 GiB less 1 MiB. With Llama-3's 128256-word vocabulary that is 1024 rows per chunk, so
-# 16384 tokens go in 16 chunks (the row-kernel path, which also holds an [C, H] fp32 product, takes 18 of 912).
+# 16384 tokens go in 16 chunks (the row-kernel path has its own budget, LOGITS_CHUNK_BYTES: 18 chunks of 912).
 EXP_MATMUL_WORKSPACE_BYTES = 255 * 2**20
 
 

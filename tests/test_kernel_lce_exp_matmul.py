@@ -183,3 +183,27 @@ def test_exp_path_full_vocab_bf16_vs_float64():
     assert abs(loss.item() - ref[0].item()) <= abs(eager[0].item() - ref[0].item()) * 2 + 1e-4
     assert rel(dx, ref[1]) <= rel(eager[1], ref[1]) * 2 + 1e-4
     assert rel(dw, ref[2]) <= rel(eager[2], ref[2]) * 2 + 1e-4
+
+
+def test_exp_path_refuses_what_it_would_get_wrong():
+    """Asked for by name with a bias, label smoothing, kept logits or fp32 inputs, the path raises instead of
+    returning a loss without those terms."""
+    x, w, y = make(n=4)
+    b = torch.zeros(V).bfloat16()
+    cases = [dict(bias=b), dict(ls=0.1), dict(keep=True), dict(dtype=torch.float32)]
+    for case in cases:
+        xx, ww = (x.float(), w.float()) if case.get("dtype") else (x, w)
+        with pytest.raises(ValueError, match="exp_matmul path"):
+            lce.launch_forward(xx.to(DEV), ww.to(DEV), None if "bias" not in case else b.to(DEV), y.to(DEV), None,
+                               IGNORE, case.get("ls", 0.0), 0.0, "mean", True, keep_logits=case.get("keep", False),
+                               path="exp_matmul")
+
+
+def test_environment_pin_never_takes_the_exp_path_where_it_is_inexact(monkeypatch):
+    monkeypatch.setattr(lce, "FORCED_PATH", "exp_matmul")
+    x, w, y = make(n=4)
+    args = (x.to(DEV), w.to(DEV), torch.zeros(V).bfloat16().to(DEV), y.to(DEV), None, IGNORE, 0.0, 0.0, "mean", True)
+    called = []
+    monkeypatch.setattr(lce, "_forward_exp_matmul", lambda *a, **k: called.append(1))
+    lce.launch_forward(*args)  # a bias: the row-kernel path, whatever the pin
+    assert not called
