@@ -455,7 +455,7 @@ def _forward_exp_matmul(h, weight, y, inv_denom, ignore_index, softcap, config=N
     dh_cfg = dict(lce_row_scaled_matmul.config(device.type, rows, k_dim, sms))
     dh_bm, dh_bn, dh_bk = dh_cfg.pop("BM"), dh_cfg.pop("BN"), dh_cfg.pop("BK")
 
-    grad_h = torch.empty_like(h)
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=device)  # contiguous: its slices are the combine's scratch
     grad_w = torch.zeros_like(weight)  # bf16: see GRAD_WEIGHT_ACC_DTYPE
     losses = torch.empty(n, dtype=torch.float32, device=device)
     v_pad = triton.cdiv(v, 8) * 8  # 16-byte row stride for TMA
