@@ -29,10 +29,10 @@ from liger_compile.kernels import linear_cross_entropy as lce  # noqa: E402
 N, H, V, DT, IGNORE = 16384, 4096, 128256, torch.bfloat16, -100
 
 
-def inputs():
+def inputs(h=H):
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(N, H, device="cuda", dtype=DT, generator=g)
-    w = (torch.randn(V, H, device="cuda", dtype=DT, generator=g) * H ** -0.5)
+    x = torch.randn(N, h, device="cuda", dtype=DT, generator=g)
+    w = (torch.randn(V, h, device="cuda", dtype=DT, generator=g) * h ** -0.5)
     y = torch.randint(0, V, (N,), device="cuda", generator=g)
     y[::7] = IGNORE
     return x, w, y
@@ -61,10 +61,13 @@ def row_kernel_sweep(x, w, y):
     return out
 
 
-def op_call(x, w, y, cfg, scale=True):
+def op_call(x, w, y, cfg=None, scale=True, path="row_kernel", matmul_config=None):
+    """The op's forward (+ the backward's scaling by grad_output, as traced) on one path; this script's subject is
+    the row-kernel path, with row-kernel settings cfg (bench_lce_exp_matmul.py passes the other path)."""
     def run():
-        loss, gh, gw, _, _ = lce.launch_forward(x, w, None, y, None, IGNORE, 0.0, 0.0, "mean", True, config=cfg)
-        return (loss, gh * 1.0, gw * 1.0) if scale else (loss, gh, gw)  # backward's scaling by grad_output, traced
+        loss, gh, gw, _, _ = lce.launch_forward(x, w, None, y, None, IGNORE, 0.0, 0.0, "mean", True, config=cfg,
+                                                path=path, matmul_config=matmul_config)
+        return (loss, gh * 1.0, gw * 1.0) if scale else (loss, gh, gw)
     return run
 
 

@@ -22,12 +22,13 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import extra_peak_gib, graph_ms, median_ms, write_results  # noqa: E402
+from common import graph_ms, median_ms, write_results  # noqa: E402
 
-from liger_compile.kernels import lce_exp_matmul  # noqa: E402
-from liger_compile.kernels import linear_cross_entropy as lce  # noqa: E402
+from bench_lce import DT, H, IGNORE, V, extra_gib, inputs, op_call  # noqa: E402
 
-N, H, V, DT, IGNORE, CHUNK = 16384, 4096, 128256, torch.bfloat16, -100, 1024
+from liger_compile.kernels import lce_exp_matmul, lce_row_scaled_matmul  # noqa: E402
+
+CHUNK = 1024
 
 BASE = lce_exp_matmul.config("cuda")  # 128 x 256, 3 stages, two halves, persistent, warp-specialised
 CONFIGS = [
@@ -45,15 +46,6 @@ DH_CONFIGS = [
     dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3),
     dict(BM=64, BN=256, BK=64, num_warps=4, num_stages=4),
 ]
-
-
-def inputs():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(N, H, device="cuda", dtype=DT, generator=g)
-    w = (torch.randn(V, H, device="cuda", dtype=DT, generator=g) * H ** -0.5)
-    y = torch.randint(0, V, (N,), device="cuda", generator=g)
-    y[::7] = IGNORE
-    return x, w, y
 
 
 def chunk_matmul(x, w, y, cfg):
@@ -127,6 +119,44 @@ DW_CONFIGS = [
 ]
 
 
+def time_candidates(rows, part, configs, launch, out, want, flops):
+    """For each config (BM, BN, BK and launch settings): launch(bm, bn, bk, cfg) returns a function that runs the
+    candidate once writing `out`; its error against `want` and its graph-replay ms go into rows (a config that does
+    not build is printed and skipped)."""
+    for cfg in configs:
+        cfg = dict(cfg)
+        bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+        name = f"{bm}x{bn}x{bk} {cfg}"
+        try:
+            run = launch(bm, bn, bk, cfg)
+            run()
+            err = ((out.float() - want).norm() / want.norm()).item()
+            ms = graph_ms(run, replays=20)
+        except Exception as e:  # noqa: BLE001
+            print(f"| {part} {name} | {type(e).__name__}: {str(e)[:160]} |", flush=True)
+            continue
+        rows.append(dict(part=f"chunk: {part}", config=name, ms=ms, tflops=flops / ms / 1e9, rel_err_vs_cublas=err))
+        print(f"| {part} {name} | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s | err {err:.2e} |", flush=True)
+
+
+def dh_sweep(rows, p, w, r):
+    """dh = diag(r) (P @ W) for one chunk: cuBLAS's plain product against lce_row_scaled_matmul settings."""
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415
+
+    flops = 2 * CHUNK * V * H
+    dh = torch.empty(CHUNK, H, device="cuda", dtype=DT)
+    ms = graph_ms(lambda: torch.mm(p, w, out=dh), replays=20)
+    rows.append(dict(part=f"chunk {CHUNK} rows: cuBLAS dh = P @ W", ms=ms, tflops=flops / ms / 1e9))
+    print(f"| cuBLAS dh [{CHUNK}, {V}] x [{V}, {H}] | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
+
+    def launch(bm, bn, bk, cfg):
+        descs = (TensorDescriptor.from_tensor(p, [bm, bk]), TensorDescriptor.from_tensor(w, [bk, bn]),
+                 TensorDescriptor.from_tensor(dh, [bm, bn]))
+        return lambda: lce_row_scaled_matmul.row_scaled_matmul_kernel[(triton.cdiv(CHUNK, bm) * triton.cdiv(H, bn),)](
+            *descs, r, CHUNK, V, UPCAST_DOT=False, BM=bm, BN=bn, BK=bk, **cfg)
+    time_candidates(rows, "row-scaled dh", DH_CONFIGS, launch, dh, torch.mm(p, w).float() * r[:, None], flops)
+
+
 def dw_sweep(rows, p, w, r):
     """dW += P^T hs for one chunk: cuBLAS's addmm_ against acc_matmul_kernel settings (graph replay)."""
     from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415
@@ -138,38 +168,17 @@ def dw_sweep(rows, p, w, r):
     ms = graph_ms(lambda: dw.addmm_(p.t(), hs), replays=20)
     rows.append(dict(part=f"chunk {CHUNK} rows: cuBLAS dW += P^T hs", ms=ms, tflops=flops / ms / 1e9))
     print(f"| cuBLAS dW addmm_ | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
-    want = torch.addmm(dw0.float(), p.t().float(), hs.float())
-    for cfg in DW_CONFIGS:
-        cfg = dict(cfg)
-        bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
-        descs = (TensorDescriptor.from_tensor(p, [bk, bm]), TensorDescriptor.from_tensor(hs, [bk, bn]))
 
-        def run(descs=descs, bm=bm, bn=bn, bk=bk, cfg=cfg):
+    def launch(bm, bn, bk, cfg):
+        descs = (TensorDescriptor.from_tensor(p, [bk, bm]), TensorDescriptor.from_tensor(hs, [bk, bn]))
+        dw.copy_(dw0)  # the error is checked after one run from dw0
+
+        def run():
             acc_matmul_kernel[(triton.cdiv(V, bm) * triton.cdiv(H, bn),)](
                 *descs, dw, H, V, H, CHUNK, BM=bm, BN=bn, BK=bk, **cfg)
-        try:
-            dw.copy_(dw0)
-            run()
-            err = ((dw.float() - want).norm() / want.norm()).item()
-            ms = graph_ms(run, replays=20)
-        except Exception as e:  # noqa: BLE001
-            print(f"| dW {bm}x{bn}x{bk} {cfg} | {type(e).__name__}: {str(e)[:160]} |", flush=True)
-            continue
-        rows.append(dict(part="chunk: dW acc matmul", config=f"{bm}x{bn}x{bk} {cfg}", ms=ms, tflops=flops / ms / 1e9,
-                         rel_err_vs_cublas=err))
-        print(f"| dW {bm}x{bn}x{bk} {cfg} | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s | err {err:.2e} |", flush=True)
-
-
-def op_call(x, w, y, path, mcfg, scale=True):
-    def run():
-        loss, gh, gw, _, _ = lce.launch_forward(x, w, None, y, None, IGNORE, 0.0, 0.0, "mean", True, path=path,
-                                                matmul_config=mcfg)
-        return (loss, gh * 1.0, gw * 1.0) if scale else (loss, gh, gw)
-    return run
-
-
-def extra_gib(fn, x, w):
-    return extra_peak_gib(fn) - (x.numel() + w.numel()) * 2 / 2**30  # beyond the two gradients (bf16)
+        return run
+    time_candidates(rows, "dW acc matmul", DW_CONFIGS, launch, dw,
+                    torch.addmm(dw0.float(), p.t().float(), hs.float()), flops)
 
 
 def main(argv=None):
@@ -201,37 +210,9 @@ def main(argv=None):
         if ms < best[1] and err < 1e-2 and not cfg.get("PLAIN"):
             best = (cfg, ms)
 
-    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415
-
-    from liger_compile.kernels import lce_row_scaled_matmul  # noqa: PLC0415
-
     p = torch.rand(CHUNK, V, device="cuda", dtype=DT) * 1e-3
     r = torch.rand(CHUNK, device="cuda")
-    dh = torch.empty(CHUNK, H, device="cuda", dtype=DT)
-    ms = graph_ms(lambda: torch.mm(p, w, out=dh), replays=20)
-    rows.append(dict(part=f"chunk {CHUNK} rows: cuBLAS dh = P @ W", ms=ms, tflops=flops / ms / 1e9))
-    print(f"| cuBLAS dh [{CHUNK}, {V}] x [{V}, {H}] | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
-    want = (torch.mm(p, w).float() * r[:, None])
-    for cfg in DH_CONFIGS:
-        cfg = dict(cfg)
-        bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
-        descs = (TensorDescriptor.from_tensor(p, [bm, bk]), TensorDescriptor.from_tensor(w, [bk, bn]),
-                 TensorDescriptor.from_tensor(dh, [bm, bn]))
-
-        def run(descs=descs, bm=bm, bn=bn, bk=bk, cfg=cfg):
-            lce_row_scaled_matmul.row_scaled_matmul_kernel[(triton.cdiv(CHUNK, bm) * triton.cdiv(H, bn),)](
-                *descs, r, CHUNK, V, UPCAST_DOT=False, BM=bm, BN=bn, BK=bk, **cfg)
-        try:
-            run()
-            err = ((dh.float() - want).norm() / want.norm()).item()
-            ms = graph_ms(run, replays=20)
-        except Exception as e:  # noqa: BLE001
-            print(f"| dh {bm}x{bn}x{bk} {cfg} | {type(e).__name__}: {str(e)[:160]} |", flush=True)
-            continue
-        rows.append(dict(part="chunk: row-scaled dh", config=f"{bm}x{bn}x{bk} {cfg}", ms=ms,
-                         tflops=flops / ms / 1e9, rel_err_vs_cublas=err))
-        print(f"| dh {bm}x{bn}x{bk} {cfg} | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s | err {err:.2e} |", flush=True)
-    del dh
+    dh_sweep(rows, p, w, r)
     dw_sweep(rows, p, w, r)
     del p
 
@@ -247,9 +228,9 @@ def main(argv=None):
                              ("exp_matmul fastest", "exp_matmul", best[0])):
         if name.endswith("fastest") and (best[0] is None or best[0] == BASE):
             continue
-        fn = op_call(x, w, y, path, mcfg)
+        fn = op_call(x, w, y, path=path, matmul_config=mcfg)
         ms = graph_ms(fn, replays=10)
-        gib = extra_gib(op_call(x, w, y, path, mcfg, scale=False), x, w)
+        gib = extra_gib(op_call(x, w, y, scale=False, path=path, matmul_config=mcfg), x, w)
         results[name] = fn()
         ev = median_ms(fn)  # events around eager calls, for comparison with the replay
         print(f"   (events, no graph: {ev:.2f} ms)", flush=True)
@@ -267,7 +248,7 @@ def main(argv=None):
 
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
-    fn = op_call(x, w, y, "exp_matmul", best[0])
+    fn = op_call(x, w, y, path="exp_matmul", matmul_config=best[0])
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:

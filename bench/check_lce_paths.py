@@ -10,11 +10,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from bench_lce import inputs, op_call  # noqa: E402
 from common import graph_ms  # noqa: E402
-
-from liger_compile.kernels import linear_cross_entropy as lce  # noqa: E402
-
-N, V = 16384, 128256
 
 
 def main():
@@ -22,15 +19,9 @@ def main():
     ap.add_argument("--hidden", default="2048,4096")
     args = ap.parse_args()
     for h in [int(x) for x in args.hidden.split(",")]:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(N, h, device="cuda", dtype=torch.bfloat16, generator=g)
-        w = torch.randn(V, h, device="cuda", dtype=torch.bfloat16, generator=g) * h ** -0.5
-        y = torch.randint(0, V, (N,), device="cuda", generator=g)
-        y[::7] = -100
+        x, w, y = inputs(h)
         for path in ("exp_matmul", "row_kernel"):
-            def run(path=path):
-                loss, gh, gw, _, _ = lce.launch_forward(x, w, None, y, None, -100, 0.0, 0.0, "mean", True, path=path)
-                return loss, gh * 1.0, gw * 1.0
+            run = op_call(x, w, y, path=path)
             run()
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
