@@ -299,18 +299,12 @@ def launch_forward(hidden, weight, bias, labels, num_items, ignore_index, label_
     device = h.device
     denom = _denominator(y, num_items, ignore_index, reduction, device)
     inv_denom = (1.0 / denom).reshape(1)
-    auto = path is None
-    exact = exp_matmul_exact(h, weight, bias, label_smoothing, keep_logits)
-    if path == "exp_matmul" and not exact:
+    may_fall_back = path is None and not FORCED_PATH  # a build failure of the default path is not the caller's
+    if path is None:
+        path = _default_path(h, weight, bias, label_smoothing, keep_logits, use_kernel)
+    elif path == "exp_matmul" and not exp_matmul_exact(h, weight, bias, label_smoothing, keep_logits):
         raise ValueError("linear_cross_entropy: the exp_matmul path takes bf16 inputs without bias, label smoothing "
                          "or kept logits")
-    if auto and FORCED_PATH == "exp_matmul":  # pinned by the environment: wherever it is exact and runs
-        path = "exp_matmul" if use_kernel and exact and exp_matmul_runs(h, weight) else "row_kernel"
-    elif auto and FORCED_PATH:
-        path = FORCED_PATH
-    elif auto:
-        path = "exp_matmul" if use_kernel and exp_matmul_applies(h, weight, bias, label_smoothing, keep_logits) \
-            and _EXP_MATMUL_BUILDS.get(device) is not False else "row_kernel"
     if path == "exp_matmul":
         try:
             losses, grad_h, grad_w = _forward_exp_matmul(h, weight, y, inv_denom, ignore_index, softcap,
@@ -319,7 +313,7 @@ def launch_forward(hidden, weight, bias, labels, num_items, ignore_index, label_
             loss = losses.sum() / denom
             return loss, grad_h.view(hidden.shape), grad_w.to(weight.dtype), h.new_empty(0), h.new_empty(0)
         except Exception as e:  # noqa: BLE001
-            if not auto or FORCED_PATH or _EXP_MATMUL_BUILDS.get(device):
+            if not may_fall_back or _EXP_MATMUL_BUILDS.get(device):
                 raise  # asked for by name, or it ran here before: a real error, not a build failure
             # a Triton or driver that cannot build the kernel (shared memory, an older TMA API): the other path
             warnings.warn(f"liger_compile: lm_head + cross-entropy's exp-epilogue matmul did not build on {device} "
@@ -405,6 +399,19 @@ def exp_matmul_applies(h, weight, bias, label_smoothing, keep_logits) -> bool:
     size of EXP_MATMUL_MIN_HIDDEN up (where it was measured faster; see there). Everything else: the row kernel."""
     return (exp_matmul_exact(h, weight, bias, label_smoothing, keep_logits) and exp_matmul_runs(h, weight)
             and h.shape[-1] >= EXP_MATMUL_MIN_HIDDEN)
+
+
+def _default_path(h, weight, bias, label_smoothing, keep_logits, use_kernel) -> str:
+    """The path when the caller names none: LIGER_COMPILE_LCE_PATH's pin if set (exp_matmul only where it is exact
+    and runs), else exp_matmul where exp_matmul_applies and it has not failed to build on this device."""
+    if FORCED_PATH == "row_kernel" or not use_kernel:
+        return "row_kernel"
+    if FORCED_PATH == "exp_matmul":
+        exp = exp_matmul_exact(h, weight, bias, label_smoothing, keep_logits) and exp_matmul_runs(h, weight)
+    else:
+        exp = exp_matmul_applies(h, weight, bias, label_smoothing, keep_logits) \
+            and _EXP_MATMUL_BUILDS.get(h.device) is not False
+    return "exp_matmul" if exp else "row_kernel"
 
 
 # The exp-epilogue path's whole working memory (one chunk's P, its partial sums and a few vectors of chunk length)
