@@ -6,6 +6,7 @@
 #   sweep      RMSNorm tile sweep at 4096 and 2048 columns (bench/sweep_rms_norm.py)
 #   lce        lm_head+CE: row-kernel and chunk settings, two-stream variant, profile (bench/bench_lce.py)
 #   lceexp     lm_head+CE with the softmax in our matmul's epilogue: tile settings vs cuBLAS, op by path, profile
+#   paths      lm_head+CE: op time of each path at hidden 2048 and 4096, memory left after calls (check_lce_paths.py)
 #   lcetests   the lm_head+CE tests only (test_gpu.py's and the kernel tests on CUDA)
 #   trig       rotary with cos/sin computed in the kernel vs read (bench/bench_rotary_trig.py)
 #   kernels    kernel table (eager, Inductor, Liger-Kernel, ours): event, GPU-busy and CUDA-graph times, memory
@@ -51,7 +52,8 @@ for stage in "${@:-tests}"; do
     tests) timeout 540 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/test_gpu.py \
              tests/test_gpu_families.py tests/test_kernel_rms_norm.py tests/test_kernel_rotary.py \
              tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py tests/test_kernel_add_rms_norm.py \
-             tests/test_kernel_linear_cross_entropy.py tests/test_gpu_training_shapes.py tests/test_graph_breaks.py \
+             tests/test_kernel_linear_cross_entropy.py tests/test_kernel_lce_exp_matmul.py \
+             tests/test_kernel_launch_args.py tests/test_gpu_training_shapes.py tests/test_graph_breaks.py \
              > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
     retest) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \
@@ -77,6 +79,8 @@ for stage in "${@:-tests}"; do
                 tests/test_kernel_linear_cross_entropy.py tests/test_kernel_lce_exp_matmul.py \
                 tests/test_kernel_launch_args.py > "$R/gpu_lce_tests.log" 2>&1
               grep -E "FAILED|ERROR|passed|failed|Error" "$R/gpu_lce_tests.log" | tail -25 ;;
+    paths) timeout 200 python3 bench/check_lce_paths.py > "$R/check_lce_paths.log" 2>&1
+           tail -8 "$R/check_lce_paths.log" ;;
     trig) timeout 200 python3 bench/bench_rotary_trig.py --out "$R" > "$R/bench_rotary_trig.log" 2>&1
           tail -8 "$R/bench_rotary_trig.log" ;;
     kernels) timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1

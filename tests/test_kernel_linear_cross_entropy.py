@@ -142,6 +142,20 @@ def test_n1_single_row():
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_tokens_like_torch(reduction):
+    """Zero tokens: torch's loss (nan for the mean of nothing, 0 for the sum) and zero gradients, not a crash."""
+    hidden = torch.randn(0, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    labels = torch.empty(0, dtype=torch.long)
+    loss = torch.ops.liger.linear_cross_entropy(hidden, weight, None, labels, None, IGNORE, 0.0, 0.0, reduction)[0]
+    want = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, reduction=reduction)
+    torch.testing.assert_close(loss, want, equal_nan=True)
+    if reduction == "sum":
+        loss.backward()
+        assert hidden.grad.shape == (0, H) and (weight.grad == 0).all()
+
+
 def test_batched_hidden_shape():
     """[B, T, H] hidden with [B, T] labels: flattened inside, grad_hidden comes back in the input's shape."""
     hidden, weight, _, labels = make_inputs(torch.float32, n=12)
