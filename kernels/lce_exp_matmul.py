@@ -6,8 +6,11 @@ each [BM, BN] tile of z = h @ W^T is finished in registers and written once:
     zc   = c * tanh(z / c)                     only with softcap c > 0
     P_ij = exp(zc_ij - ref_i) * (1 - t_ij^2)   (the factor only with softcap: d zc / d z)
     P_ij = 0                                   at the label's column and past V
-plus, per (row, column tile), the partial sum of exp(zc - ref) over the kept columns (fp32, [C, n_col_tiles]), and
-per row the max of zc - ref over every column (fp32, [C], by atomic max; it must start at -inf).
+plus, per (column tile, row), the partial sum of exp(zc - ref) over the kept columns (fp32, [n_col_tiles, C]: each
+tile stores its rows' sums as one contiguous run), and per row the max of zc - ref over every column where that max
+passes SAFE_EXP (fp32, [C], by atomic max, only from tiles where some row passes it: the row max matters only there,
+and a float atomic max costs two integer atomics per row; ROW_MAX must start at -inf, and rows that stay under
+SAFE_EXP may keep -inf or a partial max).
 
 Why: softmax(zc)_j = exp(zc_j - ref) / S with S = sum_j exp(zc_j - ref), so d loss / d z for row i is P_i times one
 number per row, r_i = (1 / D) / S_i, once the row is complete, plus the label's own term. A per-row factor passes
@@ -32,6 +35,7 @@ from ._math import round_to_bf16, tanh
 # exp(x) of the kept columns must stay finite, and far enough below fp32's 3.4e38 that a row of them times W (|W|
 # ~ 1) summed over V = 128256 columns in the backward's fp32 matmul stays finite too: e^64 * 2^17 ~ 8e32.
 SAFE_EXP = 64.0
+_SAFE_EXP = tl.constexpr(SAFE_EXP)
 
 
 @triton.jit
@@ -64,7 +68,7 @@ def exp_matmul_kernel(
     SUBTILE: tl.constexpr, PLAIN: tl.constexpr,
 ):
     # h_desc: [C, H] blocks [BM, BK]; w_desc: [V, H] blocks [BN, BK]; p_desc: [C, V] blocks [BM, BN // SUBTILE]
-    # (bf16); REF, ROW_MAX: [C] fp32; LABELS: [C] int64; PART_SUM: [C, n_col_tiles] fp32; RERUN: [1] int32.
+    # (bf16); REF, ROW_MAX: [C] fp32; LABELS: [C] int64; PART_SUM: [n_col_tiles, C] fp32; RERUN: [1] int32.
     # Tiles are walked with a grid-stride loop (the grid may be smaller than the tile count: a persistent grid).
     # SUBTILE 2 finishes the tile in two column halves (fewer live registers, half the store buffer).
     # PLAIN writes bf16(h @ W^T) and nothing else: a bench-only yardstick for the matmul itself.
@@ -108,8 +112,10 @@ def exp_matmul_kernel(
             else:
                 e, part_sum, x_max = _finish_tile(acc, off_n, label, ref, cap, n_cols, HAS_SOFTCAP, UPCAST_DOT, BN)
                 p_desc.store([off_m, off_n], round_to_bf16(e, UPCAST_DOT).to(tl.bfloat16))
-            tl.store(PART_SUM + rows.to(tl.int64) * n_col_tiles + pid_n, part_sum, mask=row_ok)
-            tl.atomic_max(ROW_MAX + rows, x_max, mask=row_ok)
+            tl.store(PART_SUM + pid_n.to(tl.int64) * n_rows + rows, part_sum, mask=row_ok)
+            if not IS_RERUN:  # the rerun's reference is each such row's max already
+                if tl.max(x_max, axis=0) > _SAFE_EXP:
+                    tl.atomic_max(ROW_MAX + rows, x_max, mask=row_ok)
 
 
 def config(device_type: str) -> dict:

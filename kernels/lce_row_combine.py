@@ -8,8 +8,8 @@ caller computed for ref):
     P[i, y] = -S_other * (1 - t_y^2)         the label's entry: (p_y - 1) / r_i without the cancellation of p_y - 1
     hs_i    = bf16(r_i * h_i)                the dW matmul's right operand, dW += P^T hs
 Ignored rows: loss 0, r 0. A label outside [0, V) that is not ignore_index: loss and r NaN (never a silent number).
-The first launch also checks that every exp(zc - ref) was safe (the row's max <= SAFE_EXP); for a row where one was
-not, it stores ref + max as the row's new reference and raises the rerun flag, and the matmul and this kernel run
+The first launch also checks that every exp(zc - ref) was safe (ROW_MAX <= SAFE_EXP: the matmul records the max of
+every row that passes it); for a row where one was not, it stores ref + max as the row's new reference and raises the rerun flag, and the matmul and this kernel run
 again (their second launches do nothing when the flag is down).
 """
 import triton
@@ -26,7 +26,7 @@ def row_combine_kernel(
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # ROUND_BY_HAND: for Triton's interpreter, see round_to_bf16. P: [C, V] bf16 (row stride p_row_stride);
-    # REF, ROW_MAX, Z_LABEL (zc_y), LOSSES, ROW_SCALE: [C] fp32; LABELS: [C] int64; PART_SUM: [C, n_col_tiles] fp32;
+    # REF, ROW_MAX, Z_LABEL (zc_y), LOSSES, ROW_SCALE: [C] fp32; LABELS: [C] int64; PART_SUM: [n_col_tiles, C] fp32;
     # INV_DENOM: [1] fp32 (1/D); RERUN: [1] int32; H: [C, K] bf16 (row stride h_row_stride) and H_SCALED: [C, K]
     # contiguous bf16, which gets diag(r) H for the dW matmul.
     live = n_rows
@@ -36,11 +36,11 @@ def row_combine_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < live
     s_other = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    base = rows.to(tl.int64)[:, None] * n_col_tiles
     for start in range(0, n_col_tiles, BLOCK_T):  # a fixed order: the loss is the same bits on every run
         t = start + tl.arange(0, BLOCK_T)
         m = row_ok[:, None] & (t < n_col_tiles)[None, :]
-        s_other += tl.sum(tl.load(PART_SUM + base + t[None, :], mask=m, other=0.0), axis=1)
+        sums = tl.load(PART_SUM + t.to(tl.int64)[None, :] * n_rows + rows[:, None], mask=m, other=0.0)
+        s_other += tl.sum(sums, axis=1)
 
     label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (label != ignore_index)

@@ -376,12 +376,11 @@ FORCED_PATH = os.environ.get("LIGER_COMPILE_LCE_PATH") or None
 if FORCED_PATH not in (None, "row_kernel", "exp_matmul"):
     raise ValueError(f"LIGER_COMPILE_LCE_PATH must be row_kernel or exp_matmul, not {FORCED_PATH!r}")
 
-# The exp path is the default from this hidden size up. H200, V = 128256, 16384 tokens: at 4096 (Llama-3-8B's lm_head)
-# 80.9 ms by graph replay against 84.1-84.3 for the row-kernel path (bench/results/kernels.md, lce_exp_matmul.md). At
-# 2048 (Llama-3.2-1B) the one whole-step measurement, taken before two fixes (the dh matmul's tiles filled half the
-# GPU at that size; a leak kept every step's chunk buffer), was 3% slower per step than the row-kernel path; until it
-# is measured again there, smaller hidden sizes keep the row-kernel path (LIGER_COMPILE_LCE_PATH=exp_matmul forces it).
-EXP_MATMUL_MIN_HIDDEN = 4096
+# The exp path is the default from this hidden size up. H200, V = 128256, 16384 tokens, the op by graph replay
+# (bench/check_lce_paths.py, session 6): hidden 4096 (Llama-3-8B) 85.1 ms against 90.2 for the row-kernel path,
+# hidden 2048 (Llama-3.2-1B) 41.9 against 48.9; the whole 4 x 4096 Llama-3.2-1B step 65,145 tok/s against 62,062,
+# both at 24.12 GiB (bench/NOTES.md, session 6). Smaller hidden sizes keep the row-kernel path until measured.
+EXP_MATMUL_MIN_HIDDEN = 2048
 
 # device -> True once the exp-epilogue path ran there, False once it failed to build there (row-kernel path after)
 _EXP_MATMUL_BUILDS: dict = {}
@@ -481,7 +480,7 @@ def _forward_exp_matmul(h, weight, y, inv_denom, ignore_index, softcap, config=N
     losses = torch.empty(n, dtype=torch.float32, device=device)
     v_pad = triton.cdiv(v, 8) * 8  # 16-byte row stride for TMA
     buffer = torch.empty((rows, v_pad), dtype=h.dtype, device=device)
-    part_sum = torch.empty((rows, n_col_tiles), dtype=torch.float32, device=device)
+    part_sum = torch.empty((n_col_tiles, rows), dtype=torch.float32, device=device)
     row_max = torch.empty(rows, dtype=torch.float32, device=device)
     ref = torch.empty(rows, dtype=torch.float32, device=device)
     z_label = torch.empty(rows, dtype=torch.float32, device=device)
