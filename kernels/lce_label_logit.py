@@ -1,6 +1,6 @@
 """The label's logit per row, for lm_head + cross-entropy's exp-epilogue path (Triton, one program per row).
 
-    zc_y = softcap(bf16(h_i . W[y_i]))    fp32 dot product, rounded to bf16 like the logits eager holds
+    zc_y = softcap(h_i . W[y_i])          fp32 dot product (unrounded, like the matmul's logits)
     ref  = zc_y on rows that take part, +inf on ignored rows and labels outside [0, V)
     row max = -inf                        (lce_exp_matmul.py takes an atomic max into it)
 One launch reads a row of h and a row of W per token (16 MiB for 1024 x 4096 bf16): it replaces a gather of W's rows
@@ -9,13 +9,13 @@ into a [C, H] buffer, a batched dot product and three small fills.
 import triton
 import triton.language as tl
 
-from ._math import round_to_bf16, tanh
+from ._math import tanh
 
 
 @triton.jit
 def label_logit_kernel(
     H, W, LABELS, Z_LABEL, REF, ROW_MAX, h_row_stride, n_cols, k_dim, ignore_index, softcap,
-    HAS_SOFTCAP: tl.constexpr, ROUND_BY_HAND: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # H: [C, K] (row stride h_row_stride), W: [V, K] contiguous; LABELS: [C] int64; Z_LABEL, REF, ROW_MAX: [C] fp32
     row = tl.program_id(0)
@@ -29,7 +29,7 @@ def label_logit_kernel(
         h = tl.load(H + row.to(tl.int64) * h_row_stride + k, mask=m, other=0.0).to(tl.float32)
         w = tl.load(W + y * k_dim + k, mask=m, other=0.0).to(tl.float32)
         acc += h * w
-    z = round_to_bf16(tl.sum(acc, axis=0), ROUND_BY_HAND)
+    z = tl.sum(acc, axis=0)
     if HAS_SOFTCAP:
         cap = tl.cast(softcap, tl.float32)
         z = cap * tanh(z / cap)

@@ -35,12 +35,15 @@ def row_combine_kernel(
     cap = tl.cast(softcap, tl.float32)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < live
-    s_other = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for start in range(0, n_col_tiles, BLOCK_T):  # a fixed order: the loss is the same bits on every run
+    # a fixed order, so that the loss is the same bits on every run; summed across the loop first and across the
+    # block once at the end (a reduction inside this loop, over a block laid out along the rows, trips an assertion
+    # in Triton 3.6-3.8's TritonGPUOptimizeThreadLocality pass)
+    sums = tl.zeros((BLOCK_R, BLOCK_T), dtype=tl.float32)
+    for start in range(0, n_col_tiles, BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
         m = row_ok[:, None] & (t < n_col_tiles)[None, :]
-        sums = tl.load(PART_SUM + t.to(tl.int64)[None, :] * n_rows + rows[:, None], mask=m, other=0.0)
-        s_other += tl.sum(sums, axis=1)
+        sums += tl.load(PART_SUM + t.to(tl.int64)[None, :] * n_rows + rows[:, None], mask=m, other=0.0)
+    s_other = tl.sum(sums, axis=1)
 
     label = tl.load(LABELS + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (label != ignore_index)

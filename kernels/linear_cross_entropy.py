@@ -451,8 +451,8 @@ def exp_matmul_chunks(n: int, v: int, block_rows: int, n_col_tiles: int) -> list
 
 def _forward_exp_matmul(h, weight, y, inv_denom, ignore_index, softcap, config=None):
     """Per chunk of C tokens (grad_h's [C, H] slice serves as scratch until the chunk's dh lands in it):
-      1. lce_label_logit: zc_y, the label's soft-capped logit (bf16 like the logits); ref = zc_y, or +inf on rows
-         that take no part;
+      1. lce_label_logit: zc_y, the label's soft-capped logit (fp32, like the matmul's logits); ref = zc_y, or +inf
+         on rows that take no part;
       2. lce_exp_matmul: P = exp(zc - ref) (label column 0), partial sums, row max;
       3. lce_row_combine: loss, row factor r, P's label entry, diag(r) h_c (bf16, into the scratch); 2 and 3 run
          again only if a row overflowed (a flag on the device);
@@ -498,7 +498,7 @@ def _forward_exp_matmul(h, weight, y, inv_denom, ignore_index, softcap, config=N
         scratch = grad_h[start:end]
         direct_launch(lce_label_logit.label_logit_kernel)[(c,)](
             h_c, weight, y_c, z_label, ref, row_max, h_c.stride(0), v, k_dim, ignore_index, softcap,
-            HAS_SOFTCAP=softcap > 0, ROUND_BY_HAND=upcast, BLOCK_K=min(1024, triton.next_power_of_2(k_dim)),
+            HAS_SOFTCAP=softcap > 0, BLOCK_K=min(1024, triton.next_power_of_2(k_dim)),
             num_warps=4)
         tiles = triton.cdiv(c, bm) * n_col_tiles
         grid = (min(tiles, programs_per_sm * sms) if persistent and device.type == "cuda" else tiles,)

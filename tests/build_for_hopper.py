@@ -1,0 +1,82 @@
+"""Compiles the exp-path kernels of lm_head + cross-entropy for Hopper (sm_90) without a GPU: Triton's whole pipeline,
+to a cubin, at the settings the op launches them with. Run by tests/test_kernels_build_for_hopper.py in a process of
+its own (the tests' process runs Triton's interpreter, whose kernels cannot be compiled). A compiler failure here
+(an MLIR pass assertion, too much shared memory) is one the H200 would hit: the op would fall back to the slower
+path there. Prints one line per kernel build and exits non-zero if any failed."""
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from liger_compile.kernels import lce_exp_matmul, lce_label_logit, lce_row_combine, lce_row_scaled_matmul
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def build(kernel, types: dict, constants: dict, **options) -> None:
+    """types: each runtime parameter's Triton type; constants: the constexpr parameters' values."""
+    signature = {name: ("constexpr" if name in constants else types[name]) for name in kernel.arg_names}
+    triton.compile(ASTSource(kernel, signature, constants), target=HOPPER, options=options)
+
+
+def exp_matmul(softcap: bool, rerun: bool) -> None:
+    cfg = lce_exp_matmul.config("cuda")
+    bm, bn, bk, sub = cfg["BM"], cfg["BN"], cfg["BK"], cfg["SUBTILE"]
+    types = dict(h_desc=f"tensordesc<bf16[{bm}, {bk}]>", w_desc=f"tensordesc<bf16[{bn}, {bk}]>",
+                 p_desc=f"tensordesc<bf16[{bm}, {bn // sub}]>", REF="*fp32", LABELS="*i64", PART_SUM="*fp32",
+                 ROW_MAX="*fp32", RERUN="*i32", n_rows="i32", n_cols="i32", k_dim="i32", n_col_tiles="i32",
+                 softcap="fp32")
+    build(lce_exp_matmul.exp_matmul_kernel, types,
+          dict(HAS_SOFTCAP=softcap, IS_RERUN=rerun, UPCAST_DOT=False, BM=bm, BN=bn, BK=bk, SUBTILE=sub, PLAIN=False,
+               WARP_SPECIALIZE=cfg["WARP_SPECIALIZE"]),
+          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def label_logit(softcap: bool) -> None:
+    types = dict(H="*bf16", W="*bf16", LABELS="*i64", Z_LABEL="*fp32", REF="*fp32", ROW_MAX="*fp32",
+                 h_row_stride="i32", n_cols="i32", k_dim="i32", ignore_index="i32", softcap="fp32")
+    build(lce_label_logit.label_logit_kernel, types, dict(HAS_SOFTCAP=softcap, BLOCK_K=1024), num_warps=4)
+
+
+def row_combine(softcap: bool, rerun: bool) -> None:
+    types = dict(P="*bf16", p_row_stride="i32", REF="*fp32", LABELS="*i64", PART_SUM="*fp32", ROW_MAX="*fp32",
+                 Z_LABEL="*fp32", LOSSES="*fp32", ROW_SCALE="*fp32", INV_DENOM="*fp32", RERUN="*i32", H="*bf16",
+                 H_SCALED="*bf16", h_row_stride="i32", n_rows="i32", n_cols="i32", n_col_tiles="i32", k_dim="i32",
+                 ignore_index="i32", softcap="fp32", safe_exp="fp32")
+    build(lce_row_combine.row_combine_kernel, types,
+          dict(HAS_SOFTCAP=softcap, IS_RERUN=rerun, ROUND_BY_HAND=False, BLOCK_R=8, BLOCK_T=128, BLOCK_K=512),
+          num_warps=4)
+
+
+def row_scaled_matmul(m: int, n: int) -> None:
+    cfg = dict(lce_row_scaled_matmul.config("cuda", m, n, 132))
+    bm, bn, bk = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BK")
+    types = dict(a_desc=f"tensordesc<bf16[{bm}, {bk}]>", b_desc=f"tensordesc<bf16[{bk}, {bn}]>",
+                 c_desc=f"tensordesc<bf16[{bm}, {bn}]>", ROW_SCALE="*fp32", n_rows="i32", k_dim="i32")
+    build(lce_row_scaled_matmul.row_scaled_matmul_kernel, types, dict(UPCAST_DOT=False, BM=bm, BN=bn, BK=bk),
+          **cfg)
+
+
+BUILDS = {
+    "exp_matmul": lambda: exp_matmul(False, False),
+    "exp_matmul rerun": lambda: exp_matmul(False, True),
+    "exp_matmul softcap": lambda: exp_matmul(True, False),
+    "label_logit": lambda: label_logit(False),
+    "label_logit softcap": lambda: label_logit(True),
+    "row_combine": lambda: row_combine(False, False),
+    "row_combine rerun softcap": lambda: row_combine(True, True),
+    "row_scaled_matmul hidden 4096": lambda: row_scaled_matmul(1024, 4096),
+    "row_scaled_matmul hidden 2048": lambda: row_scaled_matmul(1024, 2048),
+}
+
+if __name__ == "__main__":
+    failed = 0
+    for name, run in BUILDS.items():
+        try:
+            run()
+            print(f"built {name}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            failed += 1
+            print(f"FAILED {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    sys.exit(1 if failed else 0)
