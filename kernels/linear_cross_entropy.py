@@ -20,8 +20,8 @@ exp_matmul (bf16 on Hopper, no bias, no smoothing: the common training case; ``e
 matmul finishes each tile in registers as P = exp(zc - ref) with ref the label's logit, so the chunk's logits are
 written once and never read back by a row pass; a per-row factor r = (1/D) / sum(exp(zc - ref)) then turns P into
 dz inside the backward's matmuls (dh = diag(r) (P @ W) in our matmul's epilogue, dW += P^T diag(r) h by cuBLAS).
-See _forward_exp_matmul and kernels/lce_*.py. H200, 16384 x 4096 tokens, V = 128256: 79.5 ms against 84.3 for the
-row-kernel path and 76.6 for the three plain matmuls, in one run (bench/results/lce_exp_matmul.md).
+See _forward_exp_matmul and kernels/lce_*.py. H200, 16384 x 4096 tokens, V = 128256: 78.6 ms against 85.4 for the
+row-kernel path and 78.1-78.3 for the three plain matmuls, in one run (bench/results/lce_exp_matmul.md).
 
 row_kernel (every other case; ``chunk_rows`` sets C). Per chunk:
     1. logits = h_c @ W^T (+ b)                cuBLAS, input dtype
@@ -377,10 +377,11 @@ if FORCED_PATH not in (None, "row_kernel", "exp_matmul"):
     raise ValueError(f"LIGER_COMPILE_LCE_PATH must be row_kernel or exp_matmul, not {FORCED_PATH!r}")
 
 # The exp path is the default from this hidden size up. H200, V = 128256, 16384 tokens, the op by graph replay
-# (bench/check_lce_paths.py, session 6): hidden 4096 (Llama-3-8B) 85.1 ms against 90.2 for the row-kernel path,
-# hidden 2048 (Llama-3.2-1B) 41.9 against 48.9; the whole 4 x 4096 Llama-3.2-1B step 65,145 tok/s against 62,062,
-# both at 24.12 GiB (bench/NOTES.md, session 6). Smaller hidden sizes keep the row-kernel path until measured.
-EXP_MATMUL_MIN_HIDDEN = 2048
+# (bench/check_lce_paths.py, session 6, final kernels): hidden 4096 (Llama-3-8B) 81.1 ms against 87.1 for the
+# row-kernel path, 2048 (Llama-3.2-1B) 41.7 against 46.4, 1536 (Qwen2-1.5B) 33.6 against 37.4, but 896 (Qwen2-0.5B)
+# 23.4 against 22.8 (our dh matmul has too few output tiles there). The 4 x 4096 Llama-3.2-1B step: 65,049 tok/s
+# against 61,844-64,030 for the row-kernel path, both at 24.12 GiB (bench/NOTES.md, session 6).
+EXP_MATMUL_MIN_HIDDEN = 1536
 
 # device -> True once the exp-epilogue path ran there, False once it failed to build there (row-kernel path after)
 _EXP_MATMUL_BUILDS: dict = {}
