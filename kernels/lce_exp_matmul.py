@@ -23,8 +23,9 @@ the label's logit is never far below the row's max; a row where zc - ref passes 
 with its true max as ref, by a second launch of this kernel that does nothing unless a flag on the device says so
 (no host synchronisation).
 
-The epilogue is not overlapped with the next tile's products (H200: 1.48 ms per 1024-row chunk against 1.35 for the
-same matmul writing plain logits), so it does per element only what every tile needs: exp, the sum, the bf16 store.
+The epilogue is not overlapped with the next tile's products, so it does per element only what every tile needs:
+exp, the sum, the bf16 store (H200, one 1024-row chunk: 1.437 ms against 1.382 for the same matmul writing plain
+logits; 1.48 against 1.35 with the bf16 rounding of z, a separate exp and a row max in every tile).
 The row max is taken only in a tile whose partial sums show an overflow (a sum is at least each of its terms), the
 label's column is masked only in a tile that holds some row's label (about one in four of 128 x 256 tiles at
 V = 128256).
@@ -130,8 +131,10 @@ def exp_matmul_kernel(
 
 def config(device_type: str) -> dict:
     """Tile settings. CUDA: 128 x 256 tiles, 64-deep K steps, 8 warps, 3 stages, finished in two column halves, a
-    persistent warp-specialised grid. H200, one [1024, 4096] x [4096, 128256] chunk by graph replay: 1.50 ms, where
-    cuBLAS's plain bf16 matmul takes 1.41 (4 stages 1.53, one program per tile 1.64; bench/results/lce_exp_matmul.md)."""
+    persistent warp-specialised grid of one program per SM (PROGRAMS_PER_SM sets more). H200, one [1024, 4096] x
+    [4096, 128256] chunk by graph replay (bench/results/lce_exp_matmul.md, session 6): 1.437 ms, cuBLAS's plain bf16
+    matmul 1.430; 4 stages 1.423, without warp specialisation 1.451, one program per tile 1.560, 128 x 128 tiles two
+    programs per SM (one finishing its tile while the other multiplies) 1.487."""
     if device_type != "cuda":
         return dict(BM=16, BN=32, BK=16, num_warps=4, num_stages=1, WARP_SPECIALIZE=False, PERSISTENT=False,
                     SUBTILE=2)

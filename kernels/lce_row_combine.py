@@ -9,8 +9,8 @@ caller computed for ref):
     hs_i    = bf16(r_i * h_i)                the dW matmul's right operand, dW += P^T hs
 Ignored rows: loss 0, r 0. A label outside [0, V) that is not ignore_index: loss and r NaN (never a silent number).
 The first launch also checks that every exp(zc - ref) was safe (ROW_MAX <= SAFE_EXP: the matmul records the max of
-every row that passes it); for a row where one was not, it stores ref + max as the row's new reference and raises the rerun flag, and the matmul and this kernel run
-again (their second launches do nothing when the flag is down).
+every row that passes it); for a row where one was not, it stores ref + max as the row's new reference and raises
+the rerun flag, and the matmul and this kernel run again (their second launches do nothing when the flag is down).
 """
 import triton
 import triton.language as tl
