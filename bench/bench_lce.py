@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import extra_peak_gib, graph_ms, write_results  # noqa: E402
+from common import extra_peak_gib, graph_ms, print_profile, write_results  # noqa: E402
 
 from liger_compile.kernels import linear_cross_entropy as lce  # noqa: E402
 
@@ -59,6 +59,14 @@ def row_kernel_sweep(x, w, y):
                         programs_per_sm=per_sm or "row", ms=ms, floor_ms=floor))
         print(f"| row | {block_v} | {warps} | {per_sm or 'row'} | {stages} | {ms:.4f} | floor {floor:.4f} |", flush=True)
     return out
+
+
+def three_matmuls_call(x, w):
+    """The three plain cuBLAS matmuls of the op's shapes over all rows (logits, dh, dW): the yardstick."""
+    def run():
+        z = torch.mm(x, w.t())
+        return torch.mm(z, w), torch.mm(z.t(), x)
+    return run
 
 
 def op_call(x, w, y, cfg=None, scale=True, path="row_kernel", matmul_config=None):
@@ -131,10 +139,7 @@ def main(argv=None):
                         PROGRAMS_PER_SM=None if best["programs_per_sm"] == "row" else best["programs_per_sm"])
         print(f"best row kernel: {best_cfg} {best['ms']:.4f} ms", flush=True)
 
-    def three_matmuls():
-        z = torch.mm(x, w.t())
-        return torch.mm(z, w), torch.mm(z.t(), x)
-
+    three_matmuls = three_matmuls_call(x, w)
     three = graph_ms(three_matmuls, replays=10)
     print(f"three plain matmuls (logits, dh, dW over all {N} rows): {three:.2f} ms", flush=True)
     rows.append(dict(part="three plain matmuls", ms=three))
@@ -174,16 +179,7 @@ def main(argv=None):
     rows.append(dict(part="three plain matmuls (again)", ms=three))
     if "profile" not in parts:
         return write(args.out, rows, args.name)
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-
-    fn = op_call(x, w, y, best_cfg)
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        fn()
-        torch.cuda.synchronize()
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=14,
-                                                             max_name_column_width=40, max_shapes_column_width=70))
+    print_profile(op_call(x, w, y, best_cfg), row_limit=14)
     write(args.out, rows, args.name)
 
 

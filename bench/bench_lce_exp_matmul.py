@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import graph_ms, median_ms, write_results  # noqa: E402
+from common import graph_ms, median_ms, print_profile, write_results  # noqa: E402
 
-from bench_lce import DT, H, IGNORE, V, extra_gib, inputs, op_call  # noqa: E402
+from bench_lce import DT, H, IGNORE, V, extra_gib, inputs, op_call, three_matmuls_call  # noqa: E402
 
 from liger_compile.kernels import lce_exp_matmul, lce_row_scaled_matmul  # noqa: E402
 
@@ -242,10 +242,7 @@ def main(argv=None):
         dw_sweep(rows, p, w, r)
     del p
 
-    def three_matmuls():
-        z = torch.mm(x, w.t())
-        return torch.mm(z, w), torch.mm(z.t(), x)
-
+    three_matmuls = three_matmuls_call(x, w)
     three = graph_ms(three_matmuls, replays=10)
     rows.append(dict(part="three plain matmuls", ms=three))
     print(f"three plain matmuls: {three:.2f} ms", flush=True)
@@ -272,16 +269,7 @@ def main(argv=None):
     rows.append(dict(part="three plain matmuls (again)", ms=three))
     print(f"three plain matmuls, again: {three:.2f} ms", flush=True)
 
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-
-    fn = op_call(x, w, y, path="exp_matmul", matmul_config=best[0])
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-        fn()
-        torch.cuda.synchronize()
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=16,
-                                                             max_name_column_width=40, max_shapes_column_width=60))
+    print_profile(op_call(x, w, y, path="exp_matmul", matmul_config=best[0]))
     cols = ["part", "config", "ms", "tflops", "rel_err_vs_cublas", "extra_beyond_grads_gib", "loss_diff",
             "grad_h_rel", "grad_w_rel"]
     write_results(args.out, args.name, "lm_head + cross-entropy: the exp-epilogue matmul (graph replay)", rows, cols)

@@ -138,3 +138,16 @@ def graph_ms(fn, replays: int = 50) -> float:
     del graph
     times.sort()
     return times[len(times) // 2]
+
+
+def print_profile(fn, row_limit: int = 16) -> None:
+    """Runs fn once (after a warm-up call) under torch.profiler and prints device time per op and input shape."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=row_limit,
+                                                             max_name_column_width=40, max_shapes_column_width=60))
