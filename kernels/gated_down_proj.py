@@ -36,7 +36,7 @@ def gated_down_proj(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, 
     _check(gate, up, weight)
     y = gated_mlp.launch_forward(gate, up, activation) if use_triton(gate) else \
         gated_mlp.reference_forward(gate, up, activation)
-    return torch.mm(_rows(y), weight.t()).view(*gate.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(y, weight)  # not torch.mm(...).view(...): an op's output must not be a view
 
 
 @triton_op("liger::gated_down_proj_backward", mutates_args=())

@@ -199,11 +199,15 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, config=None, resi
     CUDA autotunes narrow rows and everything else takes fwd_config()."""
     x2 = _as_rows(x)
     n_rows, n_cols = x2.shape
-    y = torch.empty((n_rows, n_cols), dtype=out_dtype(x, weight, cast_before_weight), device=x.device)
-    rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
+    # Outputs are allocated in their final shapes and written through row views: an op's output must not be a
+    # view, or autograd forbids modifying it in place (which eager's output allows).
+    y = torch.empty(x.shape, dtype=out_dtype(x, weight, cast_before_weight), device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     r2 = _as_rows(residual) if residual is not None else x2  # never read without HAS_RESIDUAL
-    s = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device) if residual is not None else x2
-    args = (x2, weight, y, rstd, r2, s, x2.stride(0), y.stride(0), r2.stride(0), s.stride(0), n_rows, n_cols, eps)
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else x
+    y2, s2 = y.view(n_rows, n_cols), s.view(n_rows, n_cols) if residual is not None else x2
+    args = (x2, weight, y2, rstd.view(n_rows), r2, s2, x2.stride(0), y2.stride(0), r2.stride(0), s2.stride(0), n_rows,
+            n_cols, eps)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
                   HAS_RESIDUAL=residual is not None)
     if config is None and x.device.type == "cuda" and not _wide(n_cols):
@@ -212,9 +216,7 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, config=None, resi
         cfg = dict(config or fwd_config(n_cols))
         cfg.pop("BLOCK_N", None)
         wrap_triton(_rms_norm_fwd_kernel)[(triton.cdiv(n_rows, cfg["ROWS"]),)](*args, **consts, **cfg)
-    if residual is None:
-        return y.view(x.shape), rstd.view(x.shape[:-1])
-    return y.view(x.shape), rstd.view(x.shape[:-1]), s.view(x.shape)
+    return (y, rstd) if residual is None else (y, rstd, s)
 
 
 def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None, d_sum=None):
@@ -222,7 +224,7 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
     x2, dy2 = _as_rows(x), _as_rows(dy)
     ds2 = _as_rows(d_sum) if d_sum is not None else dy2  # never read without HAS_DS
     n_rows, n_cols = x2.shape
-    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     wide = _wide(n_cols)
     rpp = (config or {}).get("ROWS_PER_PROGRAM", rows_per_program(n_rows, wide))
     dw_partial = torch.empty((triton.cdiv(n_rows, rpp), n_cols), dtype=torch.float32, device=x.device)
@@ -236,10 +238,10 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
                if k not in ("BLOCK_N", "ROWS_PER_PROGRAM")}
         cfg.setdefault("PREFETCH", False)  # every constexpr is passed: Inductor's kernel wrapper ignores defaults
     wrap_triton(kernel)[(dw_partial.shape[0],)](
-        dy2, x2, weight, rstd, dx, dw_partial, ds2, dy2.stride(0), x2.stride(0), dx.stride(0), ds2.stride(0),
+        dy2, x2, weight, rstd, dx, dw_partial, ds2, dy2.stride(0), x2.stride(0), n_cols, ds2.stride(0),
         n_rows, n_cols, **consts, **cfg,
     )
-    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+    return dx, dw_partial.sum(0).to(weight.dtype)
 
 
 def reference_forward(x, weight, eps, offset, cast_before_weight):

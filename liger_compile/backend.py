@@ -38,7 +38,8 @@ def rewrite_graph(gm: GraphModule, opts: _options.Options, assume: bool = True, 
     """Returns (graph to compile, report). Never raises when opts.fallback: the original graph comes back.
     `assume`: whether sites may be fused on assumptions tested at run time (liger_compile/facts.py); `record`:
     whether the report and dump count this rewrite (not for a graph's second version without assumptions)."""
-    index = next(_graph_ids) if index is None else index
+    if index is None:  # numbered per report (each `explain` call starts at 0), else per process
+        index = len(opts.report.graphs) if opts.report is not None else next(_graph_ids)
     patterns = [p for p in all_patterns() if p.name not in opts.disable]
     checks = [c for c in all_output_checks() if c.fact not in opts.disable]
     new_gm = None

@@ -8,7 +8,7 @@ from typing import Any
 # Our options, with what each means. Every other key must be a torch._inductor.config key.
 OUR_OPTIONS = {
     "dump": "directory: write each graph before/after the rewrite and its report there (also LIGER_COMPILE_DUMP)",
-    "disable": "list of pattern names not to fuse, e.g. ['rms_norm']",
+    "disable": "a pattern name or a list of them not to fuse, e.g. 'rms_norm' or ['rms_norm', 'rotary']",
     "fallback": "bool, default True: on an error inside our rewrite, compile the untouched graph with Inductor",
     "inductor": "bool, default True: False runs the rewritten graph eagerly instead of compiling it (debugging)",
     "report": "a liger_compile.Report to collect the per-graph reports into",
@@ -34,6 +34,52 @@ def _inductor_keys() -> set[str]:
     return set(config.get_config_copy())
 
 
+def _fail(key: str, value: Any, wanted: str) -> None:
+    raise ValueError(f"liger_compile: option {key!r} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def _pattern_names(value: Any) -> tuple[str, ...]:
+    """`disable`: one name or an iterable of names, each a pattern the backend knows."""
+    from .pattern import pattern_names  # noqa: PLC0415 - pattern discovery imports the ops
+
+    if isinstance(value, str):
+        names = (value,)
+    else:
+        try:
+            names = tuple(value)
+        except TypeError:
+            names = None
+        if names is None or not all(isinstance(n, str) for n in names):
+            _fail("disable", value, "a pattern name or a list of pattern names")
+    valid = pattern_names()
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ValueError(f"liger_compile: option 'disable' names unknown pattern(s) {unknown}; valid names: "
+                         f"{', '.join(valid)}")
+    return names
+
+
+def _checked(key: str, value: Any) -> Any:
+    """Our option `key`'s value, in the type Options holds, or a ValueError saying what it must be."""
+    from .report import Report  # noqa: PLC0415
+
+    if key == "disable":
+        return _pattern_names(value)
+    if key in ("fallback", "inductor", "skip_logits"):
+        if not isinstance(value, bool):
+            _fail(key, value, "True or False")
+        return value
+    if key == "dump":
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            _fail(key, value, "a directory path (str or os.PathLike) or None")
+        return os.fspath(value) if value is not None else None
+    if key == "report":
+        if value is not None and not isinstance(value, Report):
+            _fail(key, value, "a liger_compile.Report or None")
+        return value
+    raise AssertionError(f"option {key!r} has no check")  # every key of OUR_OPTIONS is handled above
+
+
 def parse(mode: str | None = None, options: dict | None = None) -> Options:
     from torch._inductor import list_mode_options  # noqa: PLC0415
 
@@ -44,12 +90,14 @@ def parse(mode: str | None = None, options: dict | None = None) -> Options:
         except (KeyError, RuntimeError):
             valid = ", ".join(list_mode_options())
             raise ValueError(f"liger_compile: unknown mode {mode!r}; valid modes: {valid}") from None
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"liger_compile: options must be a dict, got {type(options).__name__}")
     options = dict(options or {})
     unknown = []
     inductor_keys = None
     for key, value in options.items():
         if key in OUR_OPTIONS:
-            setattr(opts, key, tuple(value) if key == "disable" else value)
+            setattr(opts, key, _checked(key, value))
             continue
         inductor_keys = inductor_keys if inductor_keys is not None else _inductor_keys()
         if key in inductor_keys:

@@ -119,6 +119,4 @@ def all_output_checks() -> tuple[OutputCheck, ...]:
 
 
 def pattern_names() -> list[str]:
-    names = list(KNOWN_PATTERNS)
-    names += [p.name for p in all_patterns() if p.name not in names]
-    return names
+    return list(dict.fromkeys([*KNOWN_PATTERNS, *(p.name for p in all_patterns())]))

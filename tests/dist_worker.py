@@ -29,9 +29,13 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 import liger_compile  # noqa: E402
 import liger_compile.backend as backend_module  # noqa: E402
+from dist_exit import leave  # noqa: E402
 
 VOCAB, HIDDEN, SEQ, PER_RANK_BATCH, STEPS, LR = 128, 32, 8, 2, 3, 0.5
 RTOL, ATOL = 1e-5, 1e-6
+# A rank may wait in a collective while its peer compiles a graph: a cold CPU compile takes 30-60 s, several times
+# that on a loaded machine.
+COLLECTIVE_TIMEOUT_S = 600
 
 # wrap: how the model is distributed; tied: tie_word_embeddings; intermediate: MLP width; bucket_cap_mb: DDP's
 # (1 MiB with a 4096-wide MLP, 1.5 MiB of weights, makes Dynamo's DDP optimizer split the graph); inductor: False
@@ -238,7 +242,7 @@ def main() -> int:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     start = time.perf_counter()
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     spec = SCENARIOS[scenario]
     result: dict = {"scenario": scenario, "rank": rank, "world": world}
     code = 0
@@ -254,11 +258,9 @@ def main() -> int:
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1, default=str)
     os.replace(path + ".tmp", path)
-    if code == 0:
-        dist.barrier()
-        dist.destroy_process_group()
-    else:
+    if code:
         print(result["error"], file=sys.stderr, flush=True)
+    leave(out_dir, rank, world, ok=code == 0)
     return code
 
 

@@ -70,11 +70,24 @@ def test_unknown_option_is_a_clear_error_naming_the_valid_ones():
         f(torch.ones(2))
 
 
+def test_every_option_is_checked():
+    assert liger_options.parse(None, {"disable": "rms_norm"}).disable == ("rms_norm",)  # one name, not letters
+    assert liger_options.parse(None, {"disable": ("rotary", "causal_mask")}).disable == ("rotary", "causal_mask")
+    with pytest.raises(ValueError, match=r"unknown pattern\(s\) \['rmsnorm'\]; valid names: rms_norm, rotary"):
+        liger_options.parse(None, {"disable": ["rmsnorm"]})
+    for key, value in [("disable", 3), ("disable", [None]), ("fallback", "no"), ("inductor", 0),
+                       ("skip_logits", None), ("dump", 1), ("report", {})]:
+        with pytest.raises(ValueError, match=f"option '{key}' must be"):
+            liger_options.parse(None, {key: value})
+    with pytest.raises(ValueError, match="options must be a dict"):
+        liger_options.parse(None, [("dump", "x")])
+
+
 def test_disable_option_skips_a_pattern():
     report = liger_compile.Report()
-    f = torch.compile(tiny("llama", layers=1), backend="liger", options={"disable": ["rms_norm"], "report": report})
+    f = torch.compile(tiny("llama", layers=1), backend="liger", options={"disable": "rms_norm", "report": report})
     f(**batch())
-    assert report.counts["rms_norm"] == 0
+    assert report.counts["rms_norm"] == 0 and report.counts["rotary"] == 1, str(report)
 
 
 def _raising_replacement(**_):
@@ -128,3 +141,12 @@ def test_one_info_log_line_per_graph(caplog):
         torch.compile(tiny("llama", layers=1), backend="liger", options={"inductor": False})(**batch())
     lines = [r.getMessage() for r in caplog.records if r.name == "liger_compile"]
     assert len(lines) == 1 and "rms_norm=3" in lines[0], lines
+
+
+def test_each_explain_numbers_its_graphs_from_zero():
+    model, inputs = tiny("llama", layers=1), batch()
+    for _ in range(2):
+        torch._dynamo.reset()
+        report = liger_compile.explain(model, **inputs)
+        assert [g.index for g in report.graphs] == list(range(len(report.graphs))), str(report)
+        assert str(report).splitlines()[1].startswith("graph 0:"), str(report)

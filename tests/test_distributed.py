@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 WORLD = 2
-TIMEOUT_S = 300  # one scenario; a cold CPU Inductor compile takes 30-60 s here
+TIMEOUT_S = 600  # one scenario, only to stop a hang: a cold CPU Inductor compile takes 30-60 s here, more when loaded
 FAILED_RANK_GRACE_S = 10  # after one rank fails, the others get this long to exit before they are stopped
 VOCAB, HIDDEN = 128, 32  # as in dist_worker.py
 

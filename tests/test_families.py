@@ -84,12 +84,21 @@ FAMILIES = {
 }
 
 
+# Families some of whose sites no pattern covers yet, so their counts are not pinned in FAMILIES: (config class,
+# model class, overrides). `explain` and a training step with our ops run eagerly must still work and equal eager.
+UNPINNED = {
+    # MoE layers add the routed experts' output into the shared expert's down_proj output in place; rotary in
+    # complex numbers, weightless q/k L2 norms
+    "llama4_text": (T.Llama4TextConfig, T.Llama4ForCausalLM, {"intermediate_size_mlp": 64, "num_local_experts": 2}),
+}
+
+
 def tiny(name: str, layers: int = L, seed: int = 0):
-    fam = FAMILIES[name]
-    cfg = fam.config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, use_cache=False, **fam.overrides)
+    config, model, overrides = (FAMILIES[name][:3] if name in FAMILIES else UNPINNED[name])
+    cfg = config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, use_cache=False, **overrides)
     torch.manual_seed(seed)
-    return fam.model(cfg)
+    return model(cfg)
 
 
 def uses_sdpa(model) -> bool:
@@ -137,6 +146,24 @@ def test_training_step_matches_eager(name):
     assert report.counts["linear_cross_entropy"] == 1 and not report.fallbacks, str(report)
     torch.testing.assert_close(loss, ref_loss, **TOL)
     torch.testing.assert_close(outputs[0].logits * 1, ref_logits, **TOL)  # materialises the lazy logits
+    assert grads.keys() == ref_grads.keys()
+    for param in ref_grads:
+        torch.testing.assert_close(grads[param], ref_grads[param], **TOL, msg=lambda m: f"{param}: {m}")
+
+
+@pytest.mark.parametrize("name", [*FAMILIES, *UNPINNED])
+def test_explain_and_uncompiled_training_match_eager(name):
+    """`explain` and options={"inductor": False} run the rewritten graph eagerly: our ops with their autograd
+    formulas, where the model may modify their outputs in place (autograd forbids that on an op's view outputs).
+    The step's loss and every gradient equal eager's."""
+    model, inputs = tiny(name), batch(t=SEQ)
+    report = liger_compile.explain(model, **inputs)
+    assert not report.fallbacks and report.counts["rms_norm"] > 0, str(report)
+    torch._dynamo.reset()
+    ref_loss, ref_grads = loss_and_grads(model, inputs)
+    compiled = torch.compile(model, backend="liger", options={"inductor": False})
+    loss, grads = loss_and_grads(model, inputs, run=compiled)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
     assert grads.keys() == ref_grads.keys()
     for param in ref_grads:
         torch.testing.assert_close(grads[param], ref_grads[param], **TOL, msg=lambda m: f"{param}: {m}")

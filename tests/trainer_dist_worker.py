@@ -35,6 +35,7 @@ if not torch.cuda.is_available():  # as tests/conftest.py: Triton's interpreter,
 
 import liger_compile  # noqa: E402
 import liger_compile.backend as backend_module  # noqa: E402
+from dist_exit import leave  # noqa: E402
 
 WORLD = 2
 VOCAB, SEQ, SAMPLES, PER_RANK_BATCH, STEPS, LR = 64, 10, 12, 2, 3, 0.1
@@ -193,6 +194,7 @@ def main() -> int:
     os.replace(path + ".tmp", path)
     if code:
         print(result["error"], file=sys.stderr, flush=True)
+    leave(out_dir, rank, int(os.environ.get("WORLD_SIZE", 1)) if spec["world"] > 1 else 1, ok=code == 0)
     return code
 
 
