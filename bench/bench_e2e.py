@@ -4,7 +4,7 @@
     python bench/bench_e2e.py --model qwen2-1.5b ...  /  --batch 1 --seq 65536 ...
     python bench/bench_e2e.py ... --one VARIANT        (what the driver runs: one process per variant)
 
-Settings follow ../shared/ANCHORS.md: random init (seed 0), bf16 parameters, SDPA attention,
+Settings: random init (seed 0), bf16 parameters, SDPA attention,
 `model(input_ids=ids, labels=ids).loss.backward()` then `AdamW(fused=True).step()`, 3 warm-up steps, median of
 the timed steps. Variant "ours-no-P1+P2" is backend="liger" with those patterns disabled (the step with and without
 each pattern). With --profile, one more step runs under torch.profiler: its kernel table per variant, the GPU time

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_e2e import MODELS, build, classify_failure, timed_steps  # noqa: E402
 
 VARIANTS = ["eager", "inductor", "liger_kernel", "ours"]
-# The device tool's multi-GPU machines keep NVLink multicast off (it can take a shared host's GPUs down); the
+# Shared multi-GPU hosts may need NVLink multicast off (it can take a shared host's GPUs down); the
 # children get these even if the caller's environment lacks them.
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 

@@ -3,13 +3,13 @@
     python bench/bench_kernels.py [--only rms_norm,add_rms_norm,rotary,gated_mlp,linear_cross_entropy]
         [--out bench/results]
 
-Shapes are Llama-3-8B's at 16,384 tokens, bf16 (see ../shared/ANCHORS.md). For each variant: forward,
+Shapes are Llama-3-8B's at 16,384 tokens, bf16. For each variant: forward,
 backward (= fwd+bwd minus fwd) and fwd+bwd median ms (triton.testing.do_bench), the extra peak memory of one
 fwd+bwd call, and fwd+bwd GB/s over the minimal bytes (or TFLOP/s for the matmul-bound lm_head+CE). Two clocks:
 `*_ms` are CUDA-event medians (wall time of a call, launch overhead included); `gpu_*_ms` sum the kernels' own
 durations (torch.profiler), which is what a kernel costs inside a busy training step; `graph_*_ms` replay the call
 from a CUDA graph (no Python or launch overhead; NaN where a variant cannot be captured). `extra_beyond_grads_gib`
-is the extra peak minus the gradients' own size, as ../shared/ANCHORS.md counts it.
+is the extra peak minus the gradients' own size (what the op needs beyond its results).
 Writes kernels.md / kernels.json / kernels.png into --out.
 """
 from __future__ import annotations
@@ -209,7 +209,7 @@ def run_case(name, make):
             y = fn(*inputs)
             return torch.autograd.grad(y if isinstance(y, tuple) else (y,), vparams, dys)
 
-        # extra memory as ../shared/ANCHORS.md counts it: beyond the gradients themselves (outputs of any variant)
+        # extra memory beyond the gradients themselves (outputs of any variant)
         grads_gib = sum(p.numel() * p.element_size() for p in vparams) / 2**30
         try:
             t_fwd = median_ms(fwd)

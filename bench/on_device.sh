@@ -12,8 +12,8 @@
 #   kernels    kernel table (eager, Inductor, Liger-Kernel, ours): event, GPU-busy and CUDA-graph times, memory
 #   e2e4k      Llama-3.2-1B 4x4096, all variants side by side, one process each
 #   ours4k     the same, backend="liger" only (a quick check after a change)
-#   e2e32k     Llama-3.2-1B 1x32768: Liger-Kernel and ours (eager/Inductor are in ../shared/ANCHORS.md)
-#   e2e64k     Llama-3.2-1B 1x65536: Liger-Kernel and ours (eager and Inductor run out of memory: ANCHORS.md)
+#   e2e32k     Llama-3.2-1B 1x32768: Liger-Kernel and ours (eager/Inductor: the reference runs in bench/summary.py)
+#   e2e64k     Llama-3.2-1B 1x65536: Liger-Kernel and ours (eager and Inductor run out of memory)
 #   ours32k    Llama-3.2-1B 1x32768, backend="liger" only
 #   retest     the add_rms_norm kernel tests and the bf16 training-shape tests that are not padding/packing
 #   fsdp2      FSDP2 over 2 GPUs (needs both): eager, Inductor, Liger-Kernel, ours (bench/bench_fsdp.py)
@@ -26,7 +26,7 @@
 # Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, ABLATION_REPEAT (runs of the list,
 # round robin, medians reported; later runs find the kernels compiled), P32_VARIANTS, CONTEXT_VARIANTS,
 # CONTEXT_START, CONTEXT_MAX, CONTEXT_BUDGET (seconds).
-# Carry wheels in .whl (see the device tool's README): Liger-Kernel, and for the sft stage trl, datasets, dill and
+# Put wheels in .whl for what the GPU machine lacks: Liger-Kernel, and for the sft stage trl, datasets, dill and
 # multiprocess (the image has no TRL). Results and logs go to $OUT/results.tgz
 # (the device returns only a few files) and each stage's last lines to the call's output.
 # One invocation per TAG: each invocation removes its results folder when it ends (after packing it), so a second

@@ -2,8 +2,8 @@
 
     python bench/summary.py [--results bench/results]     -> e2e_summary.md, e2e_summary.png
 
-Each config gets the issue's target (a row labelled "target") and the anchor numbers of ../shared/ANCHORS.md
-(rows whose source is "anchor": measured by the anchor session, same H200, torch 2.11, transformers 5.17,
+Each config gets its target for backend="liger" (a row labelled "target") and the reference numbers measured first
+(rows whose source is "anchor": an earlier run on the same kind of H200, 2026-11-29, torch 2.11, transformers 5.17,
 Liger-Kernel 0.8.5), next to the rows of the recorded runs. Also holds the chart that bench_e2e.py draws per run.
 Needs no GPU.
 """
@@ -28,8 +28,8 @@ TARGETS = {
     "qwen2-1.5b 4x4096": (56_000, 40.0),
 }
 
-# ../shared/ANCHORS.md, "End-to-end training step" (torch 2.11.0+cu130, transformers 5.17.0, liger-kernel 0.8.5,
-# 2026-11-29): (tokens/s, peak GiB), or the error the anchor run recorded.
+# The reference runs on one H200 (torch 2.11.0+cu130, transformers 5.17.0, liger-kernel 0.8.5, 2026-11-29):
+# (tokens/s, peak GiB), or the error that run recorded.
 ANCHORS = {
     "llama-1b 4x4096": {"eager": (49_734, 61.2), "inductor": (49_875, 39.4), "liger_kernel": (64_350, 26.3),
                         "liger_kernel_inductor": "illegal memory access"},
@@ -201,10 +201,10 @@ def summarize(results: str) -> str:
     cols = ["config", "variant", "source", "tokens/s", "peak GiB", "first step s", "first step vs inductor",
             "meets target", "file", "error"]
     files = sorted({r["file"] for rs in runs.values() for r in rs})
-    md = ("# Training step: every recorded run, with the anchors and the issue's targets\n\n"
+    md = ("# Training step: every recorded run, with the reference runs and the targets\n\n"
           "Written by `bench/summary.py` from " + (", ".join(f"`{f}`" for f in files) or "no runs") + ". "
-          "`anchor` rows: ../shared/ANCHORS.md (same H200, torch 2.11.0+cu130, transformers 5.17.0, Liger-Kernel "
-          "0.8.5, 2026-11-29). `target` rows: the issue's targets for `backend=\"liger\"` (ours). `meets target` "
+          "`anchor` rows: the reference runs (an H200, torch 2.11.0+cu130, transformers 5.17.0, Liger-Kernel "
+          "0.8.5, 2026-11-29). `target` rows: the targets for `backend=\"liger\"` (ours). `meets target` "
           "compares an ours row with its config's target (tokens/s at least, peak GiB at most).\n\n"
           + markdown_table(table, cols) + "\n")
     with open(os.path.join(results, "e2e_summary.md"), "w") as f:

@@ -22,6 +22,16 @@ TINY_LLAMA = dict(
 )
 
 
+READING_THE_REPORT = """
+How to read it: [in brackets] is the form of the code a site matched, then where it is in the model.
+  rms_norm, rotary, swiglu/geglu, linear_cross_entropy: replaced by our fused Triton ops (with their own backward);
+    "+ residual": the residual add feeding the norm is fused too; "down_proj": the MLP's down projection is in the
+    op, so its input is not saved; "fp32, logits lazy": the loss in fp32, the logits computed only if read.
+  causal_mask: no kernel of ours. HF's explicit mask, proved plain causal, is dropped and SDPA runs is_causal=True
+    (its fastest kernels); "repeat_kv -> enable_gqa": SDPA reads the shared key/value heads instead of HF's copies.
+"""
+
+
 def build(device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
 
@@ -66,6 +76,7 @@ def main(argv=None) -> int:
     print(f"tiny Llama {TINY_LLAMA['num_hidden_layers']} layers, hidden {TINY_LLAMA['hidden_size']}, "
           f"vocab {TINY_LLAMA['vocab_size']}, {args.device} {dtype}, batch {args.batch} x {args.seq}\n")
     print(liger_compile.explain(liger_model, input_ids=batches[0], labels=batches[0]))
+    print(READING_THE_REPORT)
     torch._dynamo.reset()
 
     eager_losses, _ = train(eager_model, eager_model, batches)

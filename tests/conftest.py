@@ -21,7 +21,7 @@ def fresh_dynamo():
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs CUDA (run on the H200 with the device tool)")
+    skip = pytest.mark.skip(reason="needs CUDA (the GPU tests run on a CUDA machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

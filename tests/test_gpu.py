@@ -1,4 +1,4 @@
-"""On a CUDA GPU (the H200 through the device tool): bf16 at real shapes, and the whole backend on CUDA."""
+"""On a CUDA GPU (run on an H200): bf16 at real shapes, and the whole backend on CUDA."""
 import pytest
 import torch
 
