@@ -41,6 +41,18 @@ class Assume:
 
 
 @dataclass
+class InputFact:
+    """A fact a graph input can be tested for directly when the graph runs (no earlier graph needed): e.g. "this
+    [B, T] attention mask is all ones". A pattern's check may fuse a site assuming it (Assume with this `fact`),
+    having verified, while compiling, that the site is right for `value(example)`; `holds` must then be true
+    exactly when the input equals that value. A pattern module lists them in INPUT_FACTS."""
+    fact: str
+    applies: Callable[[torch.Tensor], bool]  # on the input's example value, while compiling: a candidate?
+    value: Callable[[torch.Tensor], torch.Tensor]  # the value assumed, made like the example (real tensor)
+    holds: Callable[[torch.Tensor], bool]  # on the real input, at run time (synchronises with the GPU)
+
+
+@dataclass
 class OutputCheck:
     """A fact a graph's returned value may have, for graphs after a graph break to rely on (Assume). A pattern
     module lists them in OUTPUT_CHECKS."""
@@ -55,7 +67,8 @@ class Pattern:
     variant: str  # which source form it matches, e.g. "llama" or "gemma"
     search: Callable  # the model's math, as plain torch code; its parameters are the wildcards
     replace: Callable  # same parameters; builds the fused call
-    check: Callable[[Match], str | Assume | None] = _no_objection  # why a site must not be fused, or None
+    # why a site must not be fused, or None, or the assumptions (one Assume or a list) under which it may be
+    check: Callable[[Match], str | Assume | list[Assume] | None] = _no_objection
     anchor: str | None = None  # an op that marks a candidate site, for near-miss reports (e.g. "rsqrt")
     # An interior value the graph also returns (the logits next to a fused loss) may be provided by the rewrite:
     # lazily (computed from the match's inputs on first use) or, with `replace_keeping`, by the fused op itself,
@@ -116,6 +129,12 @@ def all_patterns() -> tuple[Pattern, ...]:
 @functools.cache
 def all_output_checks() -> tuple[OutputCheck, ...]:
     return tuple(c for module in _pattern_modules() for c in getattr(module, "OUTPUT_CHECKS", ()))
+
+
+@functools.cache
+def all_input_facts() -> dict[str, Callable[[torch.Tensor], bool]]:
+    """fact -> its run-time test, for every InputFact of every pattern module."""
+    return {f.fact: f.holds for module in _pattern_modules() for f in getattr(module, "INPUT_FACTS", ())}
 
 
 def pattern_names() -> list[str]:

@@ -202,8 +202,12 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
                 m.outer = outer or {}
                 reason = _subclass_input(m) or pattern.check(m)
                 if isinstance(reason, Assume):
-                    slot = _assumable(reason, top) if assume else None
-                    assumed, reason = (None, reason.unproved) if slot is None else ((slot, reason.fact), None)
+                    reason = [reason]
+                if isinstance(reason, list):  # assumptions about graph inputs, all testable at run time, or none
+                    slots = [_assumable(a, top) if assume else None for a in reason]
+                    missing = [a for a, slot in zip(reason, slots) if slot is None]
+                    assumed = None if missing else [(slot, a.fact) for a, slot in zip(reason, slots)]
+                    reason = missing[0].unproved if missing else None
                 policy = _returned_policy(m, pattern, skip_logits) if not reason else "none"
                 reason = reason or (policy if policy not in ("none", "lazy", "keep") else None)
                 if reason:
@@ -214,9 +218,8 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
             m.pattern = pattern
             variant = pattern.variant + {"lazy": ", logits lazy", "keep": ", logits kept"}.get(policy, "")
             if assumed is not None:
-                variant += f", if input {assumed[0]} is {assumed[1]} at run time"
-                if assumed not in report.assumptions:
-                    report.assumptions.append(assumed)
+                variant += ", if " + " and ".join(f"input {slot} is {fact}" for slot, fact in assumed) + " at run time"
+                report.assumptions += [a for a in assumed if a not in report.assumptions]
             site = Site(pattern.name, variant, where(m.root))
             covered.update(m.nodes)
             if policy == "lazy":

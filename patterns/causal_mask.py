@@ -6,8 +6,14 @@ The masked call is several times slower at long context and the mask costs T^2 b
 
 When the mask is computed from shapes alone (positions from an in-graph `arange`, no padding mask, no user
 position ids), its value is fixed for the graph's static shapes: we compute it once while compiling and
-replace the call only if it equals the lower-triangular causal mask. A mask that depends on any runtime tensor
-(padding, packed sequences' position ids) is left exactly as it is.
+replace the call only if it equals the lower-triangular causal mask.
+
+When it is computed from graph inputs too (the trainers' collators always pass a 2D `attention_mask`, all ones
+when nothing is padded, or `position_ids`), we compute it while compiling for the plain values of those inputs
+(INPUT_FACTS: a mask of all ones, positions 0..T-1 in every row) and, if that gives the causal mask, fuse the call
+assuming the inputs hold those values. The graph then tests them at every call (one reduction each and a host read,
+as eager HF does before it picks its causal kernel) and runs the masked version, compiled on first need, for any
+other batch (padding, packed sequences).
 
 Across a graph break (FSDP's per-layer hooks put every decoder layer in a graph of its own) the mask is built in
 one graph and used in the next, where it is an input. The graph that returns a [B, 1, T, T] boolean mask checks
@@ -15,6 +21,7 @@ its value when it runs (OUTPUT_CHECKS; one comparison on the GPU, once per forwa
 causal; the layer's graph fuses assuming that (Assume) and runs its masked version for any other mask
 (liger_compile/facts.py).
 """
+import itertools
 import operator
 
 import torch
@@ -22,13 +29,14 @@ import torch.nn.functional as F
 
 from liger_compile.lazy import extract
 from liger_compile.matcher import Match, example_value
-from liger_compile.pattern import Assume, OutputCheck, Pattern
+from liger_compile.pattern import Assume, InputFact, OutputCheck, Pattern
 
 MAX_CHECKED_ELEMENTS_OFF_GPU = 2**31  # a bigger mask takes too long to evaluate on a CPU while compiling
 # Building the mask may hold a few mask-sized tensors at once (the comparisons HF combines); a mask is checked only
 # if that many fit in half the GPU memory free at compile time (at 1 x 65536 one mask is 4 GiB of bools).
 MASK_COPIES_WHILE_BUILDING = 4
 COMPARE_BLOCK_ELEMENTS = 2**28  # rows compared against the causal pattern per step (no second full-size mask)
+MAX_ASSUMED_INPUTS = 3  # a mask built from more graph inputs than this is left as it is (candidates grow as 2^n)
 
 
 def _check_budget(device: torch.device) -> int:
@@ -120,7 +128,7 @@ def check(m: Match) -> str | None:
         if source is not None:
             return Assume(source, "causal_mask", f"the mask is the graph input {source.name}, built by an earlier "
                           "graph, and was not checked to be plain causal")
-        return f"the mask depends on runtime inputs ({e})"
+        return _assuming_plain_inputs(m, str(e))
     from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: PLC0415
 
     with unset_fake_temporarily(), torch.no_grad():
@@ -128,6 +136,50 @@ def check(m: Match) -> str | None:
         same = _is_lower_triangular(value)
         del value
     return None if same else "the mask is computed from shapes alone but is not plain causal"
+
+
+def _graph_inputs_of(node, outer) -> list:
+    """The graph inputs `node` is computed from (followed out of a checkpointed body through `outer`)."""
+    seen, found, stack = set(), [], [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and n in outer:
+            stack.append(outer[n])
+        elif n.op == "placeholder":
+            found.append(n)
+        else:
+            stack.extend(n.all_input_nodes)
+    return found
+
+
+def _assuming_plain_inputs(m: Match, why: str) -> list[Assume] | str:
+    """Assumptions about the graph inputs the mask is built from under which it is plain causal, or the reason
+    there are none: the mask evaluated while compiling for each combination of their candidate plain values."""
+    inputs = _graph_inputs_of(m["mask"], m.outer)
+    candidates = [[f for f in INPUT_FACTS if isinstance(example_value(n), torch.Tensor) and f.applies(example_value(n))]
+                  for n in inputs]
+    if not inputs or len(inputs) > MAX_ASSUMED_INPUTS or not all(candidates):
+        return f"the mask depends on runtime inputs ({why})"
+    try:
+        compute, used = extract(m["mask"], inputs, outer=m.outer)
+    except ValueError as e:  # it also depends on something that is not a graph input (a buffer, a constant)
+        return f"the mask depends on runtime inputs ({e})"
+    from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: PLC0415
+
+    names = ", ".join(n.name for n in used)
+    with unset_fake_temporarily(), torch.no_grad():
+        for choice in itertools.product(*(c for n, c in zip(inputs, candidates) if n in used)):
+            value = compute(*(f.value(example_value(n)) for n, f in zip(used, choice)))
+            causal = _is_lower_triangular(value)
+            del value
+            if causal:
+                return [Assume(n, f.fact, f"the mask is computed from the graph input {n.name} and is plain causal "
+                               f"only if it is {f.fact}, tested at run time") for n, f in zip(used, choice)]
+    return (f"the mask depends on runtime inputs ({names}) and is not plain causal for any of their plain values "
+            f"({', '.join(f.fact for f in INPUT_FACTS)})")
 
 
 def _full_index(index) -> bool:
@@ -161,6 +213,23 @@ def _square_bool_mask(v: torch.Tensor) -> bool:
 
 
 OUTPUT_CHECKS = [OutputCheck("causal_mask", _square_bool_mask, _is_lower_triangular)]
+
+
+def _rows_of_tokens(e: torch.Tensor) -> bool:
+    """A static [B, T] tensor: what an attention_mask or position_ids input looks like."""
+    return e.dim() == 2 and _static(e.shape)
+
+
+def _positions(t: torch.Tensor) -> torch.Tensor:
+    return torch.arange(t.shape[-1], device=t.device, dtype=t.dtype)
+
+
+INPUT_FACTS = [
+    InputFact("all ones", _rows_of_tokens, lambda e: torch.ones(e.shape, dtype=e.dtype, device=e.device),
+              lambda t: bool((t == 1).all())),
+    InputFact("0..T-1 in every row", lambda e: _rows_of_tokens(e) and not e.dtype.is_floating_point and e.dtype != torch.bool,
+              lambda e: _positions(e).expand(e.shape).contiguous(), lambda t: bool((t == _positions(t)).all())),
+]
 
 PATTERNS = [
     Pattern("causal_mask", "sdpa, repeat_kv -> enable_gqa", masked_sdpa_repeated_kv, causal_sdpa_gqa, check_gqa,

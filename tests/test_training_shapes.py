@@ -14,6 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import liger_compile
+from liger_compile import facts
 from liger_compile.lazy import LazyTensor
 from models import batch, loss_and_grads, tiny
 
@@ -124,13 +125,19 @@ def test_right_padding_with_masked_labels_matches_eager(p=FP32):
     ids = ids.masked_fill(attention_mask == 0, 0)  # pad token 0
     labels = ids.masked_fill(attention_mask == 0, -100)
     inputs = p.to({"input_ids": ids, "attention_mask": attention_mask, "labels": labels})
+    fallback = facts.stats["fallback"]
     report = p.check(model, training_step(inputs)).report
+    # the graph is compiled assuming the mask input is all ones (then the attention is causal); this padded batch
+    # is not, so it runs the graph's second version, which keeps the masked SDPA
     assert report.counts == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "geglu": 0, "linear_cross_entropy": 1,
-                             "causal_mask": 0}, str(report)
-    # the padding mask is a runtime input: the masked SDPA is left as it is
+                             "causal_mask": 2}, str(report)
+    assert all("is all ones at run time" in s.variant for g in report.graphs for s in g.fused
+               if s.pattern == "causal_mask"), str(report)
+    assert facts.stats["fallback"] - fallback == 1
     misses = report.near_misses
     assert len(misses) == 2, str(report)
-    assert all("depends on the graph input" in m.reason and "attention_mask" in m.reason for m in misses), str(report)
+    assert all("plain causal only if it is all ones" in m.reason and "attention_mask" in m.reason
+               for m in misses), str(report)
 
 
 # --- packed sequences -----------------------------------------------------------------------------------------
@@ -150,13 +157,16 @@ def test_packed_sequences_match_eager_with_rotary_fused_and_mask_left_alone(p=FP
     unpacked = {k: v for k, v in inputs.items() if k != "position_ids"}
     with torch.no_grad():  # the documents really are kept apart
         assert not torch.allclose(model(**inputs).loss, model(**unpacked).loss)
+    fallback = facts.stats["fallback"]
     report = p.check(model, training_step(inputs)).report
     counts = report.counts
     assert counts["rotary"] == 2 and counts["rms_norm"] == 9 and counts["linear_cross_entropy"] == 1, str(report)
-    # transformers builds a block-diagonal mask from the position ids: it depends on a runtime input, not causal
-    assert counts["causal_mask"] == 0, str(report)
+    # transformers builds a block-diagonal mask from the position ids: causal only for positions 0..T-1 in every
+    # row, which the graph assumes and tests; these packed rows run its second version, with the mask as it is
+    assert counts["causal_mask"] == 2, str(report)
+    assert facts.stats["fallback"] - fallback == 1
     misses = [m for m in report.near_misses if m.pattern == "causal_mask"]
-    assert len(misses) == 2 and all("depends on the graph input" in m.reason for m in misses), str(report)
+    assert len(misses) == 2 and all("only if it is 0..T-1 in every row" in m.reason for m in misses), str(report)
 
 
 # --- activation checkpointing ---------------------------------------------------------------------------------
@@ -179,14 +189,16 @@ def test_gradient_checkpointing_matches_eager(use_reentrant, p=FP32):
 
 
 def test_checkpointed_body_with_a_padding_mask_keeps_it(p=FP32):
-    """The same followed-back mask, but built from a user padding mask: a runtime input, so it stays."""
+    """The same followed-back mask, but built from a user padding mask: fused assuming the mask is all ones, and
+    this padded batch runs the version that keeps it."""
     model = p.model("llama", layers=1)
     model.gradient_checkpointing_enable()
     model.train()
     inputs = p.to({**batch(), "attention_mask": torch.tensor([[1] * 8, [0, 0] + [1] * 6])})
+    fallback = facts.stats["fallback"]
     report = p.check(model, training_step(inputs)).report
-    assert report.counts["causal_mask"] == 0
-    assert any("depends on the graph input" in m.reason for m in report.near_misses), str(report)
+    assert report.counts["causal_mask"] == 1 and facts.stats["fallback"] - fallback == 1, str(report)
+    assert any("only if it is all ones" in m.reason for m in report.near_misses), str(report)
 
 
 # --- evaluation between training steps ------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Masks built from the batch's own tensors: the trainers' collators always pass a 2D `attention_mask` (all ones when
+nothing is padded) or `position_ids`. Under torch.compile HF builds an explicit [B, 1, T, T] mask from them; the graph
+is compiled assuming they hold their plain values (then that mask is the causal one and SDPA runs `is_causal`), tests
+them at every call, and runs its masked version, compiled once on first need, for any other batch.
+
+fp32 on CPU: every step's loss and every gradient equal eager's.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import liger_compile
+import liger_compile.backend as backend_module
+from liger_compile import facts
+from liger_compile.patterns import causal_mask
+from models import batch, loss_and_grads, tiny
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+B, T = 2, 8
+INPUT_FACTS = {f.fact: f for f in causal_mask.INPUT_FACTS}
+
+
+@pytest.fixture
+def second_versions(monkeypatch):
+    """The graphs compiled a second time, without their assumptions."""
+    built = []
+    original = backend_module._without_assumptions
+
+    def counting(*args, **kwargs):
+        built.append(args[-1].index)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "_without_assumptions", counting)
+    return built
+
+
+def assert_step_matches_eager(model, compiled, inputs):
+    ref_loss, ref_grads = loss_and_grads(model, inputs)
+    loss, grads = loss_and_grads(model, inputs, run=compiled)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+
+
+def with_mask(mask: torch.Tensor, seed: int = 1) -> dict:
+    inputs = batch(b=B, t=T, seed=seed)
+    return {**inputs, "attention_mask": mask, "labels": inputs["labels"].masked_fill(mask == 0, -100)}
+
+
+def right_padded(lengths=(8, 5)) -> torch.Tensor:
+    return (torch.arange(T) < torch.tensor(lengths)[:, None]).long()
+
+
+def left_padded(lengths=(6, 8)) -> torch.Tensor:
+    return (torch.arange(T) >= T - torch.tensor(lengths)[:, None]).long()
+
+
+@pytest.mark.parametrize("given", ["attention_mask", "position_ids", "both"])
+def test_plain_batches_run_causal_attention(given, second_versions):
+    """An all-ones mask and/or positions 0..T-1: fused (report), every call takes the causal version (Inductor)."""
+    model = tiny("llama", layers=2)
+    inputs = batch(b=B, t=T)
+    if given in ("attention_mask", "both"):
+        inputs["attention_mask"] = torch.ones(B, T, dtype=torch.long)
+    if given in ("position_ids", "both"):
+        inputs["position_ids"] = torch.arange(T).expand(B, T)
+    report = liger_compile.Report()
+    compiled = torch.compile(model, backend="liger", options={"report": report})
+    before = facts.stats["assumed"]
+    assert_step_matches_eager(model, compiled, inputs)
+    sites = [s for g in report.graphs for s in g.fused if s.pattern == "causal_mask"]
+    assert len(sites) == 2 and all("at run time" in s.variant for s in sites), str(report)
+    assert not report.near_misses, str(report)
+    assert facts.stats["assumed"] - before == 1 and second_versions == []
+
+
+def test_padded_and_unpadded_batches_alternate_exactly_without_recompiling(second_versions):
+    """20 steps: unpadded, right-padded, left-padded, all-ones again, ...; each equals eager; the graph is traced
+    once by Dynamo, its second version built once."""
+    model = tiny("llama", layers=2)
+    compiled = torch.compile(model, backend="liger", options={"inductor": False})
+    masks = [torch.ones(B, T, dtype=torch.long), right_padded(), left_padded(), right_padded((3, 8))]
+    counters.clear()
+    assumed, fallback = facts.stats["assumed"], facts.stats["fallback"]
+    for step in range(20):
+        assert_step_matches_eager(model, compiled, with_mask(masks[step % len(masks)], seed=step))
+    assert counters["stats"]["unique_graphs"] == 1 and len(second_versions) == 1
+    assert facts.stats["assumed"] - assumed == 5 and facts.stats["fallback"] - fallback == 15
+
+
+def test_a_mask_of_other_values_is_not_taken_for_all_ones():
+    """The run-time tests are exact: a mask of 2s, or a bool mask with one False, runs the masked version."""
+    ones, positions = (INPUT_FACTS[name].holds for name in ("all ones", "0..T-1 in every row"))
+    assert ones(torch.ones(2, 3, dtype=torch.long)) and ones(torch.ones(2, 3, dtype=torch.bool))
+    assert not ones(torch.full((2, 3), 2)) and not ones(torch.tensor([[True, False, True]]))
+    assert positions(torch.arange(4).expand(2, 4)) and not positions(torch.tensor([[0, 1, 0, 1]]))
+    assert not positions(torch.tensor([[1, 2, 3, 4]]))
