@@ -1,11 +1,12 @@
-"""Supervised fine-tuning through a trainer: torch_compile_backend="liger" against "inductor".
+"""Supervised fine-tuning through a trainer: torch_compile_backend="liger" against use_liger_kernel=True, Inductor
+and no compile at all, one process each.
 
     python bench/bench_sft.py                    # Llama-3.2-1B shape, 4 x 2048 tokens a step, bf16, on a GPU
     python bench/bench_sft.py --tiny             # tiny Llama, a few steps: runs on CPU (checks the script)
     python bench/bench_sft.py ... --one VARIANT  (what the driver runs: one process per variant)
 
 What a user of the trainers runs: random init (seed 0), a synthetic in-memory dataset of random full-length token
-rows (no padding), TRL's SFTTrainer when `trl` imports (else transformers' Trainer with a causal-LM collator:
+rows (no padding; --padding F: rows of random lengths, F of each batch padding), TRL's SFTTrainer when `trl` imports (else transformers' Trainer with a causal-LM collator:
 input_ids and labels, no attention mask since no row is padded), bf16=True, per_device_train_batch_size=4,
 max length 2048, adamw_torch_fused, no checkpoints, evaluation or logging to disk, gradient checkpointing off
 (TRL's default is on; --checkpointing turns it on). A TrainerCallback times each optimizer step from
@@ -40,7 +41,9 @@ from bench_e2e import MODELS  # noqa: E402
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, use_cache=False)
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # the tokenizer's only tokens; data ids start after them
-VARIANTS = ["liger", "inductor"]
+# plain: no compile; liger_kernel: use_liger_kernel=True (Liger-Kernel's patches, no compile); inductor / liger:
+# torch_compile=True with that torch_compile_backend
+VARIANTS = ["plain", "liger_kernel", "inductor", "liger"]
 
 
 def tokenizer():
@@ -69,9 +72,28 @@ def build(args, device, dtype):
         return cls(cfg).to(dtype)
 
 
-def token_rows(n: int, seq: int, vocab: int) -> list[list[int]]:
+def token_rows(n: int, seq: int, vocab: int, padding: float = 0.0) -> list[list[int]]:
+    """n rows of random token ids; with `padding` > 0, rows shortened at random so that about that fraction of a
+    seq-long batch is padding (lengths uniform in [seq * (1 - 2 * padding), seq])."""
     g = torch.Generator().manual_seed(1)
-    return torch.randint(len(SPECIAL), vocab, (n, seq), generator=g).tolist()
+    rows = torch.randint(len(SPECIAL), vocab, (n, seq), generator=g).tolist()
+    if padding <= 0:
+        return rows
+    shortest = max(1, int(seq * (1 - 2 * padding)))
+    lengths = torch.randint(shortest, seq + 1, (n,), generator=g).tolist()
+    return [r[:n_tokens] for r, n_tokens in zip(rows, lengths)]
+
+
+def attention_profile(prof, layers: int) -> dict:
+    """From one profiled step: the attention kernels' GPU time per layer (forward + backward) and the step's."""
+    from bench_e2e import is_attention_kernel  # noqa: PLC0415
+
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    attention_us = sum(e.self_device_time_total for e in kernels if is_attention_kernel(e.key))
+    top = sorted((e for e in kernels if is_attention_kernel(e.key)), key=lambda e: -e.self_device_time_total)[:4]
+    return {"attention_ms_per_layer": attention_us / 1e3 / layers,
+            "gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
+            "attention_kernels": [f"{e.key[:80]}: {e.self_device_time_total / 1e3:.1f} ms" for e in top]}
 
 
 def causal_lm_collate(rows):
@@ -101,14 +123,18 @@ class FusionLog(logging.Handler):
         return total
 
 
-def make_trainer(args, variant, model, rows, device, amp, callbacks):
+def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="bench_sft_"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        output_dir=tempfile.mkdtemp(prefix="bench_sft_"), max_steps=steps, per_device_train_batch_size=args.batch,
         learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch_fused", bf16=amp,
         gradient_checkpointing=args.checkpointing, logging_strategy="steps", logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0,
-        use_cpu=device == "cpu", torch_compile=True, torch_compile_backend=variant,
+        use_cpu=device == "cpu",
     )
+    if variant == "liger_kernel":
+        common["use_liger_kernel"] = True
+    elif variant != "plain":
+        common.update(torch_compile=True, torch_compile_backend=variant)
     trl = None
     if args.trainer in ("auto", "trl"):
         try:
@@ -119,7 +145,10 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks):
     if trl is not None:
         import datasets  # noqa: PLC0415
 
-        config = trl.SFTConfig(**common, max_length=args.seq, packing=False)
+        # padded batches: every batch padded to the full length, so every step has one shape (as with
+        # max_length padding), and the padding is the given fraction of the tokens
+        pad = dict(pad_to_multiple_of=args.seq) if args.padding else {}
+        config = trl.SFTConfig(**common, max_length=args.seq, packing=False, **pad)
         trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_dict(
             {"input_ids": rows}), processing_class=tokenizer(), callbacks=callbacks)
         return trainer, f"trl.SFTTrainer {trl.__version__}"
@@ -136,7 +165,7 @@ def run_one(args) -> dict:
         import accelerate  # noqa: PLC0415, F401
     except ImportError:
         sys.exit("bench_sft: transformers' Trainer needs the accelerate package; install it (a wheel on the device)")
-    import liger_compile  # noqa: PLC0415, F401  (accelerate accepts torch_compile_backend="liger" after this)
+    import liger_compile  # noqa: PLC0415  (accelerate accepts torch_compile_backend="liger" after this)
     from transformers import TrainerCallback  # noqa: PLC0415
 
     variant = args.one
@@ -146,22 +175,35 @@ def run_one(args) -> dict:
     model.train()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
+    profiled_step = args.steps if args.profile else None  # one step more, under torch.profiler, not timed
+
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times = []
+            self.times, self.prof, self.profile = [], None, {}
 
         def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == profiled_step:
+                from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
             sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             sync()
-            self.times.append(time.perf_counter() - self.t0)
+            if self.prof is None:
+                self.times.append(time.perf_counter() - self.t0)
+                return
+            self.prof.__exit__(None, None, None)
+            self.profile = attention_profile(self.prof, model.config.num_hidden_layers)
+            self.prof = None
 
     timer = StepTimer()
-    rows = token_rows(args.batch * args.steps, args.seq, model.config.vocab_size)
+    total_steps = args.steps + (1 if args.profile else 0)
+    rows = token_rows(args.batch * total_steps, args.seq, model.config.vocab_size, args.padding)
     amp = use_bf16 and not args.pure_bf16
-    trainer, trainer_name = make_trainer(args, variant, model, rows, device, amp, [timer])
+    trainer, trainer_name = make_trainer(args, variant, model, rows, device, amp, [timer], total_steps)
 
     log = logging.getLogger("liger_compile")
     fusions = FusionLog()
@@ -184,10 +226,12 @@ def run_one(args) -> dict:
         "first_loss": losses[0], "last_loss": losses[-1], "trainer": trainer_name,
         "dtype": ("bf16, bf16=True" if amp else "bf16, bf16=False") if use_bf16 else "fp32",
         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
-        "step_times_s": [round(t, 4) for t in timer.times],
+        "step_times_s": [round(t, 4) for t in timer.times], **timer.profile,
     }
     if variant == "liger":
         result["fused"] = fusions.counts()
+        # graph calls that ran a version compiled on a run-time assumption (the causal mask), and the others
+        result["assumed_calls"] = dict(liger_compile.facts.stats)
         print("\n".join(fusions.lines), file=sys.stderr)
     return result
 
@@ -197,9 +241,9 @@ def drive(args) -> list[dict]:
     for v in args.variants.split(","):
         cmd = [sys.executable, __file__, "--one", v, "--model", args.model, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--trainer", args.trainer]
+               "--trainer", args.trainer, "--padding", str(args.padding)]
         cmd += ["--tiny"] * args.tiny + ["--checkpointing"] * args.checkpointing + ["--cpu-bf16"] * args.cpu_bf16
-        cmd += ["--pure-bf16"] * args.pure_bf16
+        cmd += ["--pure-bf16"] * args.pure_bf16 + ["--profile" if args.profile else "--no-profile"]
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -249,10 +293,14 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--trainer", default="auto", choices=["auto", "trl", "hf"], help="auto: TRL's if it imports")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (TRL's default)")
+    ap.add_argument("--padding", type=float, default=0.0,
+                    help="fraction of each batch that is padding (rows of random lengths, TRL only), e.g. 0.25")
     ap.add_argument("--cpu-bf16", action="store_true", help="bf16 on CPU too (default there: fp32)")
     ap.add_argument("--pure-bf16", action="store_true",
                     help="bf16 weights with the Trainer's bf16=False: no autocast, and accelerate does not cast the "
                          "model's outputs (the logits) to fp32")
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
+                    help="one more step under torch.profiler: attention ms per layer (default on a GPU)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--one", default=None)
     ap.add_argument("--timeout", type=int, default=600)
@@ -267,7 +315,8 @@ def main(argv=None):
     from common import write_results  # noqa: PLC0415
 
     model = "tiny-llama" if args.tiny else args.model
-    name = f"sft_{model}_{args.batch}x{args.seq}" + ("_pure-bf16" if args.pure_bf16 else "")
+    name = f"sft_{model}_{args.batch}x{args.seq}" + ("_pure-bf16" if args.pure_bf16 else "") + (
+        f"_padded{round(args.padding * 100)}" if args.padding else "")
     ok = [r for r in rows if "error" not in r]
     first = {r["variant"]: r["first_loss"] for r in ok}
     agree = len(first) < 2 or max(first.values()) - min(first.values()) <= 2e-3 * max(abs(v) for v in first.values())
@@ -277,8 +326,11 @@ def main(argv=None):
              f"first losses {'agree' if agree else 'DISAGREE'}: {first}"]
     notes += [f"fused (liger, summed over graphs): {r['fused']}" for r in ok if "fused" in r]
     cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "first_step_s", "first_loss", "last_loss", "graphs",
-            "error"]
-    title = f"SFT, {model} shape, {args.batch} x {args.seq}"
+            "attention_ms_per_layer", "error"]
+    notes += [f"{r['variant']} attention kernels: {'; '.join(r['attention_kernels'])}" for r in ok
+              if r.get("attention_kernels")]
+    notes += [f"{r['variant']} graph calls by version: {r['assumed_calls']}" for r in ok if "assumed_calls" in r]
+    title = f"SFT, {model} shape, {args.batch} x {args.seq}" + (f", {args.padding:.0%} padding" if args.padding else "")
     print(write_results(args.out, name, title, rows, cols, notes="\n\n".join(notes)))
     chart(os.path.join(args.out, f"{name}.png"), title, rows)
     if not agree or len(ok) < len(rows):

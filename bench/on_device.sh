@@ -21,7 +21,9 @@
 #   qwen4k     Qwen2-1.5B 4x4096, all variants but Liger-Kernel + Inductor
 #   ablation   Llama-3.2-1B 4x4096: ours, and ours with each pattern disabled (the step with and without each)
 #   profiles4k / profiles32k   one profiled step of eager, Inductor and ours: attention ms per layer, kernel tables
-#   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: backend "liger" vs "inductor"
+#   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: no compile, use_liger_kernel=True,
+#              Inductor and backend "liger" (SFT_VARIANTS narrows the list); sftpad the same with 25% padding
+#   masktests  the run-time mask tests, the op-output tests, the norm/down_proj kernel tests and the training shapes
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
 # Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, ABLATION_REPEAT (runs of the list,
 # round robin, medians reported; later runs find the kernels compiled), P32_VARIANTS, CONTEXT_VARIANTS,
@@ -54,7 +56,7 @@ for stage in "${@:-tests}"; do
              tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py tests/test_kernel_add_rms_norm.py \
              tests/test_kernel_linear_cross_entropy.py tests/test_kernel_lce_exp_matmul.py \
              tests/test_kernel_launch_args.py tests/test_gpu_training_shapes.py tests/test_graph_breaks.py \
-             > "$R/gpu_tests.log" 2>&1
+             tests/test_runtime_masks.py tests/test_op_outputs.py > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
     retest) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \
               tests/test_kernel_add_rms_norm.py tests/test_gpu_training_shapes.py -k "not padding and not packed" \
@@ -99,8 +101,17 @@ for stage in "${@:-tests}"; do
                   --no-phases --steps 2 --warmup 2 --timeout 130 2>&1 | tail -6 ;;
     profiles32k) timeout 560 $E2E --batch 1 --seq 32768 --variants "${P32_VARIANTS:-eager,inductor,ours}" --profile "$R/profiles" \
                    --name profile_llama-1b_1x32768 --no-phases --steps 2 --warmup 2 --timeout 180 2>&1 | tail -6 ;;
-    sft) timeout 300 python3 bench/bench_sft.py --timeout 145 --out "$R" > "$R/bench_sft.log" 2>&1
-         tail -8 "$R/bench_sft.log" ;;
+    sft) timeout 560 python3 bench/bench_sft.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
+           --timeout 200 --out "$R" > "$R/bench_sft.log" 2>&1
+         grep -E "^\| |agree|attention kernels|by version" "$R/bench_sft.log" | cut -c1-300 | tail -14 ;;
+    sftpad) timeout 560 python3 bench/bench_sft.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
+              --padding 0.25 --timeout 200 --out "$R" > "$R/bench_sft_padded.log" 2>&1
+            grep -E "^\| |agree|attention kernels|by version" "$R/bench_sft_padded.log" | cut -c1-300 | tail -14 ;;
+    masktests) timeout 300 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 \
+                 tests/test_runtime_masks.py tests/test_op_outputs.py tests/test_kernel_rms_norm.py \
+                 tests/test_kernel_add_rms_norm.py tests/test_kernel_gated_down_proj.py tests/test_gpu_training_shapes.py \
+                 tests/test_graph_breaks.py > "$R/gpu_mask_tests.log" 2>&1
+               grep -E "FAILED|ERROR|passed|failed" "$R/gpu_mask_tests.log" | tail -20 ;;
     context) b=${CONTEXT_BUDGET:-540}
              timeout $((b + 20)) python3 bench/bench_context.py --variants "${CONTEXT_VARIANTS:-ours,liger_kernel}" \
                --start "${CONTEXT_START:-65536}" --max "${CONTEXT_MAX:-524288}" --budget-s "$b" \
