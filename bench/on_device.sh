@@ -23,6 +23,7 @@
 #   profiles4k / profiles32k   one profiled step of eager, Inductor and ours: attention ms per layer, kernel tables
 #   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: no compile, use_liger_kernel=True,
 #              Inductor and backend "liger" (SFT_VARIANTS narrows the list); sftpad the same with 25% padding
+#   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
 #   masktests  the run-time mask tests, the op-output tests, the norm/down_proj kernel tests and the training shapes
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
 # Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, ABLATION_REPEAT (runs of the list,
@@ -101,12 +102,16 @@ for stage in "${@:-tests}"; do
                   --no-phases --steps 2 --warmup 2 --timeout 130 2>&1 | tail -6 ;;
     profiles32k) timeout 560 $E2E --batch 1 --seq 32768 --variants "${P32_VARIANTS:-eager,inductor,ours}" --profile "$R/profiles" \
                    --name profile_llama-1b_1x32768 --no-phases --steps 2 --warmup 2 --timeout 180 2>&1 | tail -6 ;;
-    sft) timeout 560 python3 bench/bench_sft.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
+    sft) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
            --timeout 200 --out "$R" > "$R/bench_sft.log" 2>&1
          grep -E "^\| |agree|attention kernels|by version" "$R/bench_sft.log" | cut -c1-300 | tail -14 ;;
-    sftpad) timeout 560 python3 bench/bench_sft.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
+    sftpad) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
               --padding 0.25 --timeout 200 --out "$R" > "$R/bench_sft_padded.log" 2>&1
             grep -E "^\| |agree|attention kernels|by version" "$R/bench_sft_padded.log" | cut -c1-300 | tail -14 ;;
+    dpo|kto) timeout 560 python3 bench/bench_trainers.py --trainer "$stage" --batch "${PAIRS:-2}" \
+               --variants "${TRAINER_VARIANTS:-plain,liger_kernel,inductor,liger}" --timeout 200 --out "$R" \
+               > "$R/bench_$stage.log" 2>&1
+             grep -E "^\| |agree|attention kernels|by version" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
     masktests) timeout 300 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 \
                  tests/test_runtime_masks.py tests/test_op_outputs.py tests/test_kernel_rms_norm.py \
                  tests/test_kernel_add_rms_norm.py tests/test_kernel_gated_down_proj.py tests/test_gpu_training_shapes.py \

@@ -1,19 +1,23 @@
-"""Supervised fine-tuning through a trainer: torch_compile_backend="liger" against use_liger_kernel=True, Inductor
+"""Training through the trainers users run: torch_compile_backend="liger" against use_liger_kernel=True, Inductor
 and no compile at all, one process each.
 
-    python bench/bench_sft.py                    # Llama-3.2-1B shape, 4 x 2048 tokens a step, bf16, on a GPU
-    python bench/bench_sft.py --tiny             # tiny Llama, a few steps: runs on CPU (checks the script)
-    python bench/bench_sft.py ... --one VARIANT  (what the driver runs: one process per variant)
+    python bench/bench_trainers.py                       # TRL SFT, Llama-3.2-1B shape, 4 x 2048 tokens a step, bf16
+    python bench/bench_trainers.py --trainer dpo         # TRL DPO: 4 pairs of prompt + chosen/rejected, ref model
+    python bench/bench_trainers.py --trainer kto         # TRL KTO: 4 rows of prompt + completion, ref model, KL batch
+    python bench/bench_trainers.py --trainer hf          # transformers' Trainer
+    python bench/bench_trainers.py --tiny ...            # tiny Llama, a few steps: runs on CPU (checks the script)
+    python bench/bench_trainers.py ... --one VARIANT     (what the driver runs: one process per variant)
 
-What a user of the trainers runs: random init (seed 0), a synthetic in-memory dataset of random full-length token
-rows (no padding; --padding F: rows of random lengths, F of each batch padding), TRL's SFTTrainer when `trl` imports (else transformers' Trainer with a causal-LM collator:
-input_ids and labels, no attention mask since no row is padded), bf16=True, per_device_train_batch_size=4,
-max length 2048, adamw_torch_fused, no checkpoints, evaluation or logging to disk, gradient checkpointing off
-(TRL's default is on; --checkpointing turns it on). A TrainerCallback times each optimizer step from
-on_step_begin to on_step_end with the device synchronised at both ends; tokens/s comes from the median step
-after the warm-up steps (the first includes the compile). Peak memory is the allocator's peak over the whole
-train(). The liger run's fusions are read from the backend's one-line-per-graph log records.
-Writes sft_<model>_<b>x<t>.md/.json/.png into --out.
+Random init (seed 0), synthetic in-memory data. SFT and the HF Trainer get random full-length token rows (no padding;
+--padding F: rows of random lengths, F of each batch padding); DPO and KTO get prompts and completions of a
+word-level tokenizer built in memory, of random lengths (so their batches are padded, as real preference data is),
+`max_length` the sequence length. bf16=True, adamw_torch_fused, no checkpoints, evaluation or logging to disk,
+gradient checkpointing off (TRL's default is on; --checkpointing turns it on). A TrainerCallback times each
+optimizer step from on_step_begin to on_step_end with the device synchronised at both ends; tokens/s counts the
+sequence positions of a step (batch x length, for DPO both completions) over the median step after the warm-up
+steps (the first includes the compile). Peak memory is the allocator's peak over the whole train(). One more step
+runs under torch.profiler (on a GPU): attention kernel time per layer. The liger run's fusions are read from the
+backend's one-line-per-graph log records. Writes <trainer>_<model>_<b>x<t>.md/.json/.png into --out.
 
 With bf16=True accelerate runs the forward under autocast and casts every floating output to fp32, the logits
 included, inside the compiled graph: the logits escape the loss, so lm_head + cross-entropy is not fused (a near
@@ -96,6 +100,42 @@ def attention_profile(prof, layers: int) -> dict:
             "attention_kernels": [f"{e.key[:80]}: {e.self_device_time_total / 1e3:.1f} ms" for e in top]}
 
 
+WORDS = 1000  # the word-level tokenizer's words, w0 .. w999 (ids after the special tokens; --tiny's vocab fits them)
+
+
+def word_tokenizer():
+    """TRL's preference trainers tokenize text: a word-level tokenizer of WORDS words, built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    vocab = {t: i for i, t in enumerate([*SPECIAL, *(f"w{i}" for i in range(WORDS))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return fast
+
+
+def texts(n: int, shortest: int, longest: int, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (n,), generator=g).tolist()
+    return [" ".join(f"w{i}" for i in torch.randint(0, WORDS, (k,), generator=g).tolist()) for k in lengths]
+
+
+def preference_data(trainer: str, n: int, seq: int):
+    """Prompts of a quarter of the length, completions filling the rest to between 3/4 and all of it."""
+    import datasets  # noqa: PLC0415
+
+    prompt, rest = seq // 4, seq - seq // 4 - 2
+    data = {"prompt": texts(n, prompt, prompt, 1)}
+    if trainer == "dpo":
+        data.update(chosen=texts(n, rest * 3 // 4, rest, 2), rejected=texts(n, rest * 3 // 4, rest, 3))
+    else:
+        data.update(completion=texts(n, rest * 3 // 4, rest, 2), label=[i % 2 == 0 for i in range(n)])
+    return datasets.Dataset.from_dict(data)
+
+
 def causal_lm_collate(rows):
     """Full-length rows: stack them; labels are the inputs (the model shifts them)."""
     ids = torch.tensor([r["input_ids"] for r in rows])
@@ -125,7 +165,7 @@ class FusionLog(logging.Handler):
 
 def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="bench_sft_"), max_steps=steps, per_device_train_batch_size=args.batch,
+        output_dir=tempfile.mkdtemp(prefix="bench_trainers_"), max_steps=steps, per_device_train_batch_size=args.batch,
         learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch_fused", bf16=amp,
         gradient_checkpointing=args.checkpointing, logging_strategy="steps", logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0,
@@ -135,12 +175,23 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
         common["use_liger_kernel"] = True
     elif variant != "plain":
         common.update(torch_compile=True, torch_compile_backend=variant)
+    if args.trainer in ("dpo", "kto"):
+        import trl  # noqa: PLC0415
+
+        config_cls, trainer_cls = (trl.DPOConfig, trl.DPOTrainer) if args.trainer == "dpo" else (trl.KTOConfig,
+                                                                                                   trl.KTOTrainer)
+        config = config_cls(**common, max_length=args.seq)
+        ref = build(args, device, next(model.parameters()).dtype)
+        trainer = trainer_cls(model=model, ref_model=ref, args=config, processing_class=word_tokenizer(),
+                              train_dataset=preference_data(args.trainer, args.batch * steps * 2, args.seq),
+                              callbacks=callbacks)
+        return trainer, f"trl.{trainer_cls.__name__} {trl.__version__}"
     trl = None
-    if args.trainer in ("auto", "trl"):
+    if args.trainer in ("auto", "trl", "sft"):
         try:
             import trl  # noqa: PLC0415
         except ImportError:
-            if args.trainer == "trl":
+            if args.trainer in ("trl", "sft"):
                 raise
     if trl is not None:
         import datasets  # noqa: PLC0415
@@ -164,7 +215,7 @@ def run_one(args) -> dict:
     try:
         import accelerate  # noqa: PLC0415, F401
     except ImportError:
-        sys.exit("bench_sft: transformers' Trainer needs the accelerate package; install it (a wheel on the device)")
+        sys.exit("bench_trainers: transformers' Trainer needs the accelerate package; install it")
     import liger_compile  # noqa: PLC0415  (accelerate accepts torch_compile_backend="liger" after this)
     from transformers import TrainerCallback  # noqa: PLC0415
 
@@ -221,7 +272,7 @@ def run_one(args) -> dict:
     timed = timer.times[args.warmup:]
     step = statistics.median(timed)
     result = {
-        "variant": variant, "tokens/s": args.batch * args.seq / step, "step_ms": step * 1e3, "peak_GiB": peak,
+        "variant": variant, "tokens/s": args.batch * args.seq * (2 if args.trainer == "dpo" else 1) / step, "step_ms": step * 1e3, "peak_GiB": peak,
         "first_step_s": timer.times[0], "train_s": wall, "steps": len(timer.times), "timed_steps": len(timed),
         "first_loss": losses[0], "last_loss": losses[-1], "trainer": trainer_name,
         "dtype": ("bf16, bf16=True" if amp else "bf16, bf16=False") if use_bf16 else "fp32",
@@ -291,7 +342,8 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=None, help="default 2048 (--tiny: 64)")
     ap.add_argument("--steps", type=int, default=None, help="default 12 (--tiny: 6)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--trainer", default="auto", choices=["auto", "trl", "hf"], help="auto: TRL's if it imports")
+    ap.add_argument("--trainer", default="auto", choices=["auto", "sft", "trl", "hf", "dpo", "kto"],
+                    help="auto: TRL's SFT if trl imports, else transformers' Trainer; trl: the same as sft")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (TRL's default)")
     ap.add_argument("--padding", type=float, default=0.0,
                     help="fraction of each batch that is padding (rows of random lengths, TRL only), e.g. 0.25")
@@ -315,7 +367,8 @@ def main(argv=None):
     from common import write_results  # noqa: PLC0415
 
     model = "tiny-llama" if args.tiny else args.model
-    name = f"sft_{model}_{args.batch}x{args.seq}" + ("_pure-bf16" if args.pure_bf16 else "") + (
+    kind = args.trainer if args.trainer in ("dpo", "kto", "hf") else "sft"
+    name = f"{kind}_{model}_{args.batch}x{args.seq}" + ("_pure-bf16" if args.pure_bf16 else "") + (
         f"_padded{round(args.padding * 100)}" if args.padding else "")
     ok = [r for r in rows if "error" not in r]
     first = {r["variant"]: r["first_loss"] for r in ok}
@@ -330,7 +383,7 @@ def main(argv=None):
     notes += [f"{r['variant']} attention kernels: {'; '.join(r['attention_kernels'])}" for r in ok
               if r.get("attention_kernels")]
     notes += [f"{r['variant']} graph calls by version: {r['assumed_calls']}" for r in ok if "assumed_calls" in r]
-    title = f"SFT, {model} shape, {args.batch} x {args.seq}" + (f", {args.padding:.0%} padding" if args.padding else "")
+    title = f"{kind.upper()}, {model} shape, {args.batch} x {args.seq}" + (f", {args.padding:.0%} padding" if args.padding else "")
     print(write_results(args.out, name, title, rows, cols, notes="\n\n".join(notes)))
     chart(os.path.join(args.out, f"{name}.png"), title, rows)
     if not agree or len(ok) < len(rows):
