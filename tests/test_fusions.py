@@ -60,14 +60,18 @@ def test_packed_sequences_rotary_fused_mask_left_alone():
     assert_matches_eager(model, inputs)
 
 
-def test_padding_mask_left_alone_and_correct():
+def test_padding_mask_runs_the_masked_version_and_is_correct():
     model = tiny("qwen3", layers=1)
     ids = batch()["input_ids"]
     labels = ids.clone()
     labels[1, :3] = -100
     inputs = {"input_ids": ids, "labels": labels, "attention_mask": torch.tensor([[1] * 8, [0, 0, 0] + [1] * 5])}
     report = liger_compile.explain(model, **inputs)
-    assert report.counts["causal_mask"] == 0 and report.counts["linear_cross_entropy"] == 1
+    # fused assuming the mask input is all ones; this batch is not, so it ran the version that keeps the mask
+    assert report.counts["causal_mask"] == 1 and report.counts["linear_cross_entropy"] == 1, str(report)
+    assert [m.reason for m in report.near_misses if m.pattern == "causal_mask"] == [
+        "[sdpa, repeat_kv -> enable_gqa] the mask is computed from the graph input l_kwargs_attention_mask_ and is "
+        "plain causal only if it is all ones, tested at run time"], str(report)
     torch._dynamo.reset()
     assert_matches_eager(model, inputs)
 
