@@ -302,7 +302,8 @@ def drive(args) -> list[dict]:
             err = (p.stderr.strip().splitlines() or ["?"])[-1][:200]
             oom = "OutOfMemoryError" in p.stderr or "out of memory" in p.stderr
             rows.append({"variant": v, "error": "OOM" if oom else err})
-            print(p.stderr[-4000:], file=sys.stderr)
+            head = p.stderr.find("Traceback")
+            print((p.stderr[head:head + 3000] + "\n...\n" if head >= 0 else "") + p.stderr[-3000:], file=sys.stderr)
         else:
             rows.append(json.loads(line[0][len("RESULT "):]))
         print(f"{v}: {rows[-1]} ({time.time() - t0:.0f} s)", flush=True)

@@ -24,6 +24,8 @@
 #   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: no compile, use_liger_kernel=True,
 #              Inductor and backend "liger" (SFT_VARIANTS narrows the list); sftpad the same with 25% padding
 #   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
+#   attention  one layer's attention fwd+bwd for unpadded, padded and packed batches (bench/bench_attention.py)
+#   varlentests  the variable-length attention, run-time mask and training-shape tests on the GPU
 #   masktests  the run-time mask tests, the op-output tests, the norm/down_proj kernel tests and the training shapes
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
 # Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, ABLATION_REPEAT (runs of the list,
@@ -57,7 +59,8 @@ for stage in "${@:-tests}"; do
              tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py tests/test_kernel_add_rms_norm.py \
              tests/test_kernel_linear_cross_entropy.py tests/test_kernel_lce_exp_matmul.py \
              tests/test_kernel_launch_args.py tests/test_gpu_training_shapes.py tests/test_graph_breaks.py \
-             tests/test_runtime_masks.py tests/test_op_outputs.py > "$R/gpu_tests.log" 2>&1
+             tests/test_runtime_masks.py tests/test_op_outputs.py tests/test_varlen_attention.py \
+             > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
     retest) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \
               tests/test_kernel_add_rms_norm.py tests/test_gpu_training_shapes.py -k "not padding and not packed" \
@@ -112,6 +115,12 @@ for stage in "${@:-tests}"; do
                --variants "${TRAINER_VARIANTS:-plain,liger_kernel,inductor,liger}" --timeout 200 --out "$R" \
                > "$R/bench_$stage.log" 2>&1
              grep -E "^\| |agree|attention kernels|by version" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
+    attention) timeout 200 python3 bench/bench_attention.py --out "$R" > "$R/bench_attention.log" 2>&1
+               grep -E "^\| |Error|error" "$R/bench_attention.log" | tail -8 ;;
+    varlentests) timeout 300 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 \
+                   tests/test_varlen_attention.py tests/test_runtime_masks.py tests/test_gpu_training_shapes.py \
+                   tests/test_graph_breaks.py > "$R/gpu_varlen_tests.log" 2>&1
+                 grep -E "FAILED|ERROR|passed|failed" "$R/gpu_varlen_tests.log" | tail -20 ;;
     masktests) timeout 300 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 \
                  tests/test_runtime_masks.py tests/test_op_outputs.py tests/test_kernel_rms_norm.py \
                  tests/test_kernel_add_rms_norm.py tests/test_kernel_gated_down_proj.py tests/test_gpu_training_shapes.py \

@@ -14,7 +14,7 @@ from . import facts
 from . import options as _options
 from .lazy import wrap_outputs
 from .pattern import all_input_facts, all_output_checks, all_patterns
-from .report import GraphReport
+from .report import GraphReport, Site
 from .rewrite import copy_graph_module, rewrite
 
 log = logging.getLogger("liger_compile")
@@ -84,6 +84,9 @@ def _without_assumptions(gm: GraphModule, inputs, opts: _options.Options, report
     assumed. Compiled for the inputs at hand (the graph's shapes are static), or run as it is if that fails."""
     fb_gm, fb_report = rewrite_graph(gm, opts, assume=False, index=report.index, record=False)
     report.near_misses += [m for m in fb_report.near_misses if m not in report.near_misses]
+    first = {(s.pattern, s.where) for s in report.fused}
+    report.fused += [Site(s.pattern, f"{s.variant}, for inputs the assumptions do not hold for", s.where)
+                     for s in fb_report.fused if (s.pattern, s.where) not in first]
     log.info("liger_compile: graph %d received inputs its fusions' run-time assumptions do not hold for; its "
              "version without them is compiled for such inputs", report.index)
     if not opts.inductor:

@@ -110,19 +110,21 @@ def _pattern_modules() -> tuple:
     from . import patterns as package  # noqa: PLC0415 - imported lazily: pattern modules import torch ops
 
     modules = []
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+    for info in pkgutil.iter_modules(package.__path__):
         if info.name.startswith("_"):
             continue
         try:
             modules.append(importlib.import_module(f"{package.__name__}.{info.name}"))
         except Exception as e:  # a broken optional pattern must not take the backend down
             log.warning("liger_compile: pattern module %s failed to import (%s); it is skipped", info.name, e)
-    return tuple(modules)
+    # A module's PRIORITY (default 10) orders it among the others, lower first: a pattern that must see a site before
+    # another one (the plain-causal attention rewrite before the variable-length one) says so; ties go by name.
+    return tuple(sorted(modules, key=lambda m: (getattr(m, "PRIORITY", 10), m.__name__)))
 
 
 @functools.cache
 def all_patterns() -> tuple[Pattern, ...]:
-    """Every pattern of every module in liger_compile.patterns, in module then list order."""
+    """Every pattern of every module in liger_compile.patterns, in module (priority) then list order."""
     return tuple(p for module in _pattern_modules() for p in getattr(module, "PATTERNS", ()))
 
 

@@ -122,9 +122,13 @@ def test_explain_counts_exactly(name):
     # check evaluates the mask while compiling and finds the band. Each SDPA call is either rewritten or one
     # of these near misses; nothing else is missed.
     sdpa_calls = L if uses_sdpa(model) else 0
-    misses = report.near_misses
-    assert all(m.pattern == "causal_mask" and "not plain causal" in m.reason for m in misses), str(report)
+    misses = [m for m in report.near_misses if m.pattern == "causal_mask"]
+    assert all("not plain causal" in m.reason for m in misses), str(report)
     assert len(misses) + report.counts["causal_mask"] == sdpa_calls, str(report)
+    # the banded masks are not causal within segments either: no variable-length attention for them
+    others = [m for m in report.near_misses if m.pattern != "causal_mask"]
+    assert [m.where for m in others] == [m.where for m in misses] and report.counts["varlen_attention"] == 0
+    assert all(m.pattern == "varlen_attention" and "not causal within segments" in m.reason for m in others)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

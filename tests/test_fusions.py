@@ -50,28 +50,31 @@ def test_num_items_in_batch_and_softcap():
     assert_matches_eager(model, inputs)
 
 
-def test_packed_sequences_rotary_fused_mask_left_alone():
+def test_packed_sequences_rotary_fused_attention_per_document():
+    """Packed position ids: the causal rewrite is compiled for plain positions and not taken for these; the
+    version that runs has the variable-length attention (causal within each document)."""
     model = tiny("llama", layers=1)
     inputs = {**batch(), "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4]])}
     report = liger_compile.explain(model, **inputs)
-    assert report.counts["rotary"] == 1 and report.counts["causal_mask"] == 0
-    assert any("depends on the graph input" in m.reason for m in report.near_misses if m.pattern == "causal_mask")
+    assert report.counts["rotary"] == 1 and report.counts["causal_mask"] == 1, str(report)
+    assert report.counts["varlen_attention"] == 1 and not report.near_misses, str(report)
     torch._dynamo.reset()
     assert_matches_eager(model, inputs)
 
 
-def test_padding_mask_runs_the_masked_version_and_is_correct():
+def test_padding_mask_runs_the_varlen_version_and_is_correct():
     model = tiny("qwen3", layers=1)
     ids = batch()["input_ids"]
     labels = ids.clone()
     labels[1, :3] = -100
     inputs = {"input_ids": ids, "labels": labels, "attention_mask": torch.tensor([[1] * 8, [0, 0, 0] + [1] * 5])}
     report = liger_compile.explain(model, **inputs)
-    # fused assuming the mask input is all ones; this batch is not, so it ran the version that keeps the mask
+    # fused assuming the mask input is all ones; this batch is not, so it ran the version with the variable-length
+    # attention (left padding: the leading pads see nothing and give 0, as SDPA does)
     assert report.counts["causal_mask"] == 1 and report.counts["linear_cross_entropy"] == 1, str(report)
-    assert [m.reason for m in report.near_misses if m.pattern == "causal_mask"] == [
-        "[sdpa, repeat_kv -> enable_gqa] the mask is computed from the graph input l_kwargs_attention_mask_ and is "
-        "plain causal only if it is all ones, tested at run time"], str(report)
+    (site,) = [s for g in report.graphs for s in g.fused if s.pattern == "varlen_attention"]
+    assert site.variant == "sdpa, repeat_kv -> enable_gqa, for inputs the assumptions do not hold for", str(report)
+    assert not report.near_misses, str(report)
     torch._dynamo.reset()
     assert_matches_eager(model, inputs)
 
@@ -136,7 +139,7 @@ def test_partial_rotary_is_left_to_inductor_and_correct():
 def test_disabling_each_pattern_keeps_the_numbers():
     model = tiny("llama", layers=1)
     ref_loss, _ = loss_and_grads(model, batch())
-    for name in ("rotary", "swiglu", "linear_cross_entropy", "causal_mask"):
+    for name in ("rotary", "swiglu", "linear_cross_entropy", "causal_mask", "varlen_attention"):
         torch._dynamo.reset()
         report = liger_compile.Report()
         compiled = torch.compile(model, backend="liger", options={"disable": [name], "report": report})

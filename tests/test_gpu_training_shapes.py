@@ -61,7 +61,7 @@ def test_right_padding_bf16():
 
 
 def test_packed_sequences_bf16():
-    shapes.test_packed_sequences_match_eager_with_rotary_fused_and_mask_left_alone(BF16)
+    shapes.test_packed_sequences_match_eager_with_attention_per_document(BF16)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -70,7 +70,7 @@ def test_gradient_checkpointing_bf16(use_reentrant):
 
 
 def test_checkpointed_body_with_a_padding_mask_bf16():
-    shapes.test_checkpointed_body_with_a_padding_mask_keeps_it(BF16)
+    shapes.test_checkpointed_body_with_a_padding_mask(BF16)
 
 
 def test_eval_between_training_steps_bf16():

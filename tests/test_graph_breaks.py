@@ -110,7 +110,7 @@ def test_mask_from_an_earlier_graph_is_used_as_causal(inductor, second_versions)
     assert second_versions == []
 
 
-def test_other_masks_run_the_masked_version(second_versions):
+def test_other_masks_run_the_version_without_the_assumption(second_versions):
     """A padding mask is not causal: the layers' graph is compiled once more without the assumption, and runs that
     version for it; the causal batch after it runs the fused version again. Every step equals eager."""
     model = layers_in_graphs_of_their_own(tiny("llama", layers=2))
@@ -127,7 +127,9 @@ def test_other_masks_run_the_masked_version(second_versions):
     assert facts.stats["assumed"] == assumed  # neither layer took the causal version
     compare(model, compiled, plain)
     assert facts.stats["assumed"] == assumed + 2 and len(second_versions) == 1
-    assert any("not checked to be plain causal" in m.reason for m in report.near_misses), str(report)
+    # that second version runs the padded mask through the variable-length op (a mask of any form is safe there)
+    (site,) = [s for g in report.graphs for s in g.fused if s.pattern == "varlen_attention"]
+    assert "for inputs the assumptions do not hold for" in site.variant, str(report)
 
 
 def test_disabling_the_pattern_disables_the_check():

@@ -106,11 +106,10 @@ def test_changing_lengths_stay_fused_without_extra_recompiles(p=FP32):
     expected = {"rms_norm": 3, "rotary": 1, "swiglu": 1, "linear_cross_entropy": 1}
     assert static.counts == {**expected, "causal_mask": 1}, str(report)
     # The symbolic-length graphs keep every fusion but the causal-mask rewrite: that one is proved by evaluating
-    # the mask while compiling, which needs a concrete length; the masked SDPA stays (a near miss, never wrong).
+    # the mask while compiling, which needs a concrete length. Their attention runs the variable-length op
+    # instead, which reads the mask's segments (one per row here) when the graph runs.
     for graph in dynamic:
-        assert graph.counts == expected, str(report)
-        (miss,) = graph.near_misses
-        assert miss.pattern == "causal_mask" and "dynamic shapes" in miss.reason, str(report)
+        assert graph.counts == {**expected, "varlen_attention": 1} and not graph.near_misses, str(report)
     # the last (symbolic-length) step's logits are lazy, with that step's shape (their values: checked above)
     logits = outs[-1].logits
     assert isinstance(logits, LazyTensor) and logits.shape == (2, LENGTHS[-1], VOCAB)
@@ -128,16 +127,12 @@ def test_right_padding_with_masked_labels_matches_eager(p=FP32):
     fallback = facts.stats["fallback"]
     report = p.check(model, training_step(inputs)).report
     # the graph is compiled assuming the mask input is all ones (then the attention is causal); this padded batch
-    # is not, so it runs the graph's second version, which keeps the masked SDPA
+    # is not, so it runs the graph's second version, whose attention is the variable-length op (the mask's segments)
     assert report.counts == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "geglu": 0, "linear_cross_entropy": 1,
-                             "causal_mask": 2}, str(report)
+                             "causal_mask": 2, "varlen_attention": 2}, str(report)
     assert all("is all ones at run time" in s.variant for g in report.graphs for s in g.fused
                if s.pattern == "causal_mask"), str(report)
-    assert facts.stats["fallback"] - fallback == 1
-    misses = report.near_misses
-    assert len(misses) == 2, str(report)
-    assert all("plain causal only if it is all ones" in m.reason and "attention_mask" in m.reason
-               for m in misses), str(report)
+    assert facts.stats["fallback"] - fallback == 1 and not report.near_misses, str(report)
 
 
 # --- packed sequences -----------------------------------------------------------------------------------------
@@ -151,7 +146,7 @@ def packed_inputs():
     return {"input_ids": ids, "position_ids": position_ids, "labels": labels}
 
 
-def test_packed_sequences_match_eager_with_rotary_fused_and_mask_left_alone(p=FP32):
+def test_packed_sequences_match_eager_with_attention_per_document(p=FP32):
     model = p.model("qwen3", layers=2)
     inputs = p.to(packed_inputs())
     unpacked = {k: v for k, v in inputs.items() if k != "position_ids"}
@@ -162,11 +157,10 @@ def test_packed_sequences_match_eager_with_rotary_fused_and_mask_left_alone(p=FP
     counts = report.counts
     assert counts["rotary"] == 2 and counts["rms_norm"] == 9 and counts["linear_cross_entropy"] == 1, str(report)
     # transformers builds a block-diagonal mask from the position ids: causal only for positions 0..T-1 in every
-    # row, which the graph assumes and tests; these packed rows run its second version, with the mask as it is
-    assert counts["causal_mask"] == 2, str(report)
-    assert facts.stats["fallback"] - fallback == 1
-    misses = [m for m in report.near_misses if m.pattern == "causal_mask"]
-    assert len(misses) == 2 and all("only if it is 0..T-1 in every row" in m.reason for m in misses), str(report)
+    # row, which the graph assumes and tests; these packed rows run its second version: causal attention within
+    # each document (the variable-length op), no dense mask
+    assert counts["causal_mask"] == 2 and counts["varlen_attention"] == 2, str(report)
+    assert facts.stats["fallback"] - fallback == 1 and not report.near_misses, str(report)
 
 
 # --- activation checkpointing ---------------------------------------------------------------------------------
@@ -182,23 +176,24 @@ def test_gradient_checkpointing_matches_eager(use_reentrant, p=FP32):
     report = p.check(model, training_step(p.to(batch()))).report
     assert not report.fallbacks, str(report)
     assert report.counts == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "geglu": 0, "linear_cross_entropy": 1,
-                             "causal_mask": 2}, str(report)
+                             "causal_mask": 2, "varlen_attention": 0}, str(report)
     in_bodies = [s for g in report.graphs for s in g.fused if "[in " in s.where]
     assert len(in_bodies) == 2 * 2 + 2 + 2 + 2  # per layer: two norms, rotary, gated MLP, attention
     assert not report.near_misses, str(report)
 
 
-def test_checkpointed_body_with_a_padding_mask_keeps_it(p=FP32):
+def test_checkpointed_body_with_a_padding_mask(p=FP32):
     """The same followed-back mask, but built from a user padding mask: fused assuming the mask is all ones, and
-    this padded batch runs the version that keeps it."""
+    this left-padded batch runs the version with the variable-length op inside the checkpointed body."""
     model = p.model("llama", layers=1)
     model.gradient_checkpointing_enable()
     model.train()
-    inputs = p.to({**batch(), "attention_mask": torch.tensor([[1] * 8, [0, 0] + [1] * 6])})
+    mask = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
+    inputs = p.to({**batch(), "attention_mask": mask, "labels": batch()["labels"].masked_fill(mask == 0, -100)})
     fallback = facts.stats["fallback"]
     report = p.check(model, training_step(inputs)).report
     assert report.counts["causal_mask"] == 1 and facts.stats["fallback"] - fallback == 1, str(report)
-    assert any("only if it is all ones" in m.reason for m in report.near_misses), str(report)
+    assert report.counts["varlen_attention"] == 1 and not report.near_misses, str(report)
 
 
 # --- evaluation between training steps ------------------------------------------------------------------------
