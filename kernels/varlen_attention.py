@@ -38,10 +38,11 @@ FLASH_DTYPES = (torch.bfloat16, torch.float16)
 _segments_cache: dict[int, tuple] = {}
 
 
-def segments(mask: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor | None] | None:
-    """(cumulative segment offsets into the flattened B*T tokens, int32; longest segment; [B, T, 1, 1] 0/1 factor
-    zeroing the queries that see nothing, or None if there are none) when `mask` is causal within segments for every
-    query that sees itself, else None. Synchronises with the device."""
+def segments(mask: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(cumulative segment offsets into the flattened B*T tokens, int32; longest segment) when `mask` is causal
+    within segments for every query that sees itself, else None. Synchronises with the device."""
+    if mask.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None  # reading them synchronises, which a CUDA graph capture forbids: the mask is used as given
     key = id(mask)
     hit = _segments_cache.get(key)
     if hit is not None and hit[0]() is mask and hit[1] == mask._version:
@@ -50,6 +51,11 @@ def segments(mask: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor | None
     _segments_cache[key] = (weakref.ref(mask, lambda _r, key=key: _segments_cache.pop(key, None)), mask._version,
                             found)
     return found
+
+
+def sees_something(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, 1, 1] 1 for the queries the mask lets see some key, 0 for the others (no synchronisation)."""
+    return mask[:, 0].any(-1)[:, :, None, None]
 
 
 def _read_segments(mask: torch.Tensor) -> tuple[torch.Tensor, int] | None:
@@ -73,9 +79,7 @@ def _read_segments(mask: torch.Tensor) -> tuple[torch.Tensor, int] | None:
             return None
     starts = start.reshape(-1).nonzero().reshape(-1)
     offsets = torch.cat([starts, starts.new_tensor([b * t])]).to(torch.int32)
-    sees_something = m.any(-1)
-    keep = None if bool(sees_something.all()) else sees_something[:, :, None, None]
-    return offsets, int((offsets[1:] - offsets[:-1]).max()), keep
+    return offsets, int((offsets[1:] - offsets[:-1]).max())
 
 
 def _flash_runs(q: torch.Tensor) -> bool:
@@ -107,15 +111,13 @@ def _segment_mask(offsets: torch.Tensor, b: int, t: int) -> torch.Tensor:
     return ((pos[None, :] <= pos[:, None]) & (ids[:, None, :] == ids[:, :, None]))[:, None]
 
 
-def _effective_mask(mask, found):
-    """The mask the flash path computes with (its segments; nothing for queries that see nothing), or `mask` itself
-    when it has no segments."""
-    if found is None:
+def _effective_mask(mask, offsets):
+    """The mask the flash path computes with (causal within the segments; nothing for queries that see nothing), or
+    `mask` itself when it has no segments (offsets None)."""
+    if offsets is None:
         return mask
-    offsets, _, keep = found
     b, t = mask.shape[0], mask.shape[-1]
-    segment_mask = _segment_mask(offsets, b, t)
-    return segment_mask if keep is None else segment_mask & keep.reshape(b, 1, t, 1)
+    return _segment_mask(offsets, b, t) & sees_something(mask).reshape(b, 1, t, 1)
 
 
 def _masked_forward(q, k, v, mask, scale):
@@ -159,72 +161,83 @@ def _state_like(q):
     return (torch.zeros(2, dtype=torch.uint64, device=q.device), torch.zeros((), dtype=torch.uint64, device=q.device))
 
 
-@custom_op("liger::varlen_attention", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,)
-           if hasattr(torch.Tag, "cudagraph_unsafe") else ())
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()  # it synchronises
+
+
+# Besides out and logsumexp the op returns FlashAttention's state, and what its backward must reuse rather than read
+# off the mask again (which could decide differently, e.g. inside a CUDA graph capture): the segment offsets in a
+# fixed [B*T + 1] buffer and, on the host, (number of segments, 0 if the mask had none; longest segment).
+@custom_op("liger::varlen_attention", mutates_args=(), tags=_TAGS)
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: Optional[float]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(q, k, v, mask)
     b, t, h, _ = q.shape
     sc = _scale(q, scale)
     mask = mask.expand(b, 1, t, t)
     found = segments(mask)
-    lse = torch.zeros((h, b * t), dtype=torch.float32, device=q.device)
-    if found is not None and _flash_runs(q):
-        offsets, longest, keep = found
+    offsets_out = torch.full((b * t + 1,), b * t, dtype=torch.int32, device=q.device)
+    info = torch.zeros(2, dtype=torch.int64)
+    if found is None:
+        out, _ = _masked_forward(q, k, v, mask, sc)
+        return out.contiguous(), q.new_zeros((h, b * t), dtype=torch.float32), *_state_like(q), offsets_out, info
+    offsets, longest = found
+    offsets_out[: offsets.numel()] = offsets
+    info[0], info[1] = offsets.numel() - 1, longest
+    if _flash_runs(q):
         out, lse, state, unused, _ = torch.ops.aten._flash_attention_forward(
             _flat(q).contiguous(), _flat(k).contiguous(), _flat(v).contiguous(), offsets, offsets, longest, longest,
             0.0, True, False, scale=sc)
-        out = out.reshape(q.shape)
-        return (out if keep is None else out * keep), lse, state, unused
-    out, _ = _masked_forward(q, k, v, _effective_mask(mask, found), sc)
-    return out.contiguous(), lse, *_state_like(q)
+        return out.reshape(q.shape) * sees_something(mask), lse, state, unused, offsets_out, info
+    out, _ = _masked_forward(q, k, v, _effective_mask(mask, offsets), sc)
+    return out.contiguous(), q.new_zeros((h, b * t), dtype=torch.float32), *_state_like(q), offsets_out, info
 
 
 @varlen_attention.register_fake
 def _(q, k, v, mask, scale):
     b, t, h, _ = q.shape
-    return (q.new_empty(q.shape), q.new_empty((h, b * t), dtype=torch.float32),
-            q.new_empty(2, dtype=torch.uint64), q.new_empty((), dtype=torch.uint64))
+    return (q.new_empty(q.shape), q.new_empty((h, b * t), dtype=torch.float32), q.new_empty(2, dtype=torch.uint64),
+            q.new_empty((), dtype=torch.uint64), q.new_empty(b * t + 1, dtype=torch.int32),
+            torch.empty(2, dtype=torch.int64, device="cpu"))
 
 
-@custom_op("liger::varlen_attention_backward", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,)
-           if hasattr(torch.Tag, "cudagraph_unsafe") else ())
+@custom_op("liger::varlen_attention_backward", mutates_args=(), tags=_TAGS)
 def varlen_attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, state: torch.Tensor, unused: torch.Tensor, scale: Optional[float],
+    lse: torch.Tensor, state: torch.Tensor, unused: torch.Tensor, offsets: torch.Tensor, info: torch.Tensor,
+    scale: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, t, _, _ = q.shape
     sc = _scale(q, scale)
     mask = mask.expand(b, 1, t, t)
-    found = segments(mask)
-    if found is not None and _flash_runs(q):
-        offsets, longest, keep = found
-        if keep is not None:  # queries that see nothing output 0: no gradient flows through them
-            dout = dout * keep
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            _flat(dout).contiguous(), _flat(q).contiguous(), _flat(k).contiguous(), _flat(v).contiguous(),
-            _flat(out).contiguous(), lse, offsets, offsets, longest, longest, 0.0, True, state, unused, scale=sc)
-        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
-    return _masked_backward(dout, q, k, v, _effective_mask(mask, found), sc)
+    count, longest = info.tolist()  # a host tensor: no synchronisation
+    if not count:
+        return _masked_backward(dout, q, k, v, mask, sc)
+    offsets = offsets[: count + 1]
+    if not _flash_runs(q):
+        return _masked_backward(dout, q, k, v, _effective_mask(mask, offsets), sc)
+    dout = dout * sees_something(mask)  # the queries that see nothing output 0: no gradient flows through them
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        _flat(dout).contiguous(), _flat(q).contiguous(), _flat(k).contiguous(), _flat(v).contiguous(),
+        _flat(out).contiguous(), lse, offsets, offsets, longest, longest, 0.0, True, state, unused, scale=sc)
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
 @varlen_attention_backward.register_fake
-def _(dout, q, k, v, mask, out, lse, state, unused, scale):
+def _(dout, q, k, v, mask, out, lse, state, unused, offsets, info, scale):
     return tuple(x.new_empty(x.shape) for x in (q, k, v))  # contiguous, whatever the inputs' strides
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, scale = inputs
-    out, lse, state, unused = output
-    ctx.save_for_backward(q, k, v, mask, out, lse, state, unused)
+    ctx.save_for_backward(q, k, v, mask, *output)
     ctx.scale = scale
-    ctx.mark_non_differentiable(lse, state, unused)
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, dout, _dlse, _dstate, _dunused):
-    q, k, v, mask, out, lse, state, unused = ctx.saved_tensors
-    dq, dk, dv = torch.ops.liger.varlen_attention_backward(dout, q, k, v, mask, out, lse, state, unused, ctx.scale)
+def _backward(ctx, dout, *_grads_of_the_rest):
+    q, k, v, mask, out, *rest = ctx.saved_tensors
+    dq, dk, dv = torch.ops.liger.varlen_attention_backward(dout, q, k, v, mask, out, *rest, ctx.scale)
     return dq, dk, dv, None, None
 
 

@@ -96,13 +96,13 @@ def test_matches_masked_sdpa_on_every_checked_row(name):
 
 
 def test_segments_are_read_off_the_mask():
-    offsets, longest, keep = op.segments(right_padded())
-    assert offsets.tolist() == [0, 16, 27, 32, 37, 48] and longest == 16 and keep is None
-    offsets, longest, keep = op.segments(left_padded())
+    offsets, longest = op.segments(right_padded())
+    assert offsets.tolist() == [0, 16, 27, 32, 37, 48] and longest == 16
+    offsets, longest = op.segments(left_padded())
     assert offsets.tolist() == [0, 16, 23, 32, 45, 48] and longest == 16
-    assert keep.reshape(B, T).sum(1).tolist() == [16, 9, 3]  # the leading pads see nothing
-    offsets, _, keep = op.segments(packed())
-    assert offsets.tolist() == [0, 16, 21, 28, 32, 41, 48] and keep is None
+    assert op.sees_something(left_padded()).reshape(B, T).sum(1).tolist() == [16, 9, 3]  # leading pads see nothing
+    offsets, _ = op.segments(packed())
+    assert offsets.tolist() == [0, 16, 21, 28, 32, 41, 48]
     assert op.segments(sliding_window()) is None
     assert op.segments(torch.ones(B, 2, T, T, dtype=torch.bool)) is None  # a per-head mask
 
