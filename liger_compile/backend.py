@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 from . import facts
 from . import options as _options
 from .lazy import wrap_outputs
-from .pattern import all_input_facts, all_output_checks, all_patterns
+from .pattern import all_output_checks, all_patterns
 from .report import GraphReport, Site
 from .rewrite import copy_graph_module, rewrite
 
@@ -108,12 +108,10 @@ def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, opti
     fn = _compile(gm, compiled_gm, example_inputs, opts, report)
     if not report.assumptions:
         return fn
-    tests = all_input_facts()
     if _symbolic(example_inputs):  # no concrete shapes to compile the second version for later: build it now
         fallback = _without_assumptions(gm, example_inputs, opts, report)
-        return facts.dispatching(fn, report.assumptions, lambda inputs: fallback, tests)
-    return facts.dispatching(fn, report.assumptions, lambda inputs: _without_assumptions(gm, inputs, opts, report),
-                             tests)
+        return facts.dispatching(fn, report.assumptions, lambda inputs: fallback)
+    return facts.dispatching(fn, report.assumptions, lambda inputs: _without_assumptions(gm, inputs, opts, report))
 
 
 def _compile(gm: GraphModule, compiled_gm: GraphModule, example_inputs, opts: _options.Options, report: GraphReport):

@@ -12,9 +12,9 @@ So:
     assumptions hold for the tensors it was actually given.
 A fact belongs to one tensor object at one version: written in place after the check, it no longer holds.
 
-Some facts need no earlier graph: a pattern module's INPUT_FACTS are tested on the graph input itself at each call
-("this [B, T] attention mask is all ones", one reduction and a host read, as eager HF does before choosing its
-causal attention), with the same two versions of the graph.
+Some facts need no earlier graph: an assumption may carry its own test of the graph's inputs, run at each call
+("the mask built from this attention_mask is causal for every real token": a few small kernels and a host read, as
+eager HF reads the mask before choosing its causal attention), with the same two versions of the graph.
 """
 from __future__ import annotations
 
@@ -65,30 +65,26 @@ def checking_outputs(fn, checks: list) -> Callable:
     return run
 
 
-def _tested(t, fact: str, tests: dict[str, Callable]) -> bool:
-    if fact not in tests:  # a fact an earlier graph records
-        return holds(t, fact)
-    if not isinstance(t, torch.Tensor):
-        return False
+def _holds(args, slots: tuple, fact: str, test) -> bool:
+    if test is None:  # a fact an earlier graph records
+        return holds(args[slots[0]], fact)
     try:
-        return bool(tests[fact](t))
+        return bool(test(*(args[s] for s in slots)))
     except Exception as e:  # a test that cannot run proves nothing: the graph runs its version without the fusion
         log.warning("liger_compile: run-time test %r failed (%s); not relied on", fact, e)
         return False
 
 
-def dispatching(assumed, assumptions: list[tuple[int, str]], make_fallback: Callable[[list], Callable],
-                tests: dict[str, Callable] | None = None) -> Callable:
-    """A graph function that runs `assumed` when every (input slot, fact) of `assumptions` holds for the inputs it is
-    given, and otherwise the version without those fusions, built once by make_fallback(inputs) on first need.
-    A fact in `tests` (an InputFact's) is tested on the input itself at each call; any other was recorded by an
-    earlier graph (`mark`). (Dynamo calls a backend's function with the graph's inputs as arguments, as every
-    function here takes them.)"""
+def dispatching(assumed, assumptions: list[tuple], make_fallback: Callable[[list], Callable]) -> Callable:
+    """A graph function that runs `assumed` when every assumption (input slots, fact, test) holds for the inputs it
+    is given, and otherwise the version without those fusions, built once by make_fallback(inputs) on first need.
+    An assumption with a test runs it on those inputs at each call; one without was recorded by an earlier graph
+    (`mark`). (Dynamo calls a backend's function with the graph's inputs as arguments, as every function here takes
+    them.)"""
     fallback = []
-    tests = tests or {}
 
     def run(*args):
-        if all(_tested(args[slot], fact, tests) for slot, fact in assumptions):
+        if all(_holds(args, slots, fact, test) for slots, fact, test in assumptions):
             stats["assumed"] += 1
             return assumed(*args)
         stats["fallback"] += 1

@@ -32,24 +32,16 @@ def _no_objection(match: Match) -> str | None:
 
 @dataclass
 class Assume:
-    """What a check returns to fuse a site provided that, at run time, graph input `node` holds `fact` (recorded by
-    an earlier graph's OutputCheck, liger_compile/facts.py). Where that cannot be arranged (a nested graph, the
-    graph's version without assumptions), the site is a near miss with reason `unproved`."""
+    """What a check returns to fuse a site provided that, at run time, graph input `node` holds `fact`. By default
+    an earlier graph's OutputCheck records the fact (liger_compile/facts.py); with `test`, the graph itself tests
+    its inputs `node, *more` at every call (`test(*those inputs) -> bool`, e.g. "the mask built from this
+    attention_mask is causal for every real token"). Where that cannot be arranged (a nested graph, the graph's
+    version without assumptions), the site is a near miss with reason `unproved`."""
     node: object  # torch.fx.Node, a placeholder of the graph being rewritten
     fact: str
     unproved: str
-
-
-@dataclass
-class InputFact:
-    """A fact a graph input can be tested for directly when the graph runs (no earlier graph needed): e.g. "this
-    [B, T] attention mask is all ones". A pattern's check may fuse a site assuming it (Assume with this `fact`),
-    having verified, while compiling, that the site is right for `value(example)`; `holds` must then be true
-    exactly when the input equals that value. A pattern module lists them in INPUT_FACTS."""
-    fact: str
-    applies: Callable[[torch.Tensor], bool]  # on the input's example value, while compiling: a candidate?
-    value: Callable[[torch.Tensor], torch.Tensor]  # the value assumed, made like the example (real tensor)
-    holds: Callable[[torch.Tensor], bool]  # on the real input, at run time (synchronises with the GPU)
+    more: tuple = ()  # further placeholders the test reads
+    test: Callable | None = None
 
 
 @dataclass
@@ -131,12 +123,6 @@ def all_patterns() -> tuple[Pattern, ...]:
 @functools.cache
 def all_output_checks() -> tuple[OutputCheck, ...]:
     return tuple(c for module in _pattern_modules() for c in getattr(module, "OUTPUT_CHECKS", ()))
-
-
-@functools.cache
-def all_input_facts() -> dict[str, Callable[[torch.Tensor], bool]]:
-    """fact -> its run-time test, for every InputFact of every pattern module."""
-    return {f.fact: f.holds for module in _pattern_modules() for f in getattr(module, "INPUT_FACTS", ())}
 
 
 def pattern_names() -> list[str]:

@@ -161,12 +161,12 @@ def _checked_outputs(graph: Graph, checks: Iterable[OutputCheck]) -> list[tuple[
     return found
 
 
-def _assumable(a: Assume, top: Graph) -> int | None:
-    """The input slot of an assumption the compiled function of the outermost graph `top` can test at run time (an
-    input of that graph), or None."""
-    if a.node.op != "placeholder" or a.node.graph is not top:
+def _assumable(node: Node, top: Graph) -> int | None:
+    """The input slot of a node an assumption is about, if the compiled function of the outermost graph `top` can
+    test it at run time (an input of that graph), or None."""
+    if node.op != "placeholder" or node.graph is not top:
         return None
-    return [n for n in top.nodes if n.op == "placeholder"].index(a.node)
+    return [n for n in top.nodes if n.op == "placeholder"].index(node)
 
 
 def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_logits: bool = True,
@@ -204,9 +204,9 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
                 if isinstance(reason, Assume):
                     reason = [reason]
                 if isinstance(reason, list):  # assumptions about graph inputs, all testable at run time, or none
-                    slots = [_assumable(a, top) if assume else None for a in reason]
-                    missing = [a for a, slot in zip(reason, slots) if slot is None]
-                    assumed = None if missing else [(slot, a.fact) for a, slot in zip(reason, slots)]
+                    slots = [[_assumable(n, top) if assume else None for n in (a.node, *a.more)] for a in reason]
+                    missing = [a for a, s in zip(reason, slots) if None in s]
+                    assumed = None if missing else [(tuple(s), a.fact, a.test) for a, s in zip(reason, slots)]
                     reason = missing[0].unproved if missing else None
                 policy = _returned_policy(m, pattern, skip_logits) if not reason else "none"
                 reason = reason or (policy if policy not in ("none", "lazy", "keep") else None)
@@ -218,7 +218,9 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
             m.pattern = pattern
             variant = pattern.variant + {"lazy": ", logits lazy", "keep": ", logits kept"}.get(policy, "")
             if assumed is not None:
-                variant += ", if " + " and ".join(f"input {slot} is {fact}" for slot, fact in assumed) + " at run time"
+                variant += ", if " + " and ".join(f"input{'s' * (len(slots) > 1)} {', '.join(map(str, slots))} "
+                                                  f"{'are' if len(slots) > 1 else 'is'} {fact}"
+                                                  for slots, fact, _ in assumed) + " at run time"
                 report.assumptions += [a for a in assumed if a not in report.assumptions]
             site = Site(pattern.name, variant, where(m.root))
             covered.update(m.nodes)

@@ -1,25 +1,32 @@
-"""Attention with a mask that is provably plain causal becomes SDPA with `is_causal=True` and no mask.
+"""Attention whose mask lets every real token see exactly the tokens before it becomes SDPA with `is_causal=True`
+and no mask.
 
 Under torch.compile, transformers builds an explicit [B, 1, T, T] boolean mask (from position ids, with its
 packed-sequence detection) and calls SDPA with `attn_mask=mask, is_causal=False`; eager passes `is_causal=True`.
 The masked call is several times slower at long context and the mask costs T^2 bytes.
 
-When the mask is computed from shapes alone (positions from an in-graph `arange`, no padding mask, no user
-position ids), its value is fixed for the graph's static shapes: we compute it once while compiling and
-replace the call only if it equals the lower-triangular causal mask.
+The condition, on a mask's value: every query that sees itself (a real token) sees exactly the keys 0..i
+(`_real_rows_causal`). Then `is_causal` gives every real token the output the mask gives it. That holds for the
+plain causal mask and for right padding, where the padding comes after every real token of a row; not for left
+padding, packed documents or sliding windows. The queries that do not see themselves (the padding after a row's
+tokens) get causal attention over everything before them, where the mask gives them the row's real tokens only:
+finite values that reach only later padding positions, whose logits predict padding labels (-100 in every HF and
+TRL collator).
 
-When it is computed from graph inputs too (the trainers' collators always pass a 2D `attention_mask`, all ones
-when nothing is padded, or `position_ids`), we compute it while compiling for the plain values of those inputs
-(INPUT_FACTS: a mask of all ones, positions 0..T-1 in every row) and, if that gives the causal mask, fuse the call
-assuming the inputs hold those values. The graph then tests them at every call (one reduction each and a host read,
-as eager HF does before it picks its causal kernel) and runs the masked version, compiled on first need, for any
-other batch (padding, packed sequences).
+When the mask is computed from shapes alone (no padding mask, no user position ids), its value is fixed for the
+graph's static shapes: we compute it once while compiling and replace the call only if the condition holds.
+
+When it is computed from graph inputs too (the trainers' collators always pass a 2D `attention_mask`, or
+`position_ids`), the call is replaced assuming the condition, and the graph tests it at every call: it builds the
+mask from those inputs with the model's own code (copied from the graph) and checks it, a few small kernels and a
+host read, as eager HF reads the mask before it picks its causal kernel. Any other batch (left padding, packed
+sequences) runs the graph's second version, compiled on first need. While compiling, the mask is evaluated for the
+inputs' plain values (all ones, positions 0..T-1) so a mask that never passes (a sliding window) is not assumed.
 
 Across a graph break (FSDP's per-layer hooks put every decoder layer in a graph of its own) the mask is built in
 one graph and used in the next, where it is an input. The graph that returns a [B, 1, T, T] boolean mask checks
-its value when it runs (OUTPUT_CHECKS; one comparison on the GPU, once per forward) and records it if it is plain
-causal; the layer's graph fuses assuming that (Assume) and runs its masked version for any other mask
-(liger_compile/facts.py).
+its value when it runs (OUTPUT_CHECKS; once per forward) and records it if the condition holds; the layer's graph
+fuses assuming that (Assume) and runs its masked version for any other mask (liger_compile/facts.py).
 """
 import itertools
 import operator
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 
 from liger_compile.lazy import extract
 from liger_compile.matcher import Match, example_value
-from liger_compile.pattern import Assume, InputFact, OutputCheck, Pattern
+from liger_compile.pattern import Assume, OutputCheck, Pattern
 
 MAX_CHECKED_ELEMENTS_OFF_GPU = 2**31  # a bigger mask takes too long to evaluate on a CPU while compiling
 # Building the mask may hold a few mask-sized tensors at once (the comparisons HF combines); a mask is checked only
@@ -48,18 +55,31 @@ def _check_budget(device: torch.device) -> int:
     return free // 2 // MASK_COPIES_WHILE_BUILDING
 
 
-def _is_lower_triangular(value: torch.Tensor) -> bool:
-    """value [..., T, T] bool equals the causal mask (key j visible from query i iff j <= i), block of rows by
-    block of rows."""
+def _real_rows_causal(value: torch.Tensor) -> bool:
+    """value [..., T, T] bool: every query that sees itself sees exactly the keys 0..i (checked block of rows by
+    block of rows, no second full-size mask)."""
     t = value.shape[-1]
     rows = torch.arange(t, device=value.device)
+    real = value.diagonal(dim1=-2, dim2=-1)
     step = max(1, COMPARE_BLOCK_ELEMENTS // max(1, value.numel() // value.shape[-2]))
     for r0 in range(0, value.shape[-2], step):
         block = value[..., r0:r0 + step, :]
         causal = rows[None, :] <= rows[r0:r0 + step, None]
-        if not torch.equal(block, causal.expand_as(block)):
+        if bool(((block != causal) & real[..., r0:r0 + step, None]).any()):
             return False
     return True
+
+
+class _MaskTest:
+    """The run-time test of an assumption about graph inputs: builds the mask from them with the graph's own code
+    (`compute`, a copy of that part of the graph) and checks the condition."""
+
+    def __init__(self, compute):
+        self.compute = compute
+
+    def __call__(self, *inputs) -> bool:
+        with torch.no_grad():
+            return _real_rows_causal(self.compute(*inputs))
 
 
 def repeat_kv(x, batch, kv_heads, n_rep, seq, head_dim, heads):
@@ -128,12 +148,12 @@ def check(m: Match) -> str | None:
         if source is not None:
             return Assume(source, "causal_mask", f"the mask is the graph input {source.name}, built by an earlier "
                           "graph, and was not checked to be plain causal")
-        return _assuming_plain_inputs(m, str(e))
+        return _assuming_real_rows_causal(m, str(e))
     from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: PLC0415
 
     with unset_fake_temporarily(), torch.no_grad():
         value = compute()
-        same = _is_lower_triangular(value)
+        same = _real_rows_causal(value)
         del value
     return None if same else "the mask is computed from shapes alone but is not plain causal"
 
@@ -155,31 +175,46 @@ def _graph_inputs_of(node, outer) -> list:
     return found
 
 
-def _assuming_plain_inputs(m: Match, why: str) -> list[Assume] | str:
-    """Assumptions about the graph inputs the mask is built from under which it is plain causal, or the reason
-    there are none: the mask evaluated while compiling for each combination of their candidate plain values."""
+def _plain_values(e: torch.Tensor) -> list[torch.Tensor]:
+    """What a [B, T] input of an unpadded batch holds: an attention_mask of ones, or positions 0..T-1 in each row."""
+    if e.dim() != 2 or not _static(e.shape):
+        return []
+    values = [torch.ones(e.shape, dtype=e.dtype, device=e.device)]
+    if not e.dtype.is_floating_point and e.dtype != torch.bool:
+        values.append(torch.arange(e.shape[-1], device=e.device, dtype=e.dtype).expand(e.shape).contiguous())
+    return values
+
+
+def _assuming_real_rows_causal(m: Match, why: str) -> Assume | str:
+    """The assumption, tested at every call, that the mask built from the graph inputs behind it passes the
+    condition, or the reason there is none. One Assume per mask node, so the layers sharing a mask share its test."""
+    cached = m["mask"].meta.get("liger_causal_assumption")
+    if cached is not None and cached.node.graph is m.root.graph:
+        return cached
     inputs = _graph_inputs_of(m["mask"], m.outer)
-    candidates = [[f for f in INPUT_FACTS if isinstance(example_value(n), torch.Tensor) and f.applies(example_value(n))]
-                  for n in inputs]
-    if not inputs or len(inputs) > MAX_ASSUMED_INPUTS or not all(candidates):
+    if not inputs or len(inputs) > MAX_ASSUMED_INPUTS:
         return f"the mask depends on runtime inputs ({why})"
     try:
         compute, used = extract(m["mask"], inputs, outer=m.outer)
     except ValueError as e:  # it also depends on something that is not a graph input (a buffer, a constant)
         return f"the mask depends on runtime inputs ({e})"
+    names = ", ".join(n.name for n in used)
+    candidates = [_plain_values(example_value(n)) if isinstance(example_value(n), torch.Tensor) else []
+                  for n in used]
+    if not all(candidates):
+        return f"the mask depends on runtime inputs ({names}) that are not [B, T] token rows"
     from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: PLC0415
 
-    names = ", ".join(n.name for n in used)
     with unset_fake_temporarily(), torch.no_grad():
-        for choice in itertools.product(*(c for n, c in zip(inputs, candidates) if n in used)):
-            value = compute(*(f.value(example_value(n)) for n, f in zip(used, choice)))
-            causal = _is_lower_triangular(value)
-            del value
-            if causal:
-                return [Assume(n, f.fact, f"the mask is computed from the graph input {n.name} and is plain causal "
-                               f"only if it is {f.fact}, tested at run time") for n, f in zip(used, choice)]
-    return (f"the mask depends on runtime inputs ({names}) and is not plain causal for any of their plain values "
-            f"({', '.join(f.fact for f in INPUT_FACTS)})")
+        ever = any(_real_rows_causal(compute(*values)) for values in itertools.product(*candidates))
+    if not ever:
+        return (f"the mask depends on runtime inputs ({names}) and its real tokens do not see exactly the tokens "
+                "before them even for an unpadded batch")
+    assume = Assume(used[0], "a causal mask for its real tokens", f"the mask is computed from the graph inputs "
+                    f"{names}; is_causal attention is right for it only where every real token sees exactly the "
+                    "tokens before it, tested at run time", more=tuple(used[1:]), test=_MaskTest(compute))
+    m["mask"].meta["liger_causal_assumption"] = assume
+    return assume
 
 
 def _full_index(index) -> bool:
@@ -212,24 +247,8 @@ def _square_bool_mask(v: torch.Tensor) -> bool:
             and v.shape[1] == 1 and v.shape[-1] == v.shape[-2])
 
 
-OUTPUT_CHECKS = [OutputCheck("causal_mask", _square_bool_mask, _is_lower_triangular)]
+OUTPUT_CHECKS = [OutputCheck("causal_mask", _square_bool_mask, _real_rows_causal)]
 
-
-def _rows_of_tokens(e: torch.Tensor) -> bool:
-    """A static [B, T] tensor: what an attention_mask or position_ids input looks like."""
-    return e.dim() == 2 and _static(e.shape)
-
-
-def _positions(t: torch.Tensor) -> torch.Tensor:
-    return torch.arange(t.shape[-1], device=t.device, dtype=t.dtype)
-
-
-INPUT_FACTS = [
-    InputFact("all ones", _rows_of_tokens, lambda e: torch.ones(e.shape, dtype=e.dtype, device=e.device),
-              lambda t: bool((t == 1).all())),
-    InputFact("0..T-1 in every row", lambda e: _rows_of_tokens(e) and not e.dtype.is_floating_point and e.dtype != torch.bool,
-              lambda e: _positions(e).expand(e.shape).contiguous(), lambda t: bool((t == _positions(t)).all())),
-]
 
 PATTERNS = [
     Pattern("causal_mask", "sdpa, repeat_kv -> enable_gqa", masked_sdpa_repeated_kv, causal_sdpa_gqa, check_gqa,

@@ -193,11 +193,16 @@ def test_causal_check_compares_block_by_block(monkeypatch):
 
     monkeypatch.setattr(causal_mask, "COMPARE_BLOCK_ELEMENTS", 30)
     causal = torch.ones(10, 10, dtype=torch.bool).tril()[None, None]
-    assert causal_mask._is_lower_triangular(causal)
-    for i, j in ((9, 9), (0, 1), (5, 2)):  # a flipped entry anywhere, including the last, partial block
+    assert causal_mask._real_rows_causal(causal)
+    for i, j in ((9, 3), (0, 1), (5, 2)):  # a flipped entry anywhere, including the last, partial block
         wrong = causal.clone()
         wrong[0, 0, i, j] = ~wrong[0, 0, i, j]
-        assert not causal_mask._is_lower_triangular(wrong)
+        assert not causal_mask._real_rows_causal(wrong)
+    # a query that does not see itself is padding: its row is not the real tokens' business (right padding)
+    right_padded = causal & torch.tensor([True] * 7 + [False] * 3)
+    assert causal_mask._real_rows_causal(right_padded)
+    left_padded = causal & torch.tensor([False] * 3 + [True] * 7)  # real tokens that do not see the tokens before
+    assert not causal_mask._real_rows_causal(left_padded)
     assert causal_mask._check_budget(torch.device("cpu")) == causal_mask.MAX_CHECKED_ELEMENTS_OFF_GPU
 
 

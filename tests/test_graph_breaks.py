@@ -127,9 +127,11 @@ def test_other_masks_run_the_version_without_the_assumption(second_versions):
     assert facts.stats["assumed"] == assumed  # neither layer took the causal version
     compare(model, compiled, plain)
     assert facts.stats["assumed"] == assumed + 2 and len(second_versions) == 1
-    # that second version runs the padded mask through the variable-length op (a mask of any form is safe there)
-    (site,) = [s for g in report.graphs for s in g.fused if s.pattern == "varlen_attention"]
-    assert "for inputs the assumptions do not hold for" in site.variant, str(report)
+    # that second version runs the padded mask through the variable-length op (a mask of any form is safe there),
+    # in the dtypes FlashAttention takes (on CPU any: the op's plain-torch path)
+    sites = [s for g in report.graphs for s in g.fused if s.pattern == "varlen_attention"]
+    assert len(sites) == (1 if DEVICE == "cpu" else 0), str(report)
+    assert all("for inputs the assumptions do not hold for" in s.variant for s in sites), str(report)
 
 
 def test_disabling_the_pattern_disables_the_check():

@@ -1,10 +1,11 @@
-"""Masks built from the batch's own tensors: the trainers' collators always pass a 2D `attention_mask` (all ones when
-nothing is padded) or `position_ids`. Under torch.compile HF builds an explicit [B, 1, T, T] mask from them; the graph
-is compiled assuming they hold their plain values (then that mask is the causal one and SDPA runs `is_causal`), tests
-them at every call, and runs its masked version, compiled once on first need, for any other batch.
+"""Masks built from the batch's own tensors: the trainers' collators always pass a 2D `attention_mask` or
+`position_ids`. Under torch.compile HF builds an explicit [B, 1, T, T] mask from them; the graph is compiled assuming
+that every real token sees exactly the tokens before it (unpadded and right-padded batches: then SDPA runs
+`is_causal`), builds and tests the mask at every call, and runs its second version, compiled once on first need, for
+any other batch (left padding, packed documents), where the attention is the variable-length op.
 
 fp32: every step's loss and every gradient equal eager's (on CPU to rounding; on a GPU, where the causal and the
-masked attention are different kernels, within 1e-4).
+masked attention are different kernels, within 1e-4). Labels are -100 at padding, as every collator makes them.
 """
 from __future__ import annotations
 
@@ -15,13 +16,11 @@ from torch._dynamo.utils import counters
 import liger_compile
 import liger_compile.backend as backend_module
 from liger_compile import facts
-from liger_compile.patterns import causal_mask
 from models import batch, loss_and_grads, tiny
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=1e-5, atol=1e-6) if DEVICE == "cpu" else dict(rtol=1e-4, atol=1e-5)
 B, T = 2, 8
-INPUT_FACTS = {f.fact: f for f in causal_mask.INPUT_FACTS}
 
 
 @pytest.fixture
@@ -63,7 +62,7 @@ def left_padded(lengths=(6, 8)) -> torch.Tensor:
 
 @pytest.mark.parametrize("given", ["attention_mask", "position_ids", "both"])
 def test_plain_batches_run_causal_attention(given, second_versions):
-    """An all-ones mask and/or positions 0..T-1: fused (report), every call takes the causal version (Inductor)."""
+    """An all-ones mask and/or positions 0..T-1: fused (report), the call takes the causal version (Inductor)."""
     model = tiny("llama", layers=2).to(DEVICE)
     inputs = batch(b=B, t=T)
     if given in ("attention_mask", "both"):
@@ -81,8 +80,8 @@ def test_plain_batches_run_causal_attention(given, second_versions):
 
 
 def test_padded_and_unpadded_batches_alternate_exactly_without_recompiling(second_versions):
-    """20 steps: unpadded, right-padded, left-padded, all-ones again, ...; each equals eager; the graph is traced
-    once by Dynamo, its second version built once."""
+    """20 steps: unpadded, right-padded, left-padded, right-padded again, ...; each equals eager; the graph is
+    traced once by Dynamo, its second version built once (for the left-padded batches)."""
     model = tiny("llama", layers=2).to(DEVICE)
     compiled = torch.compile(model, backend="liger", options={"inductor": False})
     masks = [torch.ones(B, T, dtype=torch.long), right_padded(), left_padded(), right_padded((3, 8))]
@@ -91,13 +90,6 @@ def test_padded_and_unpadded_batches_alternate_exactly_without_recompiling(secon
     for step in range(20):
         assert_step_matches_eager(model, compiled, with_mask(masks[step % len(masks)], seed=step))
     assert counters["stats"]["unique_graphs"] == 1 and len(second_versions) == 1
-    assert facts.stats["assumed"] - assumed == 5 and facts.stats["fallback"] - fallback == 15
+    assert facts.stats["assumed"] - assumed == 15 and facts.stats["fallback"] - fallback == 5
 
 
-def test_a_mask_of_other_values_is_not_taken_for_all_ones():
-    """The run-time tests are exact: a mask of 2s, or a bool mask with one False, runs the masked version."""
-    ones, positions = (INPUT_FACTS[name].holds for name in ("all ones", "0..T-1 in every row"))
-    assert ones(torch.ones(2, 3, dtype=torch.long)) and ones(torch.ones(2, 3, dtype=torch.bool))
-    assert not ones(torch.full((2, 3), 2)) and not ones(torch.tensor([[True, False, True]]))
-    assert positions(torch.arange(4).expand(2, 4)) and not positions(torch.tensor([[0, 1, 0, 1]]))
-    assert not positions(torch.tensor([[1, 2, 3, 4]]))
