@@ -123,17 +123,25 @@ def texts(n: int, shortest: int, longest: int, seed: int) -> list[str]:
     return [" ".join(f"w{i}" for i in torch.randint(0, WORDS, (k,), generator=g).tolist()) for k in lengths]
 
 
+def in_memory_dataset(data: dict):
+    """A datasets.Dataset of `data` with a fingerprint of its own: datasets would otherwise fingerprint the arrow
+    table by pickling it with dill, which fails on some Python/pyarrow pairs (3.12 with pyarrow 24-26:
+    "Can't pickle <class 'MonthDayNano'>")."""
+    import datasets  # noqa: PLC0415
+    from datasets.table import InMemoryTable  # noqa: PLC0415
+
+    return datasets.Dataset(InMemoryTable.from_pydict(data), fingerprint=f"bench-{len(next(iter(data.values())))}")
+
+
 def preference_data(trainer: str, n: int, seq: int):
     """Prompts of a quarter of the length, completions filling the rest to between 3/4 and all of it."""
-    import datasets  # noqa: PLC0415
-
     prompt, rest = seq // 4, seq - seq // 4 - 2
     data = {"prompt": texts(n, prompt, prompt, 1)}
     if trainer == "dpo":
         data.update(chosen=texts(n, rest * 3 // 4, rest, 2), rejected=texts(n, rest * 3 // 4, rest, 3))
     else:
         data.update(completion=texts(n, rest * 3 // 4, rest, 2), label=[i % 2 == 0 for i in range(n)])
-    return datasets.Dataset.from_dict(data)
+    return in_memory_dataset(data)
 
 
 def causal_lm_collate(rows):
@@ -194,14 +202,12 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
             if args.trainer in ("trl", "sft"):
                 raise
     if trl is not None:
-        import datasets  # noqa: PLC0415
-
         # padded batches: every batch padded to the full length, so every step has one shape (as with
         # max_length padding), and the padding is the given fraction of the tokens
         pad = dict(pad_to_multiple_of=args.seq) if args.padding else {}
         config = trl.SFTConfig(**common, max_length=args.seq, packing=False, **pad)
-        trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_dict(
-            {"input_ids": rows}), processing_class=tokenizer(), callbacks=callbacks)
+        trainer = trl.SFTTrainer(model=model, args=config, train_dataset=in_memory_dataset({"input_ids": rows}),
+                                 processing_class=tokenizer(), callbacks=callbacks)
         return trainer, f"trl.SFTTrainer {trl.__version__}"
     import transformers  # noqa: PLC0415
 

@@ -38,18 +38,20 @@ FLASH_DTYPES = (torch.bfloat16, torch.float16)
 _segments_cache: dict[int, tuple] = {}
 
 
-def segments(mask: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """(cumulative segment offsets into the flattened B*T tokens, int32; longest segment) when `mask` is causal
-    within segments for every query that sees itself, else None. Synchronises with the device."""
+def segments(mask: torch.Tensor, batch: int | None = None) -> tuple[torch.Tensor, int] | None:
+    """(cumulative segment offsets into the flattened B*T tokens, int32; longest segment) when `mask` (broadcast to
+    `batch` rows) is causal within segments for every query that sees itself, else None. Synchronises with the
+    device, once per mask: the layers of a forward and their backward pass the same mask tensor."""
     if mask.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None  # reading them synchronises, which a CUDA graph capture forbids: the mask is used as given
+    batch = batch or mask.shape[0]
     key = id(mask)
     hit = _segments_cache.get(key)
-    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+    if hit is not None and hit[0]() is mask and hit[1] == (mask._version, batch):
         return hit[2]
-    found = _read_segments(mask)
-    _segments_cache[key] = (weakref.ref(mask, lambda _r, key=key: _segments_cache.pop(key, None)), mask._version,
-                            found)
+    found = _read_segments(mask.expand(batch, *mask.shape[1:]) if mask.dim() == 4 else mask)
+    _segments_cache[key] = (weakref.ref(mask, lambda _r, key=key: _segments_cache.pop(key, None)),
+                            (mask._version, batch), found)
     return found
 
 
@@ -174,8 +176,8 @@ def varlen_attention(
     _check(q, k, v, mask)
     b, t, h, _ = q.shape
     sc = _scale(q, scale)
+    found = segments(mask, b)
     mask = mask.expand(b, 1, t, t)
-    found = segments(mask)
     offsets_out = torch.full((b * t + 1,), b * t, dtype=torch.int32, device=q.device)
     info = torch.zeros(2, dtype=torch.int64)
     if found is None:
