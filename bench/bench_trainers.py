@@ -302,7 +302,12 @@ def drive(args) -> list[dict]:
         cmd += ["--tiny"] * args.tiny + ["--checkpointing"] * args.checkpointing + ["--cpu-bf16"] * args.cpu_bf16
         cmd += ["--pure-bf16"] * args.pure_bf16 + ["--profile" if args.profile else "--no-profile"]
         t0 = time.time()
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"variant": v, "error": f"not finished after {args.timeout} s"})
+            print(f"{v}: {rows[-1]}", flush=True)
+            continue
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if p.returncode or not line:
             err = (p.stderr.strip().splitlines() or ["?"])[-1][:200]
