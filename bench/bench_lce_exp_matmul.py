@@ -42,7 +42,7 @@ CONFIGS = [
     dict(PERSISTENT=False, WARP_SPECIALIZE=False),
     dict(num_stages=4),
     # two programs per SM on half-width tiles (while one finishes its tile, the other keeps the tensor cores busy):
-    # all slower in session 6 (1.58-2.28 ms against 1.51), so only the best of them stays as a reference
+    # all measured slower (bench/results/lce_exp_matmul_sweep.md), so only the best of them stays as a reference
     dict(BN=128, num_warps=4, num_stages=3, PROGRAMS_PER_SM=2, WARP_SPECIALIZE=False),
 ]
 DH_CONFIGS = [

@@ -1,4 +1,4 @@
-"""Issue 4's question: should the rotary kernel compute cos/sin itself from the position ids instead of reading the
+"""Should the rotary kernel compute cos/sin itself from the position ids instead of reading the
 [B, T, D] tensors HF's rotary embedding materialises? (one CUDA GPU)
 
     python bench/bench_rotary_trig.py [--out DIR]

@@ -5,7 +5,7 @@
 For x[rows, cols] bf16 and each width: forward ms per tile (rows per program step, warps); backward ms, without and
 with the residual sum's gradient (liger::add_rms_norm's backward, one more read), per rows per step, warps, rows per
 program (including two programs per SM) and with or without loading the next step's rows ahead (PREFETCH); each
-next to its byte floor at 4.3 TB/s. (Session 4 also swept num_stages 1-3: no effect on these loops.) The wide-row tiles in kernels/rms_norm.py come from here.
+next to its byte floor at 4.3 TB/s. (num_stages 1-3 were swept too: no effect on these loops.) The wide-row tiles in kernels/rms_norm.py come from here.
 """
 from __future__ import annotations
 

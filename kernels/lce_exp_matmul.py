@@ -131,10 +131,8 @@ def exp_matmul_kernel(
 
 def config(device_type: str) -> dict:
     """Tile settings. CUDA: 128 x 256 tiles, 64-deep K steps, 8 warps, 3 stages, finished in two column halves, a
-    persistent warp-specialised grid of one program per SM (PROGRAMS_PER_SM sets more). H200, one [1024, 4096] x
-    [4096, 128256] chunk by graph replay (bench/results/lce_exp_matmul.md, session 6): 1.437 ms, cuBLAS's plain bf16
-    matmul 1.430; 4 stages 1.423, without warp specialisation 1.451, one program per tile 1.560, 128 x 128 tiles two
-    programs per SM (one finishing its tile while the other multiplies) 1.487."""
+    persistent warp-specialised grid of one program per SM (PROGRAMS_PER_SM sets more). Chosen from the candidates
+    bench/bench_lce_exp_matmul.py times (figures in bench/results/lce_exp_matmul.md)."""
     if device_type != "cuda":
         return dict(BM=16, BN=32, BK=16, num_warps=4, num_stages=1, WARP_SPECIALIZE=False, PERSISTENT=False,
                     SUBTILE=2)

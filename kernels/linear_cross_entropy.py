@@ -376,11 +376,9 @@ FORCED_PATH = os.environ.get("LIGER_COMPILE_LCE_PATH") or None
 if FORCED_PATH not in (None, "row_kernel", "exp_matmul"):
     raise ValueError(f"LIGER_COMPILE_LCE_PATH must be row_kernel or exp_matmul, not {FORCED_PATH!r}")
 
-# The exp path is the default from this hidden size up. H200, V = 128256, 16384 tokens, the op by graph replay
-# (bench/check_lce_paths.py, session 6, final kernels): hidden 4096 (Llama-3-8B) 81.1 ms against 87.1 for the
-# row-kernel path, 2048 (Llama-3.2-1B) 41.7 against 46.4, 1536 (Qwen2-1.5B) 33.6 against 37.4, but 896 (Qwen2-0.5B)
-# 23.4 against 22.8 (our dh matmul has too few output tiles there). The 4 x 4096 Llama-3.2-1B step: 65,049 tok/s
-# against 61,844-64,030 for the row-kernel path, both at 24.12 GiB (bench/NOTES.md, session 6).
+# The exp path is the default from this hidden size up: measured faster than the row-kernel path at hidden 1536,
+# 2048 and 4096 and slower at 896, where our dh matmul has too few output tiles (bench/check_lce_paths.py; figures in
+# bench/results/logs/check_lce_paths_*.log and the README).
 EXP_MATMUL_MIN_HIDDEN = 1536
 
 # device -> True once the exp-epilogue path ran there, False once it failed to build there (row-kernel path after)

@@ -1,5 +1,5 @@
 """The exp-path kernels of lm_head + cross-entropy compile for Hopper (sm_90), checked without a GPU (CI): the
-interpreter that runs them on CPU skips Triton's compiler, whose failures (an MLIR pass assertion in session 6) would
+interpreter that runs them on CPU skips Triton's compiler, whose failures (an MLIR pass assertion, once) would
 otherwise first show on the H200."""
 import os
 import subprocess
