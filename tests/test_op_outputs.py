@@ -8,7 +8,7 @@ and the Triton launch (run here in the interpreter, on the GPU for real), plus a
 import pytest
 import torch
 
-from liger_compile.kernels import add_rms_norm, gated_down_proj, gated_mlp, rms_norm, rotary
+from liger_compile.kernels import add_rms_norm, gated_down_proj, gated_mlp, rms_norm, rotary, varlen_attention  # noqa: F401
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -19,7 +19,8 @@ def _t(*shape, grad=True):
 
 
 # name -> (op, sample inputs, Triton launch of the forward, the output a model is handed to modify: add_rms_norm's
-# sum is saved for backward, as eager's norm saves its input, so modifying it fails the version check in both)
+# sum is saved for backward, as eager's norm saves its input, so modifying it fails the version check in both; so is
+# varlen_attention's output, as SDPA's own is: None)
 CASES = {
     "rms_norm": (torch.ops.liger.rms_norm, lambda: (_t(2, 3, 16), _t(16), 1e-6, 0.0, True),
                  rms_norm.launch_forward, 0),
@@ -30,6 +31,10 @@ CASES = {
     "gated_act": (torch.ops.liger.gated_act, lambda: (_t(2, 3, 16), _t(2, 3, 16), "silu"), gated_mlp.launch_forward, 0),
     "gated_down_proj": (torch.ops.liger.gated_down_proj, lambda: (_t(2, 3, 16), _t(2, 3, 16), _t(8, 16), "silu"),
                         None, 0),
+    "varlen_attention": (torch.ops.liger.varlen_attention, lambda: (
+        _t(2, 4, 4, 8), _t(2, 4, 2, 8), _t(2, 4, 2, 8),
+        (torch.ones(4, 4, dtype=torch.bool).tril() & torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)[
+            :, None, :]).to(DEV)[:, None], None), None, None),
 }
 
 
@@ -43,10 +48,11 @@ def test_outputs_are_not_views_and_take_in_place_updates(name):
     args = inputs()
     outs = _tensors(op(*args))
     assert all(t._base is None for t in outs), [t._base is not None for t in outs]
-    y = outs[modified]
-    y.add_(1.0)  # what a model may do with the output; autograd must accept it
-    y.sum().backward()
-    assert all(a.grad is not None for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
+    if modified is not None:
+        y = outs[modified]
+        y.add_(1.0)  # what a model may do with the output; autograd must accept it
+        y.sum().backward()
+        assert all(a.grad is not None for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
     if launch is not None:
         with torch.no_grad():
             launched = _tensors(launch(*inputs()))
