@@ -73,7 +73,7 @@ def test_unknown_option_is_a_clear_error_naming_the_valid_ones():
 def test_every_option_is_checked():
     assert liger_options.parse(None, {"disable": "rms_norm"}).disable == ("rms_norm",)  # one name, not letters
     assert liger_options.parse(None, {"disable": ("rotary", "causal_mask")}).disable == ("rotary", "causal_mask")
-    with pytest.raises(ValueError, match=r"unknown pattern\(s\) \['rmsnorm'\]; valid names: rms_norm, rotary"):
+    with pytest.raises(ValueError, match=r"unknown pattern\(s\) \['rmsnorm'\]; valid names: .*\brms_norm\b"):
         liger_options.parse(None, {"disable": ["rmsnorm"]})
     for key, value in [("disable", 3), ("disable", [None]), ("fallback", "no"), ("inductor", 0),
                        ("skip_logits", None), ("dump", 1), ("report", {})]:
