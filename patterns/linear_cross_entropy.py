@@ -4,8 +4,9 @@ The [tokens, vocab] logits are never built: the op works through the tokens in c
 `logits`; in a training graph they come back lazily (computed only if read), or, with
 `options={"skip_logits": False}`, written by the op itself.
 
-Logits divided by a constant before the loss (Granite's `logits / logits_scaling`) are matched too: the op is fed
-`hidden / s` (and `bias / s`), which gives the same logits without touching the [tokens, vocab] product.
+Logits divided or multiplied by a constant before the loss (Granite's `logits / logits_scaling`, Cohere's
+`logits * logit_scale`, also before soft-capping) are matched too: the op is fed `hidden / s` or `hidden * s` (and
+the bias likewise), which gives the same logits without touching the [tokens, vocab] product.
 """
 import torch
 import torch.nn.functional as F
@@ -18,15 +19,17 @@ from liger_compile.pattern import Pattern
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def make_search(softcap: bool, upcast: bool, divide: bool, scaled: bool = False):
+def make_search(softcap: bool, upcast: bool, divide: bool, scaled: str | None = None):
     """The loss path of HF's ForCausalLMLoss: optional Gemma2 soft-capping, optional .float(), flatten, CE, and
-    with the Trainer's num_items_in_batch a sum divided by it. `scaled`: the logits are first divided by a
-    constant (Granite's `logits / logits_scaling`)."""
+    with the Trainer's num_items_in_batch a sum divided by it. `scaled` "/" or "*": the logits are first divided
+    or multiplied by a constant (Granite's `logits / logits_scaling`, Cohere's `logits * logit_scale`)."""
 
     def search(hidden, weight, bias, labels, vocab, ignore_index, reduction, label_smoothing, cap, num_items, scale):
         logits = F.linear(hidden, weight, bias)
-        if scaled:
+        if scaled == "/":
             logits = logits / scale
+        elif scaled == "*":
+            logits = logits * scale
         if softcap:
             logits = logits / cap
             logits = torch.tanh(logits)
@@ -42,13 +45,16 @@ def make_search(softcap: bool, upcast: bool, divide: bool, scaled: bool = False)
     return search
 
 
-def make_fused(upcast: bool, keep_logits: bool = False):
+def make_fused(upcast: bool, keep_logits: bool = False, scaled: str | None = None):
     def fused(hidden, weight, bias, labels, vocab, ignore_index, reduction, label_smoothing, cap=0.0, num_items=None,
               scale=None):
         reduction = "sum" if num_items is not None else reduction
-        if scale is not None:  # (h @ W^T + b) / s == (h / s) @ W^T + b / s: scale the [N, H] input, not [N, V]
+        if scaled == "/":  # (h @ W^T + b) / s == (h / s) @ W^T + b / s: scale the [N, H] input, not [N, V]
             hidden = hidden / scale
             bias = bias / scale if bias is not None else None
+        elif scaled == "*":
+            hidden = hidden * scale
+            bias = bias * scale if bias is not None else None
         out = torch.ops.liger.linear_cross_entropy(
             hidden.flatten(0, -2), weight, bias, labels.reshape(-1), None, int(ignore_index), float(label_smoothing),
             float(cap), reduction, keep_logits,
@@ -88,7 +94,7 @@ def check(m: Match) -> str | None:
         return f"label_smoothing {m['label_smoothing']!r} is not a constant in [0, 1]"
     if "scale" in m.bindings and not (isinstance(m["scale"], (int, float)) and not isinstance(m["scale"], bool)
                                       and m["scale"] != 0):
-        return f"logits are divided by {m['scale']!r}, not by a nonzero constant"
+        return f"logits are divided or multiplied by {m['scale']!r}, not by a nonzero constant"
     if "cap" in m.bindings and not (isinstance(m["cap"], (int, float)) and m["cap"] > 0):
         return f"soft-cap {m['cap']!r} is not a positive constant"
     linear = next((n for n in m.nodes if op_name(n) == "linear"), None)
@@ -105,12 +111,13 @@ def check(m: Match) -> str | None:
 PATTERNS = [
     Pattern(
         "linear_cross_entropy",
-        ("/ scale, " if scaled else "") + ("softcap, " if softcap else "") + ("fp32" if upcast else "no upcast")
-        + (", / num_items" if divide else ""),
-        make_search(softcap, upcast, divide, scaled), make_fused(upcast), check, anchor="cross_entropy",
-        returned_ok=True, replace_keeping=make_fused(upcast, keep_logits=True),
+        (f"{scaled} scale, " if scaled else "") + ("softcap, " if softcap else "")
+        + ("fp32" if upcast else "no upcast") + (", / num_items" if divide else ""),
+        make_search(softcap, upcast, divide, scaled), make_fused(upcast, scaled=scaled), check,
+        anchor="cross_entropy", returned_ok=True, replace_keeping=make_fused(upcast, keep_logits=True, scaled=scaled),
     )
-    for scaled, softcap in ((False, True), (False, False), (True, False))
+    for softcap in (True, False)  # the longer forms first: a soft-capped site also contains the plain one's tail
+    for scaled in ("/", "*", None)
     for divide in (True, False)
     for upcast in (True, False)
 ]

@@ -175,23 +175,33 @@ def test_explain_and_uncompiled_training_match_eager(name):
 
 class ScaledHead(torch.nn.Module):
     """An LM head with a bias whose logits are divided before the loss, as Granite's are (by a constant), or by
-    a tensor (`divisor` given): the latter is not a constant the fused op can fold into its input."""
+    a tensor (`divisor` given): the latter is not a constant the fused op can fold into its input. `multiply`:
+    multiplied instead, as Cohere's are (by `logit_scale`); `softcap`: then soft-capped, as Gemma2's are."""
 
-    def __init__(self, hidden=32, vocab=128, divisor=None):
+    def __init__(self, hidden=32, vocab=128, divisor=None, multiply=False, softcap=None):
         super().__init__()
         self.lm_head = torch.nn.Linear(hidden, vocab, bias=True)
-        self.divisor = divisor
+        self.divisor, self.multiply, self.softcap = divisor, multiply, softcap
 
     def forward(self, hidden, labels):
         logits = self.lm_head(hidden)
-        logits = logits / (4.0 if self.divisor is None else self.divisor)
+        if self.multiply:
+            logits = logits * 0.0625
+        else:
+            logits = logits / (4.0 if self.divisor is None else self.divisor)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
         return loss, logits
 
 
-def test_scaled_logits_with_bias_and_kept_logits_match_eager():
+@pytest.mark.parametrize("multiply, softcap, variant", [(False, None, "/ scale, fp32"), (True, None, "* scale, fp32"),
+                                                         (True, 2.0, "* scale, softcap, fp32"),
+                                                         (False, 2.0, "/ scale, softcap, fp32")])
+def test_scaled_logits_with_bias_and_kept_logits_match_eager(multiply, softcap, variant):
     torch.manual_seed(0)
-    head, hidden, labels = ScaledHead(), torch.randn(2, 8, 32, requires_grad=True), torch.randint(0, 128, (2, 8))
+    head, hidden, labels = (ScaledHead(multiply=multiply, softcap=softcap), torch.randn(2, 8, 32, requires_grad=True),
+                            torch.randint(0, 128, (2, 8)))
     ref_loss, ref_logits = head(hidden, labels)
     ref_loss.backward()
     ref_grads = [t.grad.clone() for t in (hidden, *head.parameters())]
@@ -202,7 +212,7 @@ def test_scaled_logits_with_bias_and_kept_logits_match_eager():
                                                                                                        labels)
     loss.backward()
     (site,) = [s for g in report.graphs for s in g.fused]
-    assert site.variant == "/ scale, fp32, logits kept", str(report)
+    assert site.variant == f"{variant}, logits kept", str(report)
     torch.testing.assert_close(loss, ref_loss, **TOL)
     torch.testing.assert_close(logits, ref_logits.detach(), **TOL)
     for got, ref in zip([t.grad for t in (hidden, *head.parameters())], ref_grads):
