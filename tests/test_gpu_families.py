@@ -73,9 +73,12 @@ def test_explain_counts_bf16(name):
     assert {v.removesuffix(", + residual") for v in norms} == {fam.norm}, str(report)
     assert fam.norm + ", + residual" in norms, str(report)
     assert [s.variant for s in sites if s.pattern == "linear_cross_entropy"] == [fam.loss + ", logits lazy"]
-    misses = report.near_misses
-    assert all(m.pattern == "causal_mask" and "not plain causal" in m.reason for m in misses), str(report)
+    misses = [m for m in report.near_misses if m.pattern == "causal_mask"]
+    assert all("not plain causal" in m.reason for m in misses), str(report)
     assert len(misses) + report.counts["causal_mask"] == (L if uses_sdpa(model) else 0), str(report)
+    # the banded masks are not causal within segments either: no variable-length attention for them
+    others = [m for m in report.near_misses if m.pattern != "causal_mask"]
+    assert [m.where for m in others] == [m.where for m in misses] and report.counts["varlen_attention"] == 0
 
 
 def errors(loss, grads, ref_loss, ref_grads) -> dict[str, float]:
