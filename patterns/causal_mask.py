@@ -158,6 +158,13 @@ def check(m: Match) -> str | None:
     return None if same else "the mask is computed from shapes alone but is not plain causal"
 
 
+def _outermost(node, outer):
+    """`node`, or what the enclosing graphs pass in for it when it is a checkpointed body's input."""
+    while node.op == "placeholder" and node in outer:
+        node = outer[node]
+    return node
+
+
 def _graph_inputs_of(node, outer) -> list:
     """The graph inputs `node` is computed from (followed out of a checkpointed body through `outer`)."""
     seen, found, stack = set(), [], [node]
@@ -188,10 +195,11 @@ def _plain_values(e: torch.Tensor) -> list[torch.Tensor]:
 def _assuming_real_rows_causal(m: Match, why: str) -> Assume | str:
     """The assumption, tested at every call, that the mask built from the graph inputs behind it passes the
     condition, or the reason there is none. One Assume per mask node, so the layers sharing a mask share its test."""
-    cached = m["mask"].meta.get("liger_causal_assumption")
-    if cached is not None and cached.node.graph is m.root.graph:
-        return cached
     inputs = _graph_inputs_of(m["mask"], m.outer)
+    holder = _outermost(m["mask"], m.outer)  # the same node for every checkpointed layer body given this mask
+    cached = holder.meta.get("liger_causal_assumption")
+    if cached is not None and cached.node in inputs:
+        return cached
     if not inputs or len(inputs) > MAX_ASSUMED_INPUTS:
         return f"the mask depends on runtime inputs ({why})"
     try:
@@ -213,7 +221,7 @@ def _assuming_real_rows_causal(m: Match, why: str) -> Assume | str:
     assume = Assume(used[0], "a causal mask for its real tokens", f"the mask is computed from the graph inputs "
                     f"{names}; is_causal attention is right for it only where every real token sees exactly the "
                     "tokens before it, tested at run time", more=tuple(used[1:]), test=_MaskTest(compute))
-    m["mask"].meta["liger_causal_assumption"] = assume
+    holder.meta["liger_causal_assumption"] = assume
     return assume
 
 

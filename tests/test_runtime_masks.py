@@ -93,3 +93,24 @@ def test_padded_and_unpadded_batches_alternate_exactly_without_recompiling(secon
     assert facts.stats["assumed"] - assumed == 15 and facts.stats["fallback"] - fallback == 5
 
 
+
+
+def test_layers_sharing_a_mask_share_its_test(monkeypatch):
+    """Gradient-checkpointed layers each get the mask as an input of their body: one test of it per call, not one
+    per layer."""
+    seen = []
+    original = facts.dispatching
+
+    def recording(assumed, assumptions, make_fallback):
+        seen.append(list(assumptions))
+        return original(assumed, assumptions, make_fallback)
+
+    monkeypatch.setattr(backend_module.facts, "dispatching", recording)
+    model = tiny("llama", layers=2).to(DEVICE)
+    model.gradient_checkpointing_enable()
+    model.train()
+    report = liger_compile.Report()
+    compiled = torch.compile(model, backend="liger", options={"report": report, "inductor": False})
+    assert_step_matches_eager(model, compiled, with_mask(torch.ones(B, T, dtype=torch.long)))
+    assert report.counts["causal_mask"] == 2, str(report)
+    assert [len(a) for a in seen] == [1], seen
