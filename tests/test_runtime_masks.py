@@ -16,35 +16,11 @@ from torch._dynamo.utils import counters
 import liger_compile
 import liger_compile.backend as backend_module
 from liger_compile import facts
-from models import batch, loss_and_grads, tiny
+from models import batch, tiny
+from test_graph_breaks import DEVICE, second_versions  # noqa: F401  (a fixture)
+from test_graph_breaks import compare as assert_step_matches_eager
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = dict(rtol=1e-5, atol=1e-6) if DEVICE == "cpu" else dict(rtol=1e-4, atol=1e-5)
 B, T = 2, 8
-
-
-@pytest.fixture
-def second_versions(monkeypatch):
-    """The graphs compiled a second time, without their assumptions."""
-    built = []
-    original = backend_module._without_assumptions
-
-    def counting(*args, **kwargs):
-        built.append(args[-1].index)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(backend_module, "_without_assumptions", counting)
-    return built
-
-
-def assert_step_matches_eager(model, compiled, inputs):
-    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
-    ref_loss, ref_grads = loss_and_grads(model, inputs)
-    loss, grads = loss_and_grads(model, inputs, run=compiled)
-    torch.testing.assert_close(loss, ref_loss, **TOL)
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
 
 
 def with_mask(mask: torch.Tensor, seed: int = 1) -> dict:
