@@ -227,3 +227,34 @@ def test_trl_trainer(name, tmp_path):
     assert_same_losses(ours, ref)
     print(f"{name}: fusions {log.counts()}")
     assert log.counts().get("rms_norm", 0) >= 1, log.lines
+
+
+def sft_padding_free(backend, out):
+    tok = tokenizer()
+    # equal lengths keep every flattened batch the same shape (two documents a row): one graph, no recompiles
+    data = datasets.Dataset.from_dict({"text": [sentence(i, 8) for i in range(16)]})
+    args = trl.SFTConfig(**common_args(backend, out), max_length=None, padding_free=True)
+    return trl.SFTTrainer(model=vocab_model(), args=args, train_dataset=data, processing_class=tok)
+
+
+def test_sft_padding_free_runs_attention_per_document(tmp_path, monkeypatch):
+    """padding_free=True: TRL flattens each batch into one row of documents with restarting position_ids and no
+    attention_mask; HF builds a block-diagonal mask from them. The causal rewrite's test fails for it, so the graph's
+    second version runs, with the variable-length attention (causal within each document). Losses equal Inductor's."""
+    import liger_compile.backend as backend_module
+
+    reports = []
+    rewrite_graph = backend_module.rewrite_graph
+
+    def recording(gm, opts, **kwargs):
+        new_gm, report = rewrite_graph(gm, opts, **kwargs)
+        reports.append(report)
+        return new_gm, report
+
+    monkeypatch.setattr(backend_module, "rewrite_graph", recording)
+    ours, log, _ = run(sft_padding_free, "liger", tmp_path)
+    monkeypatch.setattr(backend_module, "rewrite_graph", rewrite_graph)
+    ref, _, _ = run(sft_padding_free, "inductor", tmp_path)
+    assert_same_losses(ours, ref)
+    fused = [s.pattern for r in reports for s in r.fused]
+    assert "varlen_attention" in fused and "rotary" in fused, [str(r) for r in reports]
