@@ -50,15 +50,20 @@ SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # the tokenizer's only tokens; d
 VARIANTS = ["plain", "liger_kernel", "inductor", "liger"]
 
 
-def tokenizer():
-    """A tokenizer built in memory (nothing downloaded): TRL wants one for its pad token; the data is token ids."""
+def tokenizer(words: int = 0):
+    """A word-level tokenizer built in memory (nothing downloaded): the special tokens, then `words` words w0, w1, ...
+    SFT and the HF Trainer get token ids and need it only for the pad token; TRL's preference trainers tokenize
+    text with it."""
     from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
     from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
 
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIAL)}, unk_token="[UNK]"))
+    vocab = {t: i for i, t in enumerate([*SPECIAL, *(f"w{i}" for i in range(words))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
                                    eos_token="[EOS]")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return fast
 
 
 def build(args, device, dtype):
@@ -100,21 +105,7 @@ def attention_profile(prof, layers: int) -> dict:
             "attention_kernels": [f"{e.key[:80]}: {e.self_device_time_total / 1e3:.1f} ms" for e in top]}
 
 
-WORDS = 1000  # the word-level tokenizer's words, w0 .. w999 (ids after the special tokens; --tiny's vocab fits them)
-
-
-def word_tokenizer():
-    """TRL's preference trainers tokenize text: a word-level tokenizer of WORDS words, built in memory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
-
-    vocab = {t: i for i, t in enumerate([*SPECIAL, *(f"w{i}" for i in range(WORDS))])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                   eos_token="[EOS]")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    return fast
+WORDS = 1000  # the preference data's words, w0 .. w999 (ids after the special tokens; --tiny's vocab fits them)
 
 
 def texts(n: int, shortest: int, longest: int, seed: int) -> list[str]:
@@ -190,7 +181,7 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
                                                                                                    trl.KTOTrainer)
         config = config_cls(**common, max_length=args.seq)
         ref = build(args, device, next(model.parameters()).dtype)
-        trainer = trainer_cls(model=model, ref_model=ref, args=config, processing_class=word_tokenizer(),
+        trainer = trainer_cls(model=model, ref_model=ref, args=config, processing_class=tokenizer(WORDS),
                               train_dataset=preference_data(args.trainer, args.batch * steps * 2, args.seq),
                               callbacks=callbacks)
         return trainer, f"trl.{trainer_cls.__name__} {trl.__version__}"
