@@ -57,8 +57,7 @@ class Pattern:
     variant: str  # which source form it matches, e.g. "llama" or "gemma"
     search: Callable  # the model's math, as plain torch code; its parameters are the wildcards
     replace: Callable  # same parameters; builds the fused call
-    # why a site must not be fused, or None, or the assumptions (one Assume or a list) under which it may be
-    check: Callable[[Match], str | Assume | list[Assume] | None] = _no_objection
+    check: Callable[[Match], str | Assume | None] = _no_objection  # why a site must not be fused, or None
     anchor: str | None = None  # an op that marks a candidate site, for near-miss reports (e.g. "rsqrt")
     # An interior value the graph also returns (the logits next to a fused loss) may be provided by the rewrite:
     # lazily (computed from the match's inputs on first use) or, with `replace_keeping`, by the fused op itself,

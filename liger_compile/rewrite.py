@@ -201,13 +201,10 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
             if m is not None:
                 m.outer = outer or {}
                 reason = _subclass_input(m) or pattern.check(m)
-                if isinstance(reason, Assume):
-                    reason = [reason]
-                if isinstance(reason, list):  # assumptions about graph inputs, all testable at run time, or none
-                    slots = [[_assumable(n, top) if assume else None for n in (a.node, *a.more)] for a in reason]
-                    missing = [a for a, s in zip(reason, slots) if None in s]
-                    assumed = None if missing else [(tuple(s), a.fact, a.test) for a, s in zip(reason, slots)]
-                    reason = missing[0].unproved if missing else None
+                if isinstance(reason, Assume):  # fused if every input it is about can be tested at run time
+                    slots = tuple(_assumable(n, top) if assume else None for n in (reason.node, *reason.more))
+                    assumed, reason = (None, reason.unproved) if None in slots else (
+                        (slots, reason.fact, reason.test), None)
                 policy = _returned_policy(m, pattern, skip_logits) if not reason else "none"
                 reason = reason or (policy if policy not in ("none", "lazy", "keep") else None)
                 if reason:
@@ -218,10 +215,11 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
             m.pattern = pattern
             variant = pattern.variant + {"lazy": ", logits lazy", "keep": ", logits kept"}.get(policy, "")
             if assumed is not None:
-                variant += ", if " + " and ".join(f"input{'s' * (len(slots) > 1)} {', '.join(map(str, slots))} "
-                                                  f"{'are' if len(slots) > 1 else 'is'} {fact}"
-                                                  for slots, fact, _ in assumed) + " at run time"
-                report.assumptions += [a for a in assumed if a not in report.assumptions]
+                slots, fact, _ = assumed
+                variant += (f", if input{'s' * (len(slots) > 1)} {', '.join(map(str, slots))} "
+                            f"{'are' if len(slots) > 1 else 'is'} {fact} at run time")
+                if assumed not in report.assumptions:
+                    report.assumptions.append(assumed)
             site = Site(pattern.name, variant, where(m.root))
             covered.update(m.nodes)
             if policy == "lazy":

@@ -13,7 +13,7 @@ from liger_compile.kernels import varlen_attention as _op  # noqa: F401  (define
 from liger_compile.lazy import extract
 from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
-from liger_compile.patterns.causal_mask import _check_budget, masked_sdpa, masked_sdpa_repeated_kv
+from liger_compile.patterns.causal_mask import _check_budget, _static, masked_sdpa, masked_sdpa_repeated_kv
 
 PRIORITY = 20  # after causal_mask's plain-causal rewrite
 DTYPES_ON_GPU = _op.FLASH_DTYPES  # fp32 on a GPU would run the op's plain-torch path: slower than SDPA's own
@@ -54,7 +54,7 @@ def _known_without_segments(m: Match) -> str | None:
     """A mask computed from shapes alone is known while compiling: one without segments (a sliding window) would
     only take the op's plain-torch path, so it is left to SDPA."""
     mask = m.value("mask")
-    if not all(isinstance(d, int) for d in mask.shape) or mask.numel() > _check_budget(mask.device):
+    if not _static(mask.shape) or mask.numel() > _check_budget(mask.device):
         return None
     try:
         compute, _ = extract(m["mask"], [], outer=m.outer)
