@@ -4,6 +4,8 @@ and no compile at all, one process each.
     python bench/bench_trainers.py                       # TRL SFT, Llama-3.2-1B shape, 4 x 2048 tokens a step, bf16
     python bench/bench_trainers.py --trainer dpo         # TRL DPO: 4 pairs of prompt + chosen/rejected, ref model
     python bench/bench_trainers.py --trainer kto         # TRL KTO: 4 rows of prompt + completion, ref model, KL batch
+    python bench/bench_trainers.py --trainer grpo        # TRL GRPO: prompts of seq - 64 tokens, 64-token completions
+    python bench/bench_trainers.py --trainer gkd         # TRL GKD (trl.experimental.gkd): a teacher of the same shape
     python bench/bench_trainers.py --trainer hf          # transformers' Trainer
     python bench/bench_trainers.py --tiny ...            # tiny Llama, a few steps: runs on CPU (checks the script)
     python bench/bench_trainers.py ... --one VARIANT     (what the driver runs: one process per variant)
@@ -11,7 +13,11 @@ and no compile at all, one process each.
 Random init (seed 0), synthetic in-memory data. SFT and the HF Trainer get random full-length token rows (no padding;
 --padding F: rows of random lengths, F of each batch padding); DPO and KTO get prompts and completions of a
 word-level tokenizer built in memory, of random lengths (so their batches are padded, as real preference data is),
-`max_length` the sequence length. bf16=True, adamw_torch_fused, no checkpoints, evaluation or logging to disk,
+`max_length` the sequence length. GRPO samples 64-token completions (2 per prompt, two prompt groups a step, with the KV
+cache; rewarded by their length) for prompts of 3/4 to all of the rest of the sequence; the generation runs
+uncompiled in every variant (TRL generates with the unwrapped model), so its time is in every step. GKD distils from
+a teacher of the student's shape (another random init) on chat rows of prompt + answer, lmbda=0 (the answers are
+the dataset's, no generation), beta 0.5. bf16=True, adamw_torch_fused, no checkpoints, evaluation or logging to disk,
 gradient checkpointing off (TRL's default is on; --checkpointing turns it on). A TrainerCallback times each
 optimizer step from on_step_begin to on_step_end with the device synchronised at both ends; tokens/s counts the
 sequence positions of a step (batch x length, for DPO both completions) over the median step after the warm-up
@@ -66,7 +72,7 @@ def tokenizer(words: int = 0):
     return fast
 
 
-def build(args, device, dtype):
+def build(args, device, dtype, seed: int = 0):
     import transformers  # noqa: PLC0415
 
     if args.tiny:
@@ -76,7 +82,7 @@ def build(args, device, dtype):
         cfg_name, cls_name, _, kwargs = MODELS[args.model]
         cfg = getattr(transformers, cfg_name)(**kwargs, attn_implementation="sdpa")
         cls = getattr(transformers, cls_name)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device(device):
         return cls(cfg).to(dtype)
 
@@ -105,6 +111,7 @@ def attention_profile(prof, layers: int) -> dict:
             "attention_kernels": [f"{e.key[:80]}: {e.self_device_time_total / 1e3:.1f} ms" for e in top]}
 
 
+COMPLETION = 64  # GRPO's completion length (a quarter of the sequence where that is shorter: --tiny)
 WORDS = 1000  # the preference data's words, w0 .. w999 (ids after the special tokens; --tiny's vocab fits them)
 
 
@@ -133,6 +140,29 @@ def preference_data(trainer: str, n: int, seq: int):
     else:
         data.update(completion=texts(n, rest * 3 // 4, rest, 2), label=[i % 2 == 0 for i in range(n)])
     return in_memory_dataset(data)
+
+
+def prompt_data(n: int, seq: int):
+    """GRPO: prompts of 3/4 to all of the sequence but for the completion (TRL pads them on the left)."""
+    prompt = seq - completion_length(seq) - 2
+    return in_memory_dataset({"prompt": texts(n, prompt * 3 // 4, prompt, 1)})
+
+
+def completion_length(seq: int) -> int:
+    return min(COMPLETION, seq // 4)
+
+
+def completion_length_reward(completions, **kwargs) -> list[float]:
+    """A reward that needs no model: longer completions score higher (a random model's text means nothing)."""
+    return [float(len(c)) for c in completions]
+
+
+def chat_data(n: int, seq: int):
+    """GKD: a user turn of a quarter of the length and an assistant answer filling the rest to 3/4 - all of it."""
+    prompt, rest = seq // 4, seq - seq // 4 - 2
+    users, answers = texts(n, prompt, prompt, 1), texts(n, rest * 3 // 4, rest, 2)
+    return in_memory_dataset({"messages": [[{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+                                           for u, a in zip(users, answers)]})
 
 
 def causal_lm_collate(rows):
@@ -174,6 +204,26 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
         common["use_liger_kernel"] = True
     elif variant != "plain":
         common.update(torch_compile=True, torch_compile_backend=variant)
+    if args.trainer == "grpo":
+        import trl  # noqa: PLC0415
+
+        generations = 2  # two prompt groups a step: their prompts differ in length (left padding)
+        config = trl.GRPOConfig(**common, max_completion_length=completion_length(args.seq), num_generations=generations,
+                                generation_batch_size=args.batch, generation_kwargs={"use_cache": True})
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=completion_length_reward, args=config,
+                                  processing_class=tokenizer(WORDS),
+                                  train_dataset=prompt_data(steps * args.batch // generations + 1, args.seq),
+                                  callbacks=callbacks)
+        return trainer, f"trl.GRPOTrainer {trl.__version__}"
+    if args.trainer == "gkd":
+        import trl  # noqa: PLC0415
+        from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: PLC0415
+
+        config = GKDConfig(**common, max_length=args.seq, lmbda=0.0, beta=0.5)
+        teacher = build(args, device, next(model.parameters()).dtype, seed=1)
+        trainer = GKDTrainer(model=model, teacher_model=teacher, args=config, processing_class=tokenizer(WORDS),
+                             train_dataset=chat_data(args.batch * steps * 2, args.seq), callbacks=callbacks)
+        return trainer, f"trl.experimental.gkd.GKDTrainer {trl.__version__}"
     if args.trainer in ("dpo", "kto"):
         import trl  # noqa: PLC0415
 
@@ -242,6 +292,7 @@ def run_one(args) -> dict:
             sync()
             if self.prof is None:
                 self.times.append(time.perf_counter() - self.t0)
+                print(f"step {len(self.times)}: {self.times[-1]:.3f} s", file=sys.stderr, flush=True)
                 return
             self.prof.__exit__(None, None, None)
             self.profile = attention_profile(self.prof, model.config.num_hidden_layers)
@@ -295,8 +346,13 @@ def drive(args) -> list[dict]:
         t0 = time.time()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            rows.append({"variant": v, "error": f"not finished after {args.timeout} s"})
+        except subprocess.TimeoutExpired as e:
+            err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+            done = re.findall(r"^step \d+: ([\d.]+) s$", err, flags=re.M)
+            rows.append({"variant": v, "error": f"not finished after {args.timeout} s ({len(done)} steps done, "
+                                                f"seconds: {', '.join(done)})"})
+            print("\n".join(l for l in err.splitlines() if "liger_compile" in l or "Recompiling" in l)[-3000:],
+                  file=sys.stderr)
             print(f"{v}: {rows[-1]}", flush=True)
             continue
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
@@ -345,7 +401,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=None, help="default 2048 (--tiny: 64)")
     ap.add_argument("--steps", type=int, default=None, help="default 12 (--tiny: 6)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--trainer", default="auto", choices=["auto", "sft", "trl", "hf", "dpo", "kto"],
+    ap.add_argument("--trainer", default="auto", choices=["auto", "sft", "trl", "hf", "dpo", "kto", "grpo", "gkd"],
                     help="auto: TRL's SFT if trl imports, else transformers' Trainer; trl: the same as sft")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (TRL's default)")
     ap.add_argument("--padding", type=float, default=0.0,
@@ -370,12 +426,12 @@ def main(argv=None):
     from common import write_results  # noqa: PLC0415
 
     model = "tiny-llama" if args.tiny else args.model
-    kind = args.trainer if args.trainer in ("dpo", "kto", "hf") else "sft"
+    kind = args.trainer if args.trainer in ("dpo", "kto", "grpo", "gkd", "hf") else "sft"
     name = f"{kind}_{model}_{args.batch}x{args.seq}" + ("_pure-bf16" if args.pure_bf16 else "") + (
         f"_padded{round(args.padding * 100)}" if args.padding else "")
     ok = [r for r in rows if "error" not in r]
     first = {r["variant"]: r["first_loss"] for r in ok}
-    agree = len(first) < 2 or max(first.values()) - min(first.values()) <= 2e-3 * max(abs(v) for v in first.values())
+    agree = len(first) < 2 or max(first.values()) - min(first.values()) <= 2e-3 * max(abs(v) for v in first.values()) + 1e-6
     notes = [f"trainer: {', '.join(sorted({r['trainer'] for r in ok}))}; {ok[0]['dtype'] if ok else ''}; "
              f"{args.steps} steps, median of the last {args.steps - args.warmup}; gradient checkpointing "
              f"{'on' if args.checkpointing else 'off'}",

@@ -24,6 +24,7 @@
 #   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: no compile, use_liger_kernel=True,
 #              Inductor and backend "liger" (SFT_VARIANTS narrows the list); sftpad the same with 25% padding
 #   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
+#              (TRAINER_VARIANTS, TRAINER_TIMEOUT seconds per variant, TRAINER_STEPS)
 #   attention  one layer's attention fwd+bwd for unpadded, padded and packed batches (bench/bench_attention.py)
 #   varlentests  the variable-length attention, run-time mask and training-shape tests on the GPU
 #   masktests  the run-time mask tests, the op-output tests, the norm/down_proj kernel tests and the training shapes
@@ -111,8 +112,9 @@ for stage in "${@:-tests}"; do
     sftpad) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
               --padding 0.25 --timeout 200 --out "$R" > "$R/bench_sft_padded.log" 2>&1
             grep -E "^\| |agree|attention kernels|by version" "$R/bench_sft_padded.log" | cut -c1-300 | tail -14 ;;
-    dpo|kto) timeout 560 python3 bench/bench_trainers.py --trainer "$stage" --batch "${PAIRS:-2}" \
-               --variants "${TRAINER_VARIANTS:-plain,liger_kernel,inductor,liger}" --timeout 200 --out "$R" \
+    dpo|kto) timeout 580 python3 bench/bench_trainers.py --trainer "$stage" --batch "${PAIRS:-2}" \
+               --variants "${TRAINER_VARIANTS:-plain,liger_kernel,inductor,liger}" --timeout "${TRAINER_TIMEOUT:-200}" \
+               --steps "${TRAINER_STEPS:-12}" --out "$R" \
                > "$R/bench_$stage.log" 2>&1
              grep -E "^\| |agree|attention kernels|by version" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
     attention) timeout 200 python3 bench/bench_attention.py --out "$R" > "$R/bench_attention.log" 2>&1

@@ -105,13 +105,16 @@ def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, opti
     """`torch.compile(model, backend="liger", mode=..., options=...)` lands here."""
     opts = _options.parse(mode, options)
     compiled_gm, report = rewrite_graph(gm, opts)
-    fn = _compile(gm, compiled_gm, example_inputs, opts, report)
     if not report.assumptions:
-        return fn
-    if _symbolic(example_inputs):  # no concrete shapes to compile the second version for later: build it now
+        return _compile(gm, compiled_gm, example_inputs, opts, report)
+    if _symbolic(example_inputs):  # no concrete shapes to compile either version for later: build both now
+        fn = _compile(gm, compiled_gm, example_inputs, opts, report)
         fallback = _without_assumptions(gm, example_inputs, opts, report)
-        return facts.dispatching(fn, report.assumptions, lambda inputs: fallback)
-    return facts.dispatching(fn, report.assumptions, lambda inputs: _without_assumptions(gm, inputs, opts, report))
+        return facts.dispatching(lambda inputs: fn, report.assumptions, lambda inputs: fallback)
+    # static shapes: each version is compiled when the first call that needs it comes (a trainer whose batches
+    # never pass the test, e.g. left-padded ones, compiles one version, not two)
+    return facts.dispatching(lambda inputs: _compile(gm, compiled_gm, inputs, opts, report), report.assumptions,
+                             lambda inputs: _without_assumptions(gm, inputs, opts, report))
 
 
 def _compile(gm: GraphModule, compiled_gm: GraphModule, example_inputs, opts: _options.Options, report: GraphReport):

@@ -75,23 +75,22 @@ def _holds(args, slots: tuple, fact: str, test) -> bool:
         return False
 
 
-def dispatching(assumed, assumptions: list[tuple], make_fallback: Callable[[list], Callable]) -> Callable:
-    """A graph function that runs `assumed` when every assumption (input slots, fact, test) holds for the inputs it
-    is given, and otherwise the version without those fusions, built once by make_fallback(inputs) on first need.
-    An assumption with a test runs it on those inputs at each call; one without was recorded by an earlier graph
-    (`mark`). (Dynamo calls a backend's function with the graph's inputs as arguments, as every function here takes
-    them.)"""
-    fallback = []
+def dispatching(make_assumed: Callable[[list], Callable], assumptions: list[tuple],
+                make_fallback: Callable[[list], Callable]) -> Callable:
+    """A graph function that runs the version with the assumed fusions when every assumption (input slots, fact,
+    test) holds for the inputs it is given, and otherwise the version without them; each built once, by
+    make_assumed(inputs) / make_fallback(inputs), on the first call that needs it. An assumption with a test runs it
+    on those inputs at each call; one without was recorded by an earlier graph (`mark`). (Dynamo calls a backend's
+    function with the graph's inputs as arguments, as every function here takes them.)"""
+    built: dict[bool, Callable] = {}
 
     def run(*args):
-        if all(_holds(args, slots, fact, test) for slots, fact, test in assumptions):
-            stats["assumed"] += 1
-            return assumed(*args)
-        stats["fallback"] += 1
-        if not fallback:
-            fallback.append(make_fallback(list(args)))
-        return fallback[0](*args)
+        holds_now = all(_holds(args, slots, fact, test) for slots, fact, test in assumptions)
+        stats["assumed" if holds_now else "fallback"] += 1
+        if holds_now not in built:
+            built[holds_now] = (make_assumed if holds_now else make_fallback)(list(args))
+        return built[holds_now](*args)
 
     run._liger_assumptions = assumptions  # visible for debugging and tests
-    run._liger_fallback = fallback
+    run._liger_versions = built
     return run
