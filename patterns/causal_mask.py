@@ -21,9 +21,7 @@ When it is computed from graph inputs too (the trainers' collators always pass a
 mask from those inputs with the model's own code (copied from the graph) and checks it, a few small kernels and a
 host read, as eager HF reads the mask before it picks its causal kernel. Any other batch (left padding, packed
 sequences) runs the graph's second version, compiled on first need. While compiling, the mask is evaluated for the
-inputs' plain values (all ones, positions 0..T-1; at the traced sizes under dynamic shapes) so a mask that never
-passes (a sliding window) is not assumed. Under dynamic shapes a mask built from the lengths alone is tested the same
-way, at every call.
+inputs' plain values (all ones, positions 0..T-1) so a mask that never passes (a sliding window) is not assumed.
 
 Across a graph break (FSDP's per-layer hooks put every decoder layer in a graph of its own) the mask is built in
 one graph and used in the next, where it is an input. The graph that returns a [B, 1, T, T] boolean mask checks
@@ -35,7 +33,6 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from liger_compile.lazy import extract
 from liger_compile.matcher import Match, example_value
@@ -118,16 +115,6 @@ def _static(shape) -> bool:
     return all(isinstance(s, int) for s in shape)
 
 
-def _hint(s) -> int | None:
-    """A length's value in the example the graph was traced with (a symbolic length's hint; None if it has none)."""
-    return s if isinstance(s, int) else s.node.hint
-
-
-def _same_length(a, b) -> bool:
-    """Known equal without adding a guard (symbolic lengths: the same expression)."""
-    return a == b if isinstance(a, int) and isinstance(b, int) else statically_known_true(a == b)
-
-
 def check_gqa(m: Match) -> str | None:
     k, q = m.value("key"), m.value("query")
     if not isinstance(k, torch.Tensor) or k.dim() != 4 or q.dim() != 4:
@@ -143,11 +130,16 @@ def check(m: Match) -> str | None:
         return "no mask"
     if mask.dtype != torch.bool:
         return f"the mask is additive ({mask.dtype}), not boolean"
+    if not (_static(mask.shape) and _static(q.shape) and _static(k.shape)):
+        # Testing it at run time would need the graph's version without the rewrite compiled at once (no concrete
+        # shapes to compile it for later): twice the compile, for every symbolic-length graph. The
+        # variable-length op serves these graphs (patterns/varlen_attention.py).
+        return "dynamic shapes: the mask cannot be checked while compiling"
     t_q, t_k = q.shape[-2], k.shape[-2]
-    if not (_same_length(t_q, t_k) and _same_length(mask.shape[-2], t_q) and _same_length(mask.shape[-1], t_k)):
+    if t_q != t_k or mask.shape[-2:] != (t_q, t_k):
         return f"query length {t_q} and key length {t_k} differ (a KV cache)"
     budget = _check_budget(mask.device)
-    if (_hint(mask.numel()) or budget + 1) > budget:
+    if mask.numel() > budget:
         return (f"mask of {mask.numel()} elements is too large to check while compiling "
                 f"(at most {budget} on {mask.device})")
     try:
@@ -193,17 +185,13 @@ def _graph_inputs_of(node, outer) -> list:
     return found
 
 
-def _plain_values(e) -> list:
-    """What an input of an unpadded batch holds, at the traced example's sizes: a [B, T] attention_mask of ones, or
-    positions 0..T-1 in each row; a symbolic length (dynamic shapes) its traced value."""
-    if isinstance(e, torch.SymInt):
-        return [_hint(e)] if _hint(e) is not None else []
-    shape = [_hint(s) for s in e.shape] if isinstance(e, torch.Tensor) else []
-    if len(shape) != 2 or None in shape:
+def _plain_values(e: torch.Tensor) -> list[torch.Tensor]:
+    """What a [B, T] input of an unpadded batch holds: an attention_mask of ones, or positions 0..T-1 in each row."""
+    if e.dim() != 2 or not _static(e.shape):
         return []
-    values = [torch.ones(shape, dtype=e.dtype, device=e.device)]
+    values = [torch.ones(e.shape, dtype=e.dtype, device=e.device)]
     if not e.dtype.is_floating_point and e.dtype != torch.bool:
-        values.append(torch.arange(shape[-1], device=e.device, dtype=e.dtype).expand(shape).contiguous())
+        values.append(torch.arange(e.shape[-1], device=e.device, dtype=e.dtype).expand(e.shape).contiguous())
     return values
 
 
@@ -215,17 +203,17 @@ def _assuming_real_rows_causal(m: Match, why: str) -> Assume | str:
     cached = holder.meta.get("liger_causal_assumption")
     if cached is not None and cached.node in inputs:
         return cached
-    tensors = [n for n in inputs if isinstance(example_value(n), torch.Tensor)]
-    if not inputs or len(tensors) > MAX_ASSUMED_INPUTS:
+    if not inputs or len(inputs) > MAX_ASSUMED_INPUTS:
         return f"the mask depends on runtime inputs ({why})"
     try:
         compute, used = extract(m["mask"], inputs, outer=m.outer)
     except ValueError as e:  # it also depends on something that is not a graph input (a buffer, a constant)
         return f"the mask depends on runtime inputs ({e})"
     names = ", ".join(n.name for n in used)
-    candidates = [_plain_values(example_value(n)) for n in used]
+    candidates = [_plain_values(example_value(n)) if isinstance(example_value(n), torch.Tensor) else []
+                  for n in used]
     if not all(candidates):
-        return f"the mask depends on runtime inputs ({names}) that are not [B, T] token rows or lengths"
+        return f"the mask depends on runtime inputs ({names}) that are not [B, T] token rows"
     from torch._subclasses.fake_tensor import unset_fake_temporarily  # noqa: PLC0415
 
     with unset_fake_temporarily(), torch.no_grad():
