@@ -25,6 +25,8 @@
 #              Inductor and backend "liger" (SFT_VARIANTS narrows the list); sftpad the same with 25% padding
 #   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
 #              (TRAINER_VARIANTS, TRAINER_TIMEOUT seconds per variant, TRAINER_STEPS)
+#   grpo, gkd  TRL GRPO (PAIRS rows: prompt groups of 2 completions of 64 tokens) / GKD (PAIRS rows, a teacher of the
+#              same shape), the same four variants and settings
 #   attention  one layer's attention fwd+bwd for unpadded, padded and packed batches (bench/bench_attention.py)
 #   varlentests  the variable-length attention, run-time mask and training-shape tests on the GPU
 #   masktests  the run-time mask tests, the op-output tests, the norm/down_proj kernel tests and the training shapes
@@ -112,7 +114,7 @@ for stage in "${@:-tests}"; do
     sftpad) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
               --padding 0.25 --timeout 200 --out "$R" > "$R/bench_sft_padded.log" 2>&1
             grep -E "^\| |agree|attention kernels|by version" "$R/bench_sft_padded.log" | cut -c1-300 | tail -14 ;;
-    dpo|kto) timeout 580 python3 bench/bench_trainers.py --trainer "$stage" --batch "${PAIRS:-2}" \
+    dpo|kto|grpo|gkd) timeout 580 python3 bench/bench_trainers.py --trainer "$stage" --batch "${PAIRS:-2}" \
                --variants "${TRAINER_VARIANTS:-plain,liger_kernel,inductor,liger}" --timeout "${TRAINER_TIMEOUT:-200}" \
                --steps "${TRAINER_STEPS:-12}" --out "$R" \
                > "$R/bench_$stage.log" 2>&1
