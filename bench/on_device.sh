@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything the H200 runs, in stages; one device call may run several (each call stays under 10 minutes):
+# Everything the H200 runs, in stages; one invocation may run several (each stage stays under 10 minutes):
 #   bash bench/on_device.sh tests kernels       GPU tests, then the kernel table
 # Stages:
 #   tests      GPU tests (tests/test_gpu*.py and the kernel tests on CUDA; 4 pytest-xdist workers)

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = ["eager", "inductor", "liger_kernel", "liger_kernel_inductor", "ours"]
 
-# The targets for backend="liger": (tokens/s at least, peak GiB at most).
+# The targets for backend="liger": (tokens/s at least, peak GiB at most).
 TARGETS = {
     "llama-1b 4x4096": (74_000, 26.0),
     "llama-1b 1x32768": (38_000, 45.0),
