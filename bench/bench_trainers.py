@@ -442,7 +442,7 @@ def main(argv=None):
              f"first {'losses' if compared == 'loss' else compared + ' (the first loss is noise around ln 2)'} "
              f"{'agree' if agree else 'DISAGREE'}: {first}"]
     notes += [f"fused (liger, summed over graphs): {r['fused']}" for r in ok if "fused" in r]
-    cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "first_step_s", "first_loss", "last_loss", "graphs",
+    cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "gpu_ms", "first_step_s", "first_loss", "last_loss", "graphs",
             "attention_ms_per_layer", "error"]
     notes += [f"{r['variant']} attention kernels: {'; '.join(r['attention_kernels'])}" for r in ok
               if r.get("attention_kernels")]
