@@ -11,7 +11,8 @@ and no compile at all, one process each.
     python bench/bench_trainers.py ... --one VARIANT     (what the driver runs: one process per variant)
 
 Random init (seed 0), synthetic in-memory data. SFT and the HF Trainer get random full-length token rows (no padding;
---padding F: rows of random lengths, F of each batch padding); DPO and KTO get prompts and completions of a
+--padding F: rows of random lengths, F of each batch padding; --padding-free: TRL's padding_free=True, the batch's
+rows flattened into one row of documents with restarting position_ids, as many tokens as a full batch); DPO and KTO get prompts and completions of a
 word-level tokenizer built in memory, of random lengths (so their batches are padded, as real preference data is),
 `max_length` the sequence length. GRPO samples 64-token completions (2 per prompt, two prompt groups a step, with the KV
 cache; rewarded by their length) for prompts of 3/4 to all of the rest of the sequence; the generation runs
@@ -245,8 +246,10 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
     if trl is not None:
         # padded batches: every batch padded to the full length, so every step has one shape (as with
         # max_length padding), and the padding is the given fraction of the tokens
-        pad = dict(pad_to_multiple_of=args.seq) if args.padding else {}
-        config = trl.SFTConfig(**common, max_length=args.seq, packing=False, **pad)
+        pad = dict(pad_to_multiple_of=args.seq) if args.padding and not args.padding_free else {}
+        # padding_free without packing: the rows are already at most seq long (TRL asks for max_length=None then)
+        config = trl.SFTConfig(**common, max_length=None if args.padding_free else args.seq, packing=False,
+                               padding_free=args.padding_free, **pad)
         trainer = trl.SFTTrainer(model=model, args=config, train_dataset=in_memory_dataset({"input_ids": rows}),
                                  processing_class=tokenizer(), callbacks=callbacks)
         return trainer, f"trl.SFTTrainer {trl.__version__}"
@@ -344,6 +347,7 @@ def drive(args) -> list[dict]:
         cmd = [sys.executable, __file__, "--one", v, "--model", args.model, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--trainer", args.trainer, "--padding", str(args.padding)]
+        cmd += ["--padding-free"] * args.padding_free
         cmd += ["--tiny"] * args.tiny + ["--checkpointing"] * args.checkpointing + ["--cpu-bf16"] * args.cpu_bf16
         cmd += ["--pure-bf16"] * args.pure_bf16 + ["--profile" if args.profile else "--no-profile"]
         t0 = time.time()
@@ -409,6 +413,8 @@ def main(argv=None):
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (TRL's default)")
     ap.add_argument("--padding", type=float, default=0.0,
                     help="fraction of each batch that is padding (rows of random lengths, TRL only), e.g. 0.25")
+    ap.add_argument("--padding-free", action="store_true",
+                    help="TRL SFT with padding_free=True: each batch one row of documents, position_ids restarting")
     ap.add_argument("--cpu-bf16", action="store_true", help="bf16 on CPU too (default there: fp32)")
     ap.add_argument("--pure-bf16", action="store_true",
                     help="bf16 weights with the Trainer's bf16=False: no autocast, and accelerate does not cast the "
@@ -431,7 +437,8 @@ def main(argv=None):
     model = "tiny-llama" if args.tiny else args.model
     kind = args.trainer if args.trainer in ("dpo", "kto", "grpo", "gkd", "hf") else "sft"
     name = f"{kind}_{model}_{args.batch}x{args.seq}" + ("_pure-bf16" if args.pure_bf16 else "") + (
-        f"_padded{round(args.padding * 100)}" if args.padding else "")
+        f"_padded{round(args.padding * 100)}" if args.padding and not args.padding_free else "") + (
+        "_padding-free" if args.padding_free else "")
     ok = [r for r in rows if "error" not in r]
     compared = "logps/chosen" if all("logps/chosen" in r.get("first_logps", {}) for r in ok) and ok else "loss"
     first = {r["variant"]: r["first_logps"][compared] if compared != "loss" else r["first_loss"] for r in ok}
@@ -447,7 +454,8 @@ def main(argv=None):
     notes += [f"{r['variant']} attention kernels: {'; '.join(r['attention_kernels'])}" for r in ok
               if r.get("attention_kernels")]
     notes += [f"{r['variant']} graph calls by version: {r['assumed_calls']}" for r in ok if "assumed_calls" in r]
-    title = f"{kind.upper()}, {model} shape, {args.batch} x {args.seq}" + (f", {args.padding:.0%} padding" if args.padding else "")
+    title = f"{kind.upper()}, {model} shape, {args.batch} x {args.seq}" + (
+        ", padding_free=True" if args.padding_free else f", {args.padding:.0%} padding" if args.padding else "")
     print(write_results(args.out, name, title, rows, cols, notes="\n\n".join(notes)))
     chart(os.path.join(args.out, f"{name}.png"), title, rows)
     if not agree or len(ok) < len(rows):

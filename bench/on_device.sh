@@ -22,7 +22,8 @@
 #   ablation   Llama-3.2-1B 4x4096: ours, and ours with each pattern disabled (the step with and without each)
 #   profiles4k / profiles32k   one profiled step of eager, Inductor and ours: attention ms per layer, kernel tables
 #   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: no compile, use_liger_kernel=True,
-#              Inductor and backend "liger" (SFT_VARIANTS narrows the list); sftpad the same with 25% padding
+#              Inductor and backend "liger" (SFT_VARIANTS narrows the list); sftpad the same with 25% padding;
+#              sftfree the same with padding_free=True (each batch one row of four documents)
 #   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
 #              (TRAINER_VARIANTS, TRAINER_TIMEOUT seconds per variant, TRAINER_STEPS)
 #   grpo, gkd  TRL GRPO (PAIRS rows: prompt groups of 2 completions of 64 tokens) / GKD (PAIRS rows, a teacher of the
@@ -114,6 +115,9 @@ for stage in "${@:-tests}"; do
     sftpad) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
               --padding 0.25 --timeout 200 --out "$R" > "$R/bench_sft_padded.log" 2>&1
             grep -E "^\| |agree|attention kernels|by version" "$R/bench_sft_padded.log" | cut -c1-300 | tail -14 ;;
+    sftfree) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
+               --padding-free --timeout 200 --out "$R" > "$R/bench_sft_padding_free.log" 2>&1
+             grep -E "^\| |agree|attention kernels|by version" "$R/bench_sft_padding_free.log" | cut -c1-300 | tail -14 ;;
     dpo|kto|grpo|gkd) timeout 580 python3 bench/bench_trainers.py --trainer "$stage" --batch "${PAIRS:-2}" \
                --variants "${TRAINER_VARIANTS:-plain,liger_kernel,inductor,liger}" --timeout "${TRAINER_TIMEOUT:-200}" \
                --steps "${TRAINER_STEPS:-12}" --out "$R" \
