@@ -15,7 +15,7 @@ from . import options as _options
 from .lazy import wrap_outputs
 from .pattern import all_output_checks, all_patterns
 from .report import GraphReport, Site
-from .rewrite import copy_graph_module, rewrite
+from .rewrite import Plan, copy_graph_module, rewrite
 
 log = logging.getLogger("liger_compile")
 _graph_ids = itertools.count()
@@ -34,8 +34,9 @@ def _dump(directory: str, index: int, before: GraphModule, after: GraphModule | 
 
 
 def rewrite_graph(gm: GraphModule, opts: _options.Options, assume: bool = True, index: int | None = None,
-                  record: bool = True) -> tuple[GraphModule, GraphReport]:
-    """Returns (graph to compile, report). Never raises when opts.fallback: the original graph comes back.
+                  record: bool = True) -> tuple[Plan, GraphReport]:
+    """Returns (plan: the graph to compile and what to do around it at run time, report). Never raises when
+    opts.fallback: the plan is then the original graph, with nothing to do at run time.
     `assume`: whether sites may be fused on assumptions tested at run time (liger_compile/facts.py); `record`:
     whether the report and dump count this rewrite (not for a graph's second version without assumptions)."""
     if index is None:  # numbered per report (each `explain` call starts at 0), else per process
@@ -45,9 +46,8 @@ def rewrite_graph(gm: GraphModule, opts: _options.Options, assume: bool = True, 
     new_gm = None
     try:
         new_gm = copy_graph_module(gm)
-        report = rewrite(new_gm, patterns, index=index, skip_logits=opts.skip_logits, assume=assume,
-                         output_checks=checks)
-        result = new_gm
+        plan, report = rewrite(new_gm, patterns, index=index, skip_logits=opts.skip_logits, assume=assume,
+                               output_checks=checks)
     except RestartAnalysis:
         raise
     except Exception as e:
@@ -57,21 +57,21 @@ def rewrite_graph(gm: GraphModule, opts: _options.Options, assume: bool = True, 
         report.fallback = f"{type(e).__name__}: {e}"
         log.warning("liger_compile: rewrite of graph %d failed, compiling it unchanged with Inductor: %s\n%s",
                     index, report.fallback, traceback.format_exc(limit=4))
-        result, new_gm = gm, None
+        plan, new_gm = Plan(gm), None
     if not record:
-        return result, report
+        return plan, report
     counts = ", ".join(f"{k}={v}" for k, v in report.counts.items()) or "nothing fused"
     log.info("liger_compile: graph %d: %s; %d near misses", index, counts, len(report.near_misses))
     if opts.dump:
         _dump(opts.dump, index, gm, new_gm, report)
     if opts.report is not None:
         opts.report.add(report)
-    return result, report
+    return plan, report
 
 
-def _finish(compiled, report: GraphReport):
+def _finish(compiled, plan: Plan):
     """The compiled graph function as Dynamo gets it: facts of its outputs recorded, lazy logits in place."""
-    return wrap_outputs(facts.checking_outputs(compiled, report.output_checks), report.lazy_outputs)
+    return wrap_outputs(facts.checking_outputs(compiled, plan.output_checks), plan.lazy_outputs)
 
 
 def _symbolic(example_inputs) -> bool:
@@ -82,7 +82,7 @@ def _symbolic(example_inputs) -> bool:
 def _without_assumptions(gm: GraphModule, inputs, opts: _options.Options, report: GraphReport):
     """The graph's second version, for inputs its assumptions do not hold for: every other fusion, none that
     assumed. Compiled for the inputs at hand (the graph's shapes are static), or run as it is if that fails."""
-    fb_gm, fb_report = rewrite_graph(gm, opts, assume=False, index=report.index, record=False)
+    fb_plan, fb_report = rewrite_graph(gm, opts, assume=False, index=report.index, record=False)
     report.near_misses += [m for m in fb_report.near_misses if m not in report.near_misses]
     first = {(s.pattern, s.where) for s in report.fused}
     report.fused += [Site(s.pattern, f"{s.variant}, for inputs the assumptions do not hold for", s.where)
@@ -90,43 +90,43 @@ def _without_assumptions(gm: GraphModule, inputs, opts: _options.Options, report
     log.info("liger_compile: graph %d received inputs its fusions' run-time assumptions do not hold for; its "
              "version without them is compiled for such inputs", report.index)
     if not opts.inductor:
-        return _finish(fb_gm.forward, fb_report)
+        return _finish(fb_plan.gm.forward, fb_plan)
     from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
     try:
-        return _finish(compile_fx(fb_gm, inputs, config_patches=opts.inductor_config), fb_report)
+        return _finish(compile_fx(fb_plan.gm, inputs, config_patches=opts.inductor_config), fb_plan)
     except Exception as e:  # correct either way: the rewritten graph runs uncompiled
         log.warning("liger_compile: compiling graph %d without its assumptions failed (%s); it runs eagerly",
                     report.index, e)
-        return _finish(fb_gm.forward, fb_report)
+        return _finish(fb_plan.gm.forward, fb_plan)
 
 
 def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """`torch.compile(model, backend="liger", mode=..., options=...)` lands here."""
     opts = _options.parse(mode, options)
-    compiled_gm, report = rewrite_graph(gm, opts)
-    if not report.assumptions:
-        return _compile(gm, compiled_gm, example_inputs, opts, report)
+    plan, report = rewrite_graph(gm, opts)
+    if not plan.assumptions:
+        return _compile(gm, plan, example_inputs, opts, report)
     if _symbolic(example_inputs):  # no concrete shapes to compile either version for later: build both now
-        fn = _compile(gm, compiled_gm, example_inputs, opts, report)
+        fn = _compile(gm, plan, example_inputs, opts, report)
         fallback = _without_assumptions(gm, example_inputs, opts, report)
-        return facts.dispatching(lambda inputs: fn, report.assumptions, lambda inputs: fallback)
+        return facts.dispatching(lambda inputs: fn, plan.assumptions, lambda inputs: fallback)
     # static shapes: each version is compiled when the first call that needs it comes (a trainer whose batches
     # never pass the test, e.g. left-padded ones, compiles one version, not two)
-    return facts.dispatching(lambda inputs: _compile(gm, compiled_gm, inputs, opts, report), report.assumptions,
+    return facts.dispatching(lambda inputs: _compile(gm, plan, inputs, opts, report), plan.assumptions,
                              lambda inputs: _without_assumptions(gm, inputs, opts, report))
 
 
-def _compile(gm: GraphModule, compiled_gm: GraphModule, example_inputs, opts: _options.Options, report: GraphReport):
+def _compile(gm: GraphModule, plan: Plan, example_inputs, opts: _options.Options, report: GraphReport):
     """Inductor on the rewritten graph; on the original graph (no fusions, no assumptions) if that fails."""
     if not opts.inductor:
-        return _finish(compiled_gm.forward, report)
+        return _finish(plan.gm.forward, plan)
     from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
-    if report.fused or report.output_checks:
+    if report.fused or plan.output_checks:
         try:
-            compiled = compile_fx(compiled_gm, example_inputs, config_patches=opts.inductor_config)
-            return _finish(compiled, report)
+            compiled = compile_fx(plan.gm, example_inputs, config_patches=opts.inductor_config)
+            return _finish(compiled, plan)
         except RestartAnalysis:
             # Dynamo's own control flow (e.g. specialising a float scalar and tracing again): not a failure. The
             # graph will come back re-traced; its report is the one that counts.
@@ -137,8 +137,7 @@ def _compile(gm: GraphModule, compiled_gm: GraphModule, example_inputs, opts: _o
             if not opts.fallback:
                 raise
             report.fallback = f"Inductor failed on the rewritten graph: {type(e).__name__}: {e}"
-            report.lazy_outputs.clear()
-            report.assumptions.clear()
-            report.output_checks.clear()
+            report.run_time_checks.clear()
+            plan.clear()
             log.warning("liger_compile: %s; compiling graph %d unchanged", report.fallback, report.index)
     return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)

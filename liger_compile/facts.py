@@ -21,11 +21,20 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import Counter
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 log = logging.getLogger("liger_compile")
+
+
+class Assumption(NamedTuple):
+    """A fact a compiled graph's fused sites rely on, about the graph inputs at `slots`."""
+
+    slots: tuple[int, ...]
+    fact: str
+    test: Callable | None  # tests those inputs at each call; None: an earlier graph records the fact (`mark`)
+
 
 # (id(tensor), fact) -> (weak reference to the tensor, its version counter when the fact was checked)
 _known: dict[tuple[int, str], tuple[weakref.ref, int]] = {}
@@ -75,10 +84,10 @@ def _holds(args, slots: tuple, fact: str, test) -> bool:
         return False
 
 
-def dispatching(make_assumed: Callable[[list], Callable], assumptions: list[tuple],
+def dispatching(make_assumed: Callable[[list], Callable], assumptions: list[Assumption],
                 make_fallback: Callable[[list], Callable]) -> Callable:
-    """A graph function that runs the version with the assumed fusions when every assumption (input slots, fact,
-    test) holds for the inputs it is given, and otherwise the version without them; each built once, by
+    """A graph function that runs the version with the assumed fusions when every assumption holds for the inputs
+    it is given, and otherwise the version without them; each built once, by
     make_assumed(inputs) / make_fallback(inputs), on the first call that needs it. An assumption with a test runs it
     on those inputs at each call; one without was recorded by an earlier graph (`mark`). (Dynamo calls a backend's
     function with the graph's inputs as arguments, as every function here takes them.)"""

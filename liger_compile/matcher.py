@@ -2,7 +2,9 @@
 
 Dynamo writes the same math in several surface forms (`x.float()` or `x.to(torch.float32)`, `operator.mul` or
 `torch.mul`, keyword or positional arguments, `a * b` or `b * a`). Both graphs are read through `canonical()`,
-which maps those forms to one key, so a pattern is written once, the way the model's source writes it.
+which maps those forms to one key, so a pattern is written once, the way the model's source writes it. Arguments
+are read through the called function's own signature (its aten schema for a builtin), so a pattern may call any
+torch function, with any mix of positional and keyword arguments, without the matcher knowing it.
 
 Pattern placeholders are wildcards: they bind a graph node or a constant (so `eps` binds the literal 1e-06),
 and a placeholder used twice must bind the same thing both times. Every other pattern node must match a graph
@@ -11,40 +13,17 @@ unless the pattern also returns them (`return y, s`: `s` is then an output of th
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.fx import Graph, Node
+from torch.fx.operator_schemas import get_signature_for_torch_op
 
 COMMUTATIVE = {"add", "mul"}
-# Positional argument names (after the tensor itself) for ops whose arguments are often given by keyword.
-ARG_NAMES = {
-    "mean": ("dim", "keepdim"),
-    "sum": ("dim", "keepdim"),
-    "pow": ("exponent",),
-    "cat": ("dim",),
-    "unsqueeze": ("dim",),
-    "chunk": ("chunks", "dim"),
-    "split": ("split_size", "dim"),
-    "transpose": ("dim0", "dim1"),
-    "softmax": ("dim",),
-    "gelu": ("approximate",),
-    "linear": ("weight", "bias"),
-    "silu": ("inplace",),
-    "scaled_dot_product_attention": ("key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
-    "cross_entropy": ("target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing"),
-}
-# Defaults filled in so that leaving an argument out and passing its default read the same.
-ARG_DEFAULTS = {
-    "linear": {"bias": None},
-    "silu": {"inplace": False},
-    "gelu": {"approximate": "none"},
-    "scaled_dot_product_attention": {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
-                                     "enable_gqa": False},
-    "cross_entropy": {"weight": None, "size_average": None, "ignore_index": -100, "reduce": None,
-                      "reduction": "mean", "label_smoothing": 0.0},
-}
 # Same op, other spelling. In-place variants (pow_, mul_...) are deliberately not aliased: they never match.
 ALIASES = {"truediv": "div", "float": "to", "type_as": "to", "concat": "cat", "concatenate": "cat", "multiply": "mul"}
 
@@ -77,6 +56,8 @@ def canonical(node: Node) -> tuple[str | None, list, dict]:
     elif raw == "type_as":
         args, kwargs = args[:1], {"dtype": DtypeOf(args[1])}
     elif name == "to":
+        # Not read by signature: Tensor.to's overloads (dtype; device, dtype; other tensor) take these at the same
+        # positions and are told apart by the type of the value passed, which a pattern's wildcard does not have.
         rest = args[1:]
         args = args[:1]
         for a in rest:
@@ -89,15 +70,132 @@ def canonical(node: Node) -> tuple[str | None, list, dict]:
         kwargs.pop("device", None)  # same-device moves are no-ops in a traced graph; dtype is what matters
         kwargs.pop("copy", None)
         kwargs.pop("non_blocking", None)
-    elif name in ARG_NAMES:
-        names = ARG_NAMES[name]
-        # args[0] is the tensor (or, for cat, the tensor list); the rest are named
-        for i, a in enumerate(args[1:1 + len(names)]):
-            kwargs.setdefault(names[i], a)
-        args = args[:1] + args[1 + len(names):]
-        for k, v in ARG_DEFAULTS.get(name, {}).items():
-            kwargs.setdefault(k, v)
+    else:
+        bound = _bind(_signatures(node, name), args, kwargs)
+        if bound is not None:
+            # The tensor the op applies to (args[0]; for cat, the tensor list) stays positional: its parameter is
+            # `input`, `self` or `tensor` depending on the spelling. For a commutative op so does its other operand,
+            # so that both orders can be tried.
+            values = list(bound.items())
+            lead = 2 if name in COMMUTATIVE else 1
+            args, kwargs = [v for _, v in values[:lead]], dict(values[lead:])
     return name, args, kwargs
+
+
+# --- normalising a call from its function's signature ------------------------------------------------------------
+# Every argument is read by its parameter's name, with the defaults filled in, so that keyword and positional
+# arguments agree and leaving an argument out reads as passing its default. A Python function (F.silu,
+# F.cross_entropy) is read by its own signature. Builtins (torch.*, most of F.*, Tensor methods, operator.*) have
+# none: they are read by the schemas of the aten op behind them, one per overload, and every spelling of an op
+# (`torch.var(x, ...)`, `x.var(...)`; `a / b`, `torch.div(a, b)`) reaches the same aten op, so the same overloads
+# in the same order. (torch.fx's normalize_function reads calls the same way, but refuses a call that several
+# overloads take unless it is given the arguments' types, which a pattern's wildcards do not have.)
+_SIGNATURES: dict[tuple[str, Any], tuple[inspect.Signature, ...]] = {}
+
+
+def _signatures(node: Node, name: str | None) -> tuple[inspect.Signature, ...]:
+    key = (node.op, node.target)
+    try:
+        return _SIGNATURES[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable target: looked up each time
+        return _find_signatures(node.op, node.target, name)
+    found = _SIGNATURES[key] = _find_signatures(node.op, node.target, name)
+    return found
+
+
+def _find_signatures(op: str, target: Any, name: str | None) -> tuple[inspect.Signature, ...]:
+    if op == "call_function":
+        # torch's own functions name their aten op (so do Python ones that stand for one, e.g. torch.split);
+        # other Python functions have their own signature; operator.* and Tensor method descriptors go by their
+        # name (`a / b` is aten div)
+        packet, own = _aten_op_of(target), _python_function(target)
+        if packet is None and own is None:
+            packet = _aten_op_named(name)
+    elif op == "call_method":
+        packet, own = _aten_op_named(name), _python_function(getattr(torch.Tensor, str(target), None))
+    else:
+        return ()
+    try:
+        return _usable(get_signature_for_torch_op(packet) if packet is not None else
+                       [inspect.signature(own)] if own is not None else [])
+    except (TypeError, ValueError, RuntimeError):  # no signature to read it by: compared as written
+        return ()
+
+
+def _python_function(fn: Any) -> Any:
+    fn = inspect.unwrap(fn) if callable(fn) else None
+    return fn if inspect.isfunction(fn) else None
+
+
+def _aten_op_of(target: Any) -> torch._ops.OpOverloadPacket | None:
+    try:
+        _, schemas = get_signature_for_torch_op(target, return_schemas=True)
+    except Exception:  # not a torch op (a higher-order op, a Python builtin)
+        return None
+    if not schemas:
+        return None
+    namespace, _, op = schemas[0].name.partition("::")
+    return _op_packet(getattr(torch.ops, namespace, None), op)
+
+
+def _aten_op_named(name: str | None) -> torch._ops.OpOverloadPacket | None:
+    return _op_packet(torch.ops.aten, name) if name and name.isidentifier() else None
+
+
+def _op_packet(namespace: Any, name: str) -> torch._ops.OpOverloadPacket | None:
+    try:
+        packet = getattr(namespace, name)
+    except Exception:  # no op of that name
+        return None
+    return packet if isinstance(packet, torch._ops.OpOverloadPacket) else None
+
+
+def _tensor_like(annotation: Any) -> bool:
+    if annotation is inspect.Parameter.empty or annotation is torch.Tensor:
+        return True
+    if isinstance(annotation, str):
+        return "Tensor" in annotation
+    return any(_tensor_like(a) for a in typing.get_args(annotation))
+
+
+def _usable(signatures: list[inspect.Signature] | None) -> tuple[inspect.Signature, ...]:
+    """The signatures a tensor op's call can be read by: named parameters only (no *args), a tensor (or tensor
+    list) first. An aten op also lists overloads for other types (`pow.int(int a, int b)`, `split.str`)."""
+    def usable(sig: inspect.Signature) -> bool:
+        params = list(sig.parameters.values())
+        return (bool(params) and _tensor_like(params[0].annotation)
+                and all(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params))
+
+    return tuple(filter(usable, signatures or ()))
+
+
+def _takes_list_second(sig: inspect.Signature) -> bool:
+    params = list(sig.parameters.values())
+    return len(params) > 1 and typing.get_origin(params[1].annotation) is list
+
+
+def _bind(signatures: tuple[inspect.Signature, ...], args: list, kwargs: dict) -> dict | None:
+    """The call's arguments by parameter name, defaults filled in, under the first signature that takes them (the
+    same one for the pattern and the graph: the choice depends on the call's shape, not on value types, which a
+    pattern's wildcards do not have). None when none does. Private parameters (F.softmax's `_stacklevel`) are
+    left out: they do not change the value."""
+    chosen = None
+    for sig in signatures:
+        with contextlib.suppress(TypeError):
+            chosen = sig.bind(*args, **kwargs)
+            break
+    if chosen is None and len(args) > 2:
+        # `x.view(a, b)` is `x.view((a, b))`: a list parameter also takes its items as separate arguments
+        for sig in filter(_takes_list_second, signatures):
+            with contextlib.suppress(TypeError):
+                chosen = sig.bind(args[0], tuple(args[1:]), **kwargs)
+                break
+    if chosen is None:
+        return None
+    chosen.apply_defaults()
+    return {k: v for i, (k, v) in enumerate(chosen.arguments.items()) if i == 0 or not k.startswith("_")}
 
 
 class MatchFailure(Exception):

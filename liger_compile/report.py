@@ -47,10 +47,8 @@ class GraphReport:
     fallback: str | None = None  # set when the rewrite failed and the graph went to Inductor untouched
     nodes_before: int = 0
     nodes_after: int = 0
-    lazy_outputs: list = field(default_factory=list, repr=False)  # liger_compile.lazy.LazyOutput
-    # liger_compile.facts: (input slot, fact) the fused sites assume; (output slot, OutputCheck) checked at run time
-    assumptions: list = field(default_factory=list, repr=False)
-    output_checks: list = field(default_factory=list, repr=False)
+    # (output slot, fact) the compiled graph records of its outputs when it runs (liger_compile/facts.py)
+    run_time_checks: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -73,8 +71,8 @@ class GraphReport:
             lines.append("  nothing fused")
         for miss in self.near_misses:
             lines.append(f"  near miss {miss.pattern}: {miss.where}: {miss.reason}")
-        for slot, check in self.output_checks:
-            lines.append(f"  run-time check: output {slot} is recorded as {check.fact} when it is one")
+        for slot, fact in self.run_time_checks:
+            lines.append(f"  run-time check: output {slot} is recorded as {fact} when it is one")
         return "\n".join(lines)
 
 
@@ -82,16 +80,18 @@ class Report:
     """`counts` sums fused sites over every graph; `print(report)` shows each graph's table."""
 
     def __init__(self, known: list[str] | None = None):
-        from .pattern import pattern_names  # noqa: PLC0415 - pattern discovery imports the ops
-
         self.graphs: list[GraphReport] = []
-        self._known = list(known) if known is not None else pattern_names()
+        self._known = list(known) if known is not None else None
 
     def add(self, graph_report: GraphReport) -> None:
         self.graphs.append(graph_report)
 
     @property
     def counts(self) -> dict[str, int]:
+        if self._known is None:  # looked up when first read: pattern discovery imports every op's kernels
+            from .pattern import pattern_names  # noqa: PLC0415
+
+            self._known = pattern_names()
         total = {name: 0 for name in self._known}
         for g in self.graphs:
             for name, n in g.counts.items():
