@@ -3,12 +3,12 @@
 #   bash bench/on_device.sh tests kernels       GPU tests, then the kernel table
 # Stages:
 #   tests      GPU tests (tests/test_gpu*.py and the kernel tests on CUDA; 4 pytest-xdist workers)
-#   sweep      RMSNorm tile sweep at 4096 and 2048 columns (bench/sweep_rms_norm.py)
-#   lce        lm_head+CE: row-kernel and chunk settings, two-stream variant, profile (bench/bench_lce.py)
+#   sweep      RMSNorm tile sweep at 4096 and 2048 columns (bench/investigations/sweep_rms_norm.py)
+#   lce        lm_head+CE: row-kernel and chunk settings, two-stream variant, profile (bench/investigations/bench_lce.py)
 #   lceexp     lm_head+CE with the softmax in our matmul's epilogue: tile settings vs cuBLAS, op by path, profile
 #   paths      lm_head+CE: op time of each path at hidden 2048 and 4096, memory left after calls (check_lce_paths.py)
 #   lcetests   the lm_head+CE tests only (test_gpu.py's and the kernel tests on CUDA)
-#   trig       rotary with cos/sin computed in the kernel vs read (bench/bench_rotary_trig.py)
+#   trig       rotary with cos/sin computed in the kernel vs read (bench/investigations/bench_rotary_trig.py)
 #   kernels    kernel table (eager, Inductor, Liger-Kernel, ours): event, GPU-busy and CUDA-graph times, memory
 #   e2e4k      Llama-3.2-1B 4x4096, all variants side by side, one process each
 #   ours4k     the same, backend="liger" only (a quick check after a change)
@@ -75,12 +75,12 @@ for stage in "${@:-tests}"; do
     convergence) timeout 170 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 165 \
                    tests/test_gpu_families.py -k "convergence or explain_counts_bf16" > "$R/gpu_convergence.log" 2>&1
                  grep -E "FAILED|ERROR|passed|failed|assert|Error" "$R/gpu_convergence.log" | tail -25 ;;
-    sweep) timeout 330 python3 bench/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
+    sweep) timeout 330 python3 bench/investigations/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
            for d in 4096 2048; do for k in "fwd" "bwd" "bwd+ds"; do
              grep "^| $k | $d |" "$R/sweep_rms_norm.log" | sort -t"|" -k8 -n | head -3; done; done ;;
-    lce) timeout 400 python3 bench/bench_lce.py --out "$R" > "$R/bench_lce.log" 2>&1
+    lce) timeout 400 python3 bench/investigations/bench_lce.py --out "$R" > "$R/bench_lce.log" 2>&1
          grep -vE "^\| row " "$R/bench_lce.log" | tail -45; grep -E "^\| row " "$R/bench_lce.log" | sort -t"|" -k7 -n | head -5 ;;
-    lceexp) timeout 500 python3 bench/bench_lce_exp_matmul.py --out "$R" --configs "${LCE_CONFIGS:-all}" \
+    lceexp) timeout 500 python3 bench/investigations/bench_lce_exp_matmul.py --out "$R" --configs "${LCE_CONFIGS:-all}" \
               > "$R/bench_lce_exp_matmul.log" 2>&1
             grep -E "^\| |plain|vs row|Error|error" "$R/bench_lce_exp_matmul.log" | cut -c1-300 | tail -30
             grep -E "Self CUDA time total|exp_matmul_kernel|row_combine|row_scaled|gemm|nvjet|elementwise|index|bmm" \
@@ -89,9 +89,9 @@ for stage in "${@:-tests}"; do
                 tests/test_kernel_linear_cross_entropy.py tests/test_kernel_lce_exp_matmul.py \
                 tests/test_kernel_launch_args.py > "$R/gpu_lce_tests.log" 2>&1
               grep -E "FAILED|ERROR|passed|failed|Error" "$R/gpu_lce_tests.log" | tail -25 ;;
-    paths) timeout 200 python3 bench/check_lce_paths.py > "$R/check_lce_paths.log" 2>&1
+    paths) timeout 200 python3 bench/investigations/check_lce_paths.py > "$R/check_lce_paths.log" 2>&1
            tail -8 "$R/check_lce_paths.log" ;;
-    trig) timeout 200 python3 bench/bench_rotary_trig.py --out "$R" > "$R/bench_rotary_trig.log" 2>&1
+    trig) timeout 200 python3 bench/investigations/bench_rotary_trig.py --out "$R" > "$R/bench_rotary_trig.log" 2>&1
           tail -8 "$R/bench_rotary_trig.log" ;;
     kernels) timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1
              grep -E "^\| |FAILED|report:" "$R/bench_kernels.log" ;;

@@ -17,10 +17,9 @@ Both passes are kernels/rms_norm.py's kernels under a flag (forward HAS_RESIDUAL
 from typing import Optional
 
 import torch
-from torch.library import triton_op
 
-from . import rms_norm as R
-from ._common import use_triton
+from . import rms_norm
+from ._op import declare, sample
 
 
 def _check(x, residual):
@@ -31,47 +30,35 @@ def _check(x, residual):
 
 def launch_forward(x, residual, weight, eps, offset, cast_before_weight, config=None):
     """Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1) -> (s, y, rstd)."""
-    y, rstd, s = R.launch_forward(x, weight, eps, offset, cast_before_weight, config=config, residual=residual)
+    _check(x, residual)
+    y, rstd, s = rms_norm.launch_forward(x, weight, eps, offset, cast_before_weight, config=config, residual=residual)
     return s, y, rstd
 
 
 def launch_backward(dy, d_sum, s, weight, rstd, offset, cast_before_weight, config=None):
     """-> (dx, dweight); dx is the gradient of both addends. d_sum may be None (the sum has no other use)."""
-    return R.launch_backward(dy, s, weight, rstd, offset, cast_before_weight, config=config, d_sum=d_sum)
+    return rms_norm.launch_backward(dy, s, weight, rstd, offset, cast_before_weight, config=config, d_sum=d_sum)
 
 
-def reference_forward(x, residual, weight, eps, offset, cast_before_weight):
-    """Plain torch, used off CUDA: eager's add, then rms_norm's torch path."""
-    s = x + residual
-    y, rstd = R.reference_forward(s, weight, eps, offset, cast_before_weight)
-    return s, y, rstd
-
-
-def reference_backward(dy, d_sum, s, weight, rstd, offset, cast_before_weight):
-    dx, dw = R.reference_backward(dy, s, weight, rstd, offset, cast_before_weight)
-    return (dx if d_sum is None else dx + d_sum), dw  # as eager accumulates the sum's two gradients
-
-
-@triton_op("liger::add_rms_norm", mutates_args=())
-def add_rms_norm(
+def reference_forward(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
     cast_before_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (x + residual, rms_norm(x + residual), rstd); offset and cast_before_weight as liger::rms_norm's."""
+    """liger::add_rms_norm in plain torch (the op off CUDA): eager's add, then rms_norm's torch path. Returns
+    (x + residual, rms_norm(x + residual), rstd); offset and cast_before_weight as liger::rms_norm's."""
     _check(x, residual)
-    if use_triton(x):
-        return launch_forward(x, residual, weight, eps, offset, cast_before_weight)
-    return reference_forward(x, residual, weight, eps, offset, cast_before_weight)
+    s = x + residual
+    y, rstd = rms_norm.reference_forward(s, weight, eps, offset, cast_before_weight)
+    return s, y, rstd
 
 
-@triton_op("liger::add_rms_norm_backward", mutates_args=())
-def add_rms_norm_backward(
+def reference_backward(
     dy: torch.Tensor, d_sum: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
     offset: float, cast_before_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(s):
-        return launch_backward(dy, d_sum, s, weight, rstd, offset, cast_before_weight)
-    return reference_backward(dy, d_sum, s, weight, rstd, offset, cast_before_weight)
+    """liger::add_rms_norm_backward in plain torch -> (dx, dweight); dx is the gradient of both addends."""
+    dx, dw = rms_norm.reference_backward(dy, s, weight, rstd, offset, cast_before_weight)
+    return (dx if d_sum is None else dx + d_sum), dw  # as eager accumulates the sum's two gradients
 
 
 def _setup_context(ctx, inputs, output):
@@ -87,10 +74,25 @@ def _backward(ctx, d_sum, dy, _drstd):
     if dy is None and d_sum is None:
         return None, None, None, None, None, None
     if dy is None:  # the normalised value is unused: rare enough to spend a zeros tensor on
-        dy = torch.zeros(s.shape, dtype=R.out_dtype(s, weight, ctx.cast_before_weight), device=s.device)
+        dy = torch.zeros(s.shape, dtype=rms_norm.out_dtype(s, weight, ctx.cast_before_weight), device=s.device)
     dx, dw = torch.ops.liger.add_rms_norm_backward(dy, d_sum, s, weight, rstd, ctx.offset, ctx.cast_before_weight)
     need = ctx.needs_input_grad
     return (dx if need[0] else None), (dx if need[1] else None), (dw if need[2] else None), None, None, None
 
 
-add_rms_norm.register_autograd(_backward, setup_context=_setup_context)
+def _forward_examples(device, width):
+    x, residual, w = sample(device, 17, width), sample(device, 17, width, seed=1), sample(device, width, seed=2)
+    return [(x, residual, w, 1e-6, 0.0, True)]
+
+
+def _backward_examples(device, width):
+    [(x, residual, w, eps, offset, cast_before_weight)] = _forward_examples(device, width)
+    s, _y, rstd = reference_forward(x, residual, w, eps, offset, cast_before_weight)
+    dy, d_sum = sample(device, 17, width, seed=3), sample(device, 17, width, seed=4)
+    return [(dy, d_sum, s, w, rstd, offset, cast_before_weight), (dy, None, s, w, rstd, offset, cast_before_weight)]
+
+
+add_rms_norm = declare("add_rms_norm", launch_forward, reference_forward, setup_context=_setup_context,
+                       backward=_backward, examples=_forward_examples)
+add_rms_norm_backward = declare("add_rms_norm_backward", launch_backward, reference_backward,
+                                examples=_backward_examples)

@@ -14,10 +14,9 @@ Math (W: [H, F] down_proj's weight, gate/up: [..., F], dz: [..., H] the incoming
 The matmuls are torch's (cuBLAS, fp32 accumulation), exactly as F.linear's own forward and backward.
 """
 import torch
-from torch.library import triton_op
 
 from . import gated_mlp
-from ._common import use_triton
+from ._op import declare, sample
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -30,34 +29,48 @@ def _check(gate, up, weight):
                          f"{gate.shape[-1]}")
 
 
-@triton_op("liger::gated_down_proj", mutates_args=())
-def gated_down_proj(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, activation: str) -> torch.Tensor:
-    """F.linear(act(gate) * up, weight), activation in {"silu", "gelu_tanh"}; no bias (no HF gated MLP has one)."""
+def launch_forward(gate, up, weight, activation):
+    """liger::gated_down_proj with liger::gated_act's Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
     _check(gate, up, weight)
-    y = gated_mlp.launch_forward(gate, up, activation) if use_triton(gate) else \
-        gated_mlp.reference_forward(gate, up, activation)
-    return torch.nn.functional.linear(y, weight)  # not torch.mm(...).view(...): an op's output must not be a view
+    # F.linear, not torch.mm(...).view(...): an op's output must not be a view
+    return torch.nn.functional.linear(gated_mlp.launch_forward(gate, up, activation), weight)
 
 
-@triton_op("liger::gated_down_proj_backward", mutates_args=())
-def gated_down_proj_backward(
-    dz: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, activation: str,
-    weight_needs_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_gate, d_up, d_weight); d_weight is empty when weight_needs_grad is False (frozen or adapter-tuned
-    down_proj), which also spares writing y again."""
-    dz2 = _rows(dz)
-    dy = torch.mm(dz2, weight).view(gate.shape)
-    if use_triton(gate):
-        outs = gated_mlp.launch_backward(dy, gate, up, activation, recompute_y=weight_needs_grad)
-    else:
-        outs = gated_mlp.reference_backward(dy, gate, up, activation)
-        if weight_needs_grad:
-            outs = (*outs, gated_mlp.reference_forward(gate, up, activation))
+def reference_forward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, activation: str) -> torch.Tensor:
+    """liger::gated_down_proj in plain torch (the op off CUDA): F.linear(act(gate) * up, weight), activation in
+    {"silu", "gelu_tanh"}; no bias (no HF gated MLP has one)."""
+    _check(gate, up, weight)
+    return torch.nn.functional.linear(gated_mlp.reference_forward(gate, up, activation), weight)
+
+
+def _finish_backward(dz2, weight, weight_needs_grad, outs):
+    """(d_gate, d_up, d_weight) from the activation's backward outputs (dg, du[, y])."""
     if not weight_needs_grad:
         return outs[0], outs[1], weight.new_empty(0)
     dg, du, y = outs
     return dg, du, torch.mm(dz2.t(), _rows(y))
+
+
+def launch_backward(dz, gate, up, weight, activation, weight_needs_grad):
+    """liger::gated_down_proj_backward with liger::gated_act's backward kernel, which writes y again in its pass."""
+    dz2 = _rows(dz)
+    dy = torch.mm(dz2, weight).view(gate.shape)
+    outs = gated_mlp.launch_backward(dy, gate, up, activation, recompute_y=weight_needs_grad)
+    return _finish_backward(dz2, weight, weight_needs_grad, outs)
+
+
+def reference_backward(
+    dz: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, activation: str,
+    weight_needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """liger::gated_down_proj_backward in plain torch -> (d_gate, d_up, d_weight); d_weight is empty when
+    weight_needs_grad is False (frozen or adapter-tuned down_proj), which also spares writing y again."""
+    dz2 = _rows(dz)
+    dy = torch.mm(dz2, weight).view(gate.shape)
+    outs = gated_mlp.reference_backward(dy, gate, up, activation)
+    if weight_needs_grad:
+        outs = (*outs, gated_mlp.reference_forward(gate, up, activation))
+    return _finish_backward(dz2, weight, weight_needs_grad, outs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -73,4 +86,17 @@ def _backward(ctx, dz):
     return dg, du, (dw if ctx.needs_input_grad[2] else None), None
 
 
-gated_down_proj.register_autograd(_backward, setup_context=_setup_context)
+def _forward_examples(device, width):
+    return [(sample(device, 6, width), sample(device, 6, width, seed=1), sample(device, 8, width, seed=2), "silu")]
+
+
+def _backward_examples(device, width):
+    [(gate, up, weight, activation)] = _forward_examples(device, width)
+    dz = sample(device, 6, 8, seed=3)
+    return [(dz, gate, up, weight, activation, True), (dz, gate, up, weight, activation, False)]
+
+
+gated_down_proj = declare("gated_down_proj", launch_forward, reference_forward, setup_context=_setup_context,
+                          backward=_backward, examples=_forward_examples)
+gated_down_proj_backward = declare("gated_down_proj_backward", launch_backward, reference_backward,
+                                   examples=_backward_examples)

@@ -18,9 +18,10 @@ kernel with one row stride per tensor and unit column stride. Outputs are always
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from ._common import use_triton
+from ._common import as_rows
+from ._op import declare, sample
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -111,11 +112,8 @@ def _gated_bwd_2d_kernel(
 
 
 def config_1d() -> dict:
-    """4096 elements over 256 threads: 16 per thread, i.e. two 16-byte accesses per tensor in bf16.
-
-    H200, silu, gate/up [16384, 14336] bf16, CUDA-graph timing: forward 0.323 ms + backward 0.543 ms (about
-    4.3 TB/s, a device-to-device copy's rate); BLOCK 1024..8192 with 4..8 warps measured the same within ~2%.
-    """
+    """4096 elements over 256 threads: 16 per thread, i.e. two 16-byte accesses per tensor in bf16 (the tile's
+    measurements: bench/results/kernel_notes.md)."""
     return dict(BLOCK=4096, num_warps=8)
 
 
@@ -130,12 +128,6 @@ def _act_id(activation: str) -> int:
     if activation not in ACTIVATIONS:
         raise ValueError(f"gated_act: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     return ACTIVATIONS[activation]
-
-
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., C] -> [N, C] with unit column stride; a view when the leading dims merge (chunk halves do)."""
-    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 
 
 def _row_stride(t2: torch.Tensor) -> int:
@@ -159,7 +151,7 @@ def launch_forward(gate, up, activation, config=None):
         cfg = dict(config or config_1d())
         wrap_triton(_gated_fwd_1d_kernel)[(triton.cdiv(n, cfg["BLOCK"]),)](gate, up, y, n, ACT=act, **cfg)
         return y
-    g2, u2 = _as_rows(gate), _as_rows(up)
+    g2, u2 = as_rows(gate), as_rows(up)
     n_rows, n_cols = g2.shape
     cfg = dict(config or config_2d(n_cols))
     grid = (triton.cdiv(n_rows, cfg["ROWS"]) * triton.cdiv(n_cols, cfg["BLOCK_C"]),)
@@ -187,7 +179,7 @@ def launch_backward(dy, gate, up, activation, config=None, recompute_y=False):
         wrap_triton(_gated_bwd_1d_kernel)[(triton.cdiv(n, cfg["BLOCK"]),)](
             dy, gate, up, dg, du, y, n, ACT=act, STORE_Y=recompute_y, **cfg)
         return outs
-    dy2, g2, u2 = _as_rows(dy), _as_rows(gate), _as_rows(up)
+    dy2, g2, u2 = as_rows(dy), as_rows(gate), as_rows(up)
     n_rows, n_cols = g2.shape
     cfg = dict(config or config_2d(n_cols))
     grid = (triton.cdiv(n_rows, cfg["ROWS"]) * triton.cdiv(n_cols, cfg["BLOCK_C"]),)
@@ -209,38 +201,25 @@ def _act_and_grad_torch(g: torch.Tensor, activation: str, with_grad: bool):
     return g * p, da
 
 
-def reference_forward(gate, up, activation):
-    """Plain torch, used off CUDA: the same fp32 math as the kernel, rounded once."""
+def reference_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """liger::gated_act in plain torch (the op off CUDA), the kernel's fp32 math rounded once: act(gate) * up,
+    activation in {"silu", "gelu_tanh"}."""
     _check(gate, up)
     _act_id(activation)
     a, _ = _act_and_grad_torch(gate.float(), activation, False)
     return (a * up.float()).to(torch.promote_types(gate.dtype, up.dtype)).contiguous()
 
 
-def reference_backward(dy, gate, up, activation):
+def reference_backward(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """liger::gated_act_backward in plain torch -> (d_gate, d_up); recomputes act(gate) rather than reading a saved
+    copy."""
     _check(gate, up)
     _act_id(activation)
     a, da = _act_and_grad_torch(gate.float(), activation, True)
     dyf = dy.float()
     return (dyf * up.float() * da).to(gate.dtype).contiguous(), (dyf * a).to(up.dtype).contiguous()
-
-
-@triton_op("liger::gated_act", mutates_args=())
-def gated_act(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) * up, activation in {"silu", "gelu_tanh"}."""
-    if use_triton(gate):
-        return launch_forward(gate, up, activation)
-    return reference_forward(gate, up, activation)
-
-
-@triton_op("liger::gated_act_backward", mutates_args=())
-def gated_act_backward(
-    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d_gate, d_up); recomputes act(gate) rather than reading a saved copy."""
-    if use_triton(gate):
-        return launch_backward(dy, gate, up, activation)
-    return reference_backward(dy, gate, up, activation)
 
 
 def _setup_context(ctx, inputs, output):
@@ -255,4 +234,17 @@ def _backward(ctx, dy):
     return dg, du, None
 
 
-gated_act.register_autograd(_backward, setup_context=_setup_context)
+def _forward_examples(device, width):
+    # contiguous gate and up (the 1-D kernels), and the two halves of a fused gate_up projection (the 2-D kernels)
+    halves = sample(device, 6, 2 * width, seed=1).chunk(2, dim=-1)
+    return [(sample(device, 6, width), sample(device, 6, width, seed=2), "silu"), (*halves, "gelu_tanh")]
+
+
+def _backward_examples(device, width):
+    return [(sample(device, *gate.shape, seed=3), gate, up, activation)
+            for gate, up, activation in _forward_examples(device, width)]
+
+
+gated_act = declare("gated_act", launch_forward, reference_forward, setup_context=_setup_context, backward=_backward,
+                    examples=_forward_examples)
+gated_act_backward = declare("gated_act_backward", launch_backward, reference_backward, examples=_backward_examples)

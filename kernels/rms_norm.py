@@ -16,9 +16,10 @@ a tile measured on the H200; narrow ones (head dims) are autotuned on CUDA.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from ._common import use_triton
+from ._common import as_rows
+from ._op import declare, sample
 
 MAX_FUSED_COLS = 65536  # one row must fit one program's tile
 
@@ -157,7 +158,7 @@ FWD_NARROW = [dict(ROWS=r, num_warps=w) for r, w in ((16, 4), (8, 4), (32, 4), (
 BWD_WIDE = [dict(ROWS=2, num_warps=8, PREFETCH=True)]
 BWD_NARROW = [dict(ROWS=r, num_warps=w, PREFETCH=False) for r, w in ((16, 4), (32, 4), (8, 2), (32, 8), (64, 8))]
 ROWS_PER_PROGRAM = {True: 16, False: 256}
-MANY_ROWS, ROWS_PER_PROGRAM_MANY = 16384, 64  # 64 rows per program: 0.119 ms against 0.128 with 16 (D=4096)
+MANY_ROWS, ROWS_PER_PROGRAM_MANY = 16384, 64  # chosen by measurement: bench/results/kernel_notes.md
 
 
 def rows_per_program(n_rows: int, wide: bool) -> int:
@@ -183,12 +184,6 @@ def bwd_config(n_cols: int, has_ds: bool = False) -> dict:
     return cfg
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., D] -> [N, D] with unit column stride (copies only when it must)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def out_dtype(x: torch.Tensor, weight: torch.Tensor, cast_before_weight: bool) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype) if cast_before_weight else x.dtype
 
@@ -197,13 +192,13 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, config=None, resi
     """Runs the Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1) -> (y, rstd),
     or with `residual` -> (y, rstd, x + residual) (liger::add_rms_norm). `config` fixes the tile shape; without it
     CUDA autotunes narrow rows and everything else takes fwd_config()."""
-    x2 = _as_rows(x)
+    x2 = as_rows(x)
     n_rows, n_cols = x2.shape
     # Outputs are allocated in their final shapes and written through row views: an op's output must not be a
     # view, or autograd forbids modifying it in place (which eager's output allows).
     y = torch.empty(x.shape, dtype=out_dtype(x, weight, cast_before_weight), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    r2 = _as_rows(residual) if residual is not None else x2  # never read without HAS_RESIDUAL
+    r2 = as_rows(residual) if residual is not None else x2  # never read without HAS_RESIDUAL
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else x
     y2, s2 = y.view(n_rows, n_cols), s.view(n_rows, n_cols) if residual is not None else x2
     args = (x2, weight, y2, rstd.view(n_rows), r2, s2, x2.stride(0), y2.stride(0), r2.stride(0), s2.stride(0), n_rows,
@@ -221,8 +216,8 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, config=None, resi
 
 def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None, d_sum=None):
     """-> (dx, dweight). d_sum, when given, is another gradient of x, added into dx in the same pass."""
-    x2, dy2 = _as_rows(x), _as_rows(dy)
-    ds2 = _as_rows(d_sum) if d_sum is not None else dy2  # never read without HAS_DS
+    x2, dy2 = as_rows(x), as_rows(dy)
+    ds2 = as_rows(d_sum) if d_sum is not None else dy2  # never read without HAS_DS
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     wide = _wide(n_cols)
@@ -244,8 +239,11 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
-def reference_forward(x, weight, eps, offset, cast_before_weight):
-    """Plain torch, used off CUDA; the same fp32 math as the kernel."""
+def reference_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cast_before_weight: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """liger::rms_norm in plain torch (the op off CUDA), the kernel's fp32 math -> (y, rstd); rstd is what backward
+    needs."""
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
     n = xf * rstd.unsqueeze(-1)
@@ -257,7 +255,11 @@ def reference_forward(x, weight, eps, offset, cast_before_weight):
     return y.to(out_dtype(x, weight, cast_before_weight)), rstd
 
 
-def reference_backward(dy, x, weight, rstd, offset, cast_before_weight):
+def reference_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
+    cast_before_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """liger::rms_norm_backward in plain torch -> (dx, dweight)."""
     xf = x.float()
     n = xf * rstd.unsqueeze(-1)
     g = dy.float() * (weight.float() + offset)
@@ -266,26 +268,6 @@ def reference_backward(dy, x, weight, rstd, offset, cast_before_weight):
         n = n.to(x.dtype).float()
     dw = (dy.float() * n).reshape(-1, x.shape[-1]).sum(0)
     return dx.to(x.dtype), dw.to(weight.dtype)
-
-
-@triton_op("liger::rms_norm", mutates_args=())
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cast_before_weight: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y, rstd); rstd is what backward needs."""
-    if use_triton(x):
-        return launch_forward(x, weight, eps, offset, cast_before_weight)
-    return reference_forward(x, weight, eps, offset, cast_before_weight)
-
-
-@triton_op("liger::rms_norm_backward", mutates_args=())
-def rms_norm_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
-    cast_before_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(x):
-        return launch_backward(dy, x, weight, rstd, offset, cast_before_weight)
-    return reference_backward(dy, x, weight, rstd, offset, cast_before_weight)
 
 
 def _setup_context(ctx, inputs, output):
@@ -300,4 +282,16 @@ def _backward(ctx, dy, _drstd):
     return dx, dw, None, None, None
 
 
-rms_norm.register_autograd(_backward, setup_context=_setup_context)
+def _forward_examples(device, width):
+    return [(sample(device, 17, width), sample(device, width, seed=1), 1e-6, 0.0, True)]
+
+
+def _backward_examples(device, width):
+    [(x, w, eps, offset, cast_before_weight)] = _forward_examples(device, width)
+    rstd = reference_forward(x, w, eps, offset, cast_before_weight)[1]
+    return [(sample(device, 17, width, seed=2), x, w, rstd, offset, cast_before_weight)]
+
+
+rms_norm = declare("rms_norm", launch_forward, reference_forward, setup_context=_setup_context, backward=_backward,
+                   examples=_forward_examples)
+rms_norm_backward = declare("rms_norm_backward", launch_backward, reference_backward, examples=_backward_examples)

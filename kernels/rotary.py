@@ -29,9 +29,9 @@ of k in [BLOCK_H, BLOCK_HALF] tiles, so every q/k element is read once and writt
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from ._common import use_triton
+from ._op import declare, sample
 
 
 @triton.jit
@@ -102,11 +102,8 @@ def _rotary_kernel(
 
 
 def kernel_config(head_dim: int, n_heads: int) -> dict:
-    """Tile shape: a [BLOCK_H, BLOCK_HALF] tile of each half per loop step, about 2K elements in all.
-
-    H200, q [4, 32, 4096, 128] + k [4, 8, 4096, 128] bf16 (q/k as HF's transposed views), CUDA-graph timing:
-    forward 0.088 ms + backward 0.089 ms (about 3.8 TB/s). BLOCK_H 4..32 with 1..4 warps all land within ~5%.
-    """
+    """Tile shape: a [BLOCK_H, BLOCK_HALF] tile of each half per loop step, about 2K elements in all (the tile's
+    measurements: bench/results/kernel_notes.md)."""
     block_half = triton.next_power_of_2(head_dim // 2)
     block_h = max(1, min(triton.next_power_of_2(n_heads), 1024 // block_half))
     num_warps = max(1, min(8, block_h * block_half // 256))
@@ -176,6 +173,11 @@ def launch(q, k, cos, sin, unsqueeze_dim, backward=False, config=None):
     return qo, ko
 
 
+def launch_backward(dq_out, dk_out, cos, sin, unsqueeze_dim, config=None):
+    """(dq, dk) from the output gradients: the transposed rotation, by the same kernel."""
+    return launch(dq_out, dk_out, cos, sin, unsqueeze_dim, backward=True, config=config)
+
+
 def _rotate_half(x):
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
@@ -200,23 +202,18 @@ def reference(q, k, cos, sin, unsqueeze_dim, backward=False):
     return outs[0], outs[1]
 
 
-@triton_op("liger::rotary", mutates_args=())
-def rotary(
+def reference_forward(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim) -> (q_embed, k_embed); no gradient to cos/sin."""
-    if use_triton(q):
-        return launch(q, k, cos, sin, unsqueeze_dim)
+    """liger::rotary: HF apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim) -> (q_embed, k_embed); no gradient to
+    cos/sin."""
     return reference(q, k, cos, sin, unsqueeze_dim)
 
 
-@triton_op("liger::rotary_backward", mutates_args=())
-def rotary_backward(
+def reference_backward(
     dq_out: torch.Tensor, dk_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dq, dk) from the output gradients: the transposed rotation."""
-    if use_triton(dq_out):
-        return launch(dq_out, dk_out, cos, sin, unsqueeze_dim, backward=True)
+    """liger::rotary_backward: (dq, dk) from the output gradients, the transposed rotation."""
     return reference(dq_out, dk_out, cos, sin, unsqueeze_dim, backward=True)
 
 
@@ -232,4 +229,12 @@ def _backward(ctx, dq_out, dk_out):
     return dq, dk, None, None, None
 
 
-rotary.register_autograd(_backward, setup_context=_setup_context)
+def _examples(device, width):
+    # q/k [2, H, 5, 8] (heads on axis 1); the row width does not apply
+    q, k = sample(device, 2, 4, 5, 8), sample(device, 2, 2, 5, 8, seed=1)
+    return [(q, k, sample(device, 1, 5, 8, seed=2), sample(device, 1, 5, 8, seed=3), 1)]
+
+
+rotary = declare("rotary", launch, reference_forward, setup_context=_setup_context, backward=_backward,
+                 examples=_examples)
+rotary_backward = declare("rotary_backward", launch_backward, reference_backward, examples=_examples)

@@ -12,10 +12,9 @@ import torch.nn.functional as F
 
 from liger_compile.kernels import gated_down_proj as _down_op  # noqa: F401  (defines the op)
 from liger_compile.kernels import gated_mlp as _op  # noqa: F401  (defines the op)
+from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def swiglu(gate, up):

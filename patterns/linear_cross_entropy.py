@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from liger_compile.kernels import linear_cross_entropy as _op  # noqa: F401  (defines the op)
+from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.matcher import Match, op_name
 from liger_compile.pattern import Pattern
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def make_search(softcap: bool, upcast: bool, divide: bool, scaled: str | None = None):

@@ -12,11 +12,10 @@ import torch
 
 from liger_compile.kernels import add_rms_norm as _add_op  # noqa: F401  (defines torch.ops.liger.add_rms_norm)
 from liger_compile.kernels import rms_norm as _op  # noqa: F401  (defines torch.ops.liger.rms_norm)
+from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.kernels.rms_norm import MAX_FUSED_COLS
 from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --- the forms, as the models write them -------------------------------------------------------------------

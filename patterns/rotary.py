@@ -7,10 +7,9 @@ channels) and interleaved (GPT-J style) rotation are written differently and are
 import torch
 
 from liger_compile.kernels import rotary as _op  # noqa: F401  (defines the op)
+from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.matcher import Match, example_value
 from liger_compile.pattern import Pattern
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def rotate_half(x, half):

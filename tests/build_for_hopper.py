@@ -9,7 +9,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from liger_compile.kernels import lce_exp_matmul, lce_label_logit, lce_row_combine, lce_row_scaled_matmul
+from liger_compile.kernels.linear_cross_entropy import exp_matmul as lce_exp_matmul
+from liger_compile.kernels.linear_cross_entropy import label_logit as lce_label_logit
+from liger_compile.kernels.linear_cross_entropy import row_combine as lce_row_combine
+from liger_compile.kernels.linear_cross_entropy import row_scaled_matmul as lce_row_scaled_matmul
 
 HOPPER = GPUTarget("cuda", 90, 32)
 

@@ -68,13 +68,13 @@ backend_module.rewrite_graph = _recording_rewrite_graph
 
 
 def llama(tied: bool, layers: int, intermediate: int):
-    import transformers as T  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
 
-    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=intermediate,
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=intermediate,
                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                         head_dim=HIDDEN // 4, use_cache=False, tie_word_embeddings=tied)
     torch.manual_seed(0)
-    return T.LlamaForCausalLM(cfg)
+    return transformers.LlamaForCausalLM(cfg)
 
 
 def global_batch(step: int, world: int) -> torch.Tensor:

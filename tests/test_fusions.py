@@ -1,7 +1,7 @@
 """Rotary, gated MLP, causal mask and lm_head+CE fused in real HF models, with eager's numbers."""
 import pytest
 import torch
-import transformers as T
+import transformers
 
 import liger_compile
 from liger_compile.lazy import LazyTensor
@@ -11,11 +11,11 @@ L = 2
 
 
 def phi3():
-    cfg = T.Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=L,
+    cfg = transformers.Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=L,
                        num_attention_heads=4, num_key_value_heads=2, use_cache=False, pad_token_id=0,
                        eos_token_id=None, bos_token_id=None)
     torch.manual_seed(0)
-    return T.Phi3ForCausalLM(cfg)
+    return transformers.Phi3ForCausalLM(cfg)
 
 
 MODELS = {"llama": lambda: tiny("llama", layers=L), "qwen3": lambda: tiny("qwen3", layers=L),

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from liger_compile.kernels import add_rms_norm as K
-from liger_compile.kernels import rms_norm as R
+from liger_compile.kernels import add_rms_norm
+from liger_compile.kernels import rms_norm
 from test_kernel_rms_norm import DEVICE, FORMS, TOL, reference64
 
 SHAPES = [(1, 123), (7, 123), (2, 3, 64), (2, 5, 3, 72), (33, 1000)]
@@ -30,20 +30,20 @@ def inputs(shape, dtype, seed=0):
 @pytest.mark.parametrize("offset,cast_before", FORMS)
 def test_forward_kernel_matches_eager_add_and_float64_norm(shape, dtype, offset, cast_before):
     x, res, w = inputs(shape, dtype)
-    s, y, rstd = K.launch_forward(x, res, w, 1e-6, offset, cast_before)
+    s, y, rstd = add_rms_norm.launch_forward(x, res, w, 1e-6, offset, cast_before)
     # the sum is eager's, bit for bit (one rounding to the input dtype)
     assert s.dtype == dtype and s.shape == x.shape
     torch.testing.assert_close(s, x + res, **sum_tol(dtype))
     # the norm is of the rounded sum, as eager's norm reads it
     atol, rtol = TOL[dtype]
-    assert y.shape == x.shape and y.dtype == R.out_dtype(x, w, cast_before)
+    assert y.shape == x.shape and y.dtype == rms_norm.out_dtype(x, w, cast_before)
     torch.testing.assert_close(y.double(), reference64(s, w, 1e-6, offset, cast_before), atol=atol, rtol=rtol)
     torch.testing.assert_close(rstd.double(), torch.rsqrt(s.double().pow(2).mean(-1) + 1e-6), atol=1e-6, rtol=1e-5)
     # and, on one tile shape, it is liger::rms_norm's kernel's result on that sum (two kernels autotuned apart may
     # take different tiles for narrow rows, and so sum a row in another order: one fp32 ulp apart on CUDA)
-    cfg = R.fwd_config(shape[-1])
-    _, y, rstd = K.launch_forward(x, res, w, 1e-6, offset, cast_before, config=cfg)
-    y_norm, rstd_norm = R.launch_forward(s, w, 1e-6, offset, cast_before, config=cfg)
+    cfg = rms_norm.fwd_config(shape[-1])
+    _, y, rstd = add_rms_norm.launch_forward(x, res, w, 1e-6, offset, cast_before, config=cfg)
+    y_norm, rstd_norm = rms_norm.launch_forward(s, w, 1e-6, offset, cast_before, config=cfg)
     torch.testing.assert_close(y, y_norm, atol=0, rtol=0)
     torch.testing.assert_close(rstd, rstd_norm, atol=0, rtol=0)
 
@@ -55,10 +55,10 @@ def test_forward_kernel_matches_eager_add_and_float64_norm(shape, dtype, offset,
 def test_backward_kernel_matches_float64(shape, dtype, offset, cast_before, with_ds):
     x, res, w = inputs(shape, dtype, seed=1)
     g = torch.Generator().manual_seed(2)
-    dy = torch.randn(shape, generator=g).to(DEVICE, R.out_dtype(x, w, cast_before))
+    dy = torch.randn(shape, generator=g).to(DEVICE, rms_norm.out_dtype(x, w, cast_before))
     ds = torch.randn(shape, generator=g).to(DEVICE, dtype) if with_ds else None
-    s, _, rstd = K.launch_forward(x, res, w, 1e-6, offset, cast_before)
-    dx, dw = K.launch_backward(dy, ds, s, w, rstd, offset, cast_before)
+    s, _, rstd = add_rms_norm.launch_forward(x, res, w, 1e-6, offset, cast_before)
+    dx, dw = add_rms_norm.launch_backward(dy, ds, s, w, rstd, offset, cast_before)
 
     # float64: the norm of the (rounded) sum, whose gradient reaches both addends, plus ds from the sum's other uses
     s64 = s.double().requires_grad_()
@@ -75,7 +75,7 @@ def test_backward_kernel_matches_float64(shape, dtype, offset, cast_before, with
     torch.testing.assert_close(dw.double(), w64.grad, atol=atol * rows ** 0.5 * 2, rtol=rtol * 2)
     # without ds it is liger::rms_norm's backward on the sum
     if not with_ds:
-        dx_norm, dw_norm = R.launch_backward(dy, s, w, rstd, offset, cast_before)
+        dx_norm, dw_norm = rms_norm.launch_backward(dy, s, w, rstd, offset, cast_before)
         torch.testing.assert_close(dx, dx_norm, atol=0, rtol=0)
         torch.testing.assert_close(dw, dw_norm, atol=0, rtol=0)
 
@@ -85,7 +85,7 @@ def test_non_contiguous_addends():
     x = base.transpose(1, 2)  # [4, 6, 72], last-dim stride 6
     res = torch.randn(8, 6, 72, device=DEVICE)[::2]  # row stride twice the width
     w = torch.randn(72, device=DEVICE)
-    s, y, _ = K.launch_forward(x, res, w, 1e-5, 0.0, True)
+    s, y, _ = add_rms_norm.launch_forward(x, res, w, 1e-5, 0.0, True)
     torch.testing.assert_close(s, x + res, atol=0, rtol=0)
     torch.testing.assert_close(y.double(), reference64(x + res, w, 1e-5, 0.0, True), atol=1e-5, rtol=1e-5)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from liger_compile.kernels import gated_down_proj  # noqa: F401  (defines the op)
-from liger_compile.kernels import gated_mlp as G
+from liger_compile.kernels import gated_mlp
 from test_kernel_gated_mlp import ACTS, DEV, DTYPES, OP_DEVICES, act_f64, inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -19,10 +19,10 @@ def test_backward_kernel_recomputes_the_forward_product(dtype, activation, kind)
     torch.manual_seed(0)
     gate, up = inputs(kind, dtype, DEV)
     dy = torch.randn(gate.shape, device=DEV).to(dtype)
-    dg, du = G.launch_backward(dy, gate, up, activation)
-    dg2, du2, y = G.launch_backward(dy, gate, up, activation, recompute_y=True)
+    dg, du = gated_mlp.launch_backward(dy, gate, up, activation)
+    dg2, du2, y = gated_mlp.launch_backward(dy, gate, up, activation, recompute_y=True)
     # the same kernel math as the forward, rounded once: bit-identical to what the forward wrote
-    assert torch.equal(y, G.launch_forward(gate, up, activation))
+    assert torch.equal(y, gated_mlp.launch_forward(gate, up, activation))
     assert torch.equal(dg2, dg) and torch.equal(du2, du)
 
 

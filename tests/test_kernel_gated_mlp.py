@@ -6,7 +6,7 @@ import torch
 # Without a GPU, tests/conftest.py has Triton's interpreter run the kernels on CPU tensors; with one, the same
 # tests run the real kernels on the GPU.
 
-from liger_compile.kernels import gated_mlp as G
+from liger_compile.kernels import gated_mlp
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton launchers run
 OP_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -67,12 +67,12 @@ def assert_close(actual, expected, dtype):
 def test_launchers(dtype, activation, kind):
     torch.manual_seed(0)
     gate, up = inputs(kind, dtype, DEV)
-    y = G.launch_forward(gate, up, activation)
+    y = gated_mlp.launch_forward(gate, up, activation)
     dy = torch.randn_like(y)
     ry, rdg, rdu = ref_f64(gate, up, activation, dy)
     assert y.shape == gate.shape and y.dtype == dtype and y.is_contiguous()
     assert_close(y, ry, dtype)
-    dg, du = G.launch_backward(dy, gate, up, activation)
+    dg, du = gated_mlp.launch_backward(dy, gate, up, activation)
     assert dg.dtype == dtype and du.dtype == dtype
     assert_close(dg, rdg, dtype)
     assert_close(du, rdu, dtype)
@@ -88,15 +88,15 @@ def test_launchers_many_programs(activation):
         gate, up = inputs(kind, dtype, DEV)
         dy = torch.randn(gate.shape, device=DEV)
         ry, rdg, rdu = ref_f64(gate, up, activation, dy)
-        assert_close(G.launch_forward(gate, up, activation, config=cfg), ry, dtype)
-        dg, du = G.launch_backward(dy, gate, up, activation, config=cfg)
+        assert_close(gated_mlp.launch_forward(gate, up, activation, config=cfg), ry, dtype)
+        dg, du = gated_mlp.launch_backward(dy, gate, up, activation, config=cfg)
         assert_close(dg, rdg, dtype)
         assert_close(du, rdu, dtype)
     # contiguous gate/up with a strided dy (e.g. a transposed grad) take the 2-D backward
     gate, up = inputs("contiguous", dtype, DEV)
     dy = torch.randn(COLS, ROWS, device=DEV).t()
     _, rdg, rdu = ref_f64(gate, up, activation, dy)
-    dg, du = G.launch_backward(dy, gate, up, activation)
+    dg, du = gated_mlp.launch_backward(dy, gate, up, activation)
     assert_close(dg, rdg, dtype)
     assert_close(du, rdu, dtype)
 

@@ -1,5 +1,5 @@
-"""lm_head + cross-entropy's exp-epilogue path (kernels/lce_exp_matmul.py, lce_row_combine.py,
-lce_row_scaled_matmul.py): loss and gradients against float64 and against eager bf16's own error.
+"""lm_head + cross-entropy's exp-epilogue path (kernels/linear_cross_entropy/exp_epilogue.py and its kernels):
+loss and gradients against float64 and against eager bf16's own error.
 
 On CPU the three Triton kernels run in Triton's interpreter (tests/conftest.py) with 16-row tiles; on the H200 they
 run for real, where this path is the op's default for bf16."""
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from liger_compile.kernels import lce_exp_matmul
 from liger_compile.kernels import linear_cross_entropy as lce
+from liger_compile.kernels.linear_cross_entropy import exp_matmul as lce_exp_matmul
 
 IGNORE = -100
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,7 +30,8 @@ def several_chunks(monkeypatch):
     """Workspace for one row tile per chunk: N rows go in several chunks, so dW accumulates across them."""
     bm = lce_exp_matmul.config(DEV)["BM"]
     tiles = triton.cdiv(V, lce_exp_matmul.config(DEV)["BN"])
-    monkeypatch.setattr(lce, "EXP_MATMUL_WORKSPACE_BYTES", bm * (triton.cdiv(V, 8) * 8 * 2 + tiles * 4 + 24))
+    monkeypatch.setattr(lce.exp_epilogue, "EXP_MATMUL_WORKSPACE_BYTES",
+                        bm * (triton.cdiv(V, 8) * 8 * 2 + tiles * 4 + 24))
     assert len(lce.exp_matmul_chunks(N, V, bm, tiles)) == triton.cdiv(N, bm)
 
 
@@ -216,10 +217,10 @@ def test_exp_path_refuses_what_it_would_get_wrong():
 
 
 def test_environment_pin_never_takes_the_exp_path_where_it_is_inexact(monkeypatch):
-    monkeypatch.setattr(lce, "FORCED_PATH", "exp_matmul")
+    monkeypatch.setattr(lce.paths, "FORCED_PATH", "exp_matmul")
     x, w, y = make(n=4)
     args = (x.to(DEV), w.to(DEV), torch.zeros(V).bfloat16().to(DEV), y.to(DEV), None, IGNORE, 0.0, 0.0, "mean", True)
     called = []
-    monkeypatch.setattr(lce, "_forward_exp_matmul", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(lce.exp_epilogue, "forward", lambda *a, **k: called.append(1))
     lce.launch_forward(*args)  # a bias: the row-kernel path, whatever the pin
     assert not called

@@ -22,7 +22,7 @@ CHUNK_ROWS = lce.chunk_rows  # the real one; the autouse fixture below replaces 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Three rows per chunk: N=10 gives chunks of 3, 3, 3 and a ragged 1."""
-    monkeypatch.setattr(lce, "chunk_rows", lambda n, v, dtype: 3)
+    monkeypatch.setattr(lce.row_kernel, "chunk_rows", lambda n, v, dtype: 3)
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def interpreted():
     """The Triton kernel runs on CPU tensors only in the interpreter, which Triton picks when it is first imported
     (its own tl.sum, tl.max, ... are @triton.jit functions too). If something imported triton before this module
     set TRITON_INTERPRET=1, the kernel cannot run here: skip, saying why, rather than fail."""
-    if DEV == "cpu" and isinstance(lce._lce_chunk_kernel, triton.runtime.jit.JITFunction):
+    if DEV == "cpu" and isinstance(lce.row_kernel._lce_chunk_kernel, triton.runtime.jit.JITFunction):
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment (or conftest)")
 
 

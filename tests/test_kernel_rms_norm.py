@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from liger_compile.kernels import rms_norm as K
+from liger_compile.kernels import rms_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # dtype -> (atol, rtol) against float64 math; bf16/fp16 include rounding the output (and, in the Llama form,
@@ -30,14 +30,14 @@ def inputs(shape, dtype, seed=0):
 @pytest.mark.parametrize("offset,cast_before", FORMS)
 def test_forward_kernel_matches_float64(shape, dtype, offset, cast_before):
     x, w = inputs(shape, dtype)
-    y, rstd = K.launch_forward(x, w, 1e-6, offset, cast_before)
+    y, rstd = rms_norm.launch_forward(x, w, 1e-6, offset, cast_before)
     atol, rtol = TOL[dtype]
-    assert y.shape == x.shape and y.dtype == K.out_dtype(x, w, cast_before)
+    assert y.shape == x.shape and y.dtype == rms_norm.out_dtype(x, w, cast_before)
     torch.testing.assert_close(y.double(), reference64(x, w, 1e-6, offset, cast_before), atol=atol, rtol=rtol)
     rstd_ref = torch.rsqrt(x.double().pow(2).mean(-1) + 1e-6)
     torch.testing.assert_close(rstd.double(), rstd_ref, atol=1e-6, rtol=1e-5)
     # the kernel computes exactly what the torch path computes (same fp32 math), to rounding
-    y_torch, _ = K.reference_forward(x, w, 1e-6, offset, cast_before)
+    y_torch, _ = rms_norm.reference_forward(x, w, 1e-6, offset, cast_before)
     torch.testing.assert_close(y, y_torch, atol=atol, rtol=rtol)
 
 
@@ -46,9 +46,9 @@ def test_forward_kernel_matches_float64(shape, dtype, offset, cast_before):
 @pytest.mark.parametrize("offset,cast_before", FORMS)
 def test_backward_kernel_matches_float64(shape, dtype, offset, cast_before):
     x, w = inputs(shape, dtype, seed=1)
-    dy = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, K.out_dtype(x, w, cast_before))
-    _, rstd = K.launch_forward(x, w, 1e-6, offset, cast_before)
-    dx, dw = K.launch_backward(dy, x, w, rstd, offset, cast_before)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, rms_norm.out_dtype(x, w, cast_before))
+    _, rstd = rms_norm.launch_forward(x, w, 1e-6, offset, cast_before)
+    dx, dw = rms_norm.launch_backward(dy, x, w, rstd, offset, cast_before)
 
     x64 = x.double().requires_grad_()
     w64 = w.double().requires_grad_()
@@ -64,7 +64,7 @@ def test_non_contiguous_input():
     base = torch.randn(4, 72, 6, device=DEVICE)
     x = base.transpose(1, 2)  # [4, 6, 72], last-dim stride 6
     w = torch.randn(72, device=DEVICE)
-    y, _ = K.launch_forward(x, w, 1e-5, 0.0, True)
+    y, _ = rms_norm.launch_forward(x, w, 1e-5, 0.0, True)
     torch.testing.assert_close(y.double(), reference64(x, w, 1e-5, 0.0, True), atol=1e-5, rtol=1e-5)
 
 
@@ -92,13 +92,13 @@ def test_backward_prefetch_gives_the_same_result(rows_per_step, rows_per_program
     g = torch.Generator().manual_seed(4)
     dy = torch.randn(x.shape, generator=g).to(DEVICE, x.dtype)
     ds = torch.randn(x.shape, generator=g).to(DEVICE, x.dtype) if with_sum_grad else None
-    _, rstd = K.launch_forward(x, w, 1e-6, 0.0, True)
+    _, rstd = rms_norm.launch_forward(x, w, 1e-6, 0.0, True)
     outs = []
     for prefetch in (False, True):
         cfg = dict(ROWS=rows_per_step, num_warps=4, ROWS_PER_PROGRAM=rows_per_program, PREFETCH=prefetch)
-        outs.append(K.launch_backward(dy, x, w, rstd, 0.0, True, config=cfg, d_sum=ds))
+        outs.append(rms_norm.launch_backward(dy, x, w, rstd, 0.0, True, config=cfg, d_sum=ds))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    ref_dx, ref_dw = K.reference_backward(dy, x, w, rstd, 0.0, True)
+    ref_dx, ref_dw = rms_norm.reference_backward(dy, x, w, rstd, 0.0, True)
     if ds is not None:
         ref_dx = (ref_dx.float() + ds.float()).to(x.dtype)
     torch.testing.assert_close(outs[1][0].float(), ref_dx.float(), atol=3e-2, rtol=2e-2)

@@ -5,7 +5,7 @@ import torch
 # Without a GPU, tests/conftest.py has Triton's interpreter run the kernels on CPU tensors; with one, the same
 # tests run the real kernels on the GPU.
 
-from liger_compile.kernels import rotary as R
+from liger_compile.kernels import rotary
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton launcher runs
 OP_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -89,7 +89,7 @@ def test_launcher_forward_backward(dtype, unsqueeze_dim, cos_batch):
     torch.manual_seed(0)
     q, k = make_qk(unsqueeze_dim, dtype, DEV)
     cos, sin = cos_sin(cos_batch, dtype, DEV)
-    qo, ko = R.launch(q, k, cos, sin, unsqueeze_dim)
+    qo, ko = rotary.launch(q, k, cos, sin, unsqueeze_dim)
     rq, rk = hf_rotary_f64(q, k, cos, sin, unsqueeze_dim)
     assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
     assert qo.is_contiguous() and ko.is_contiguous()
@@ -97,7 +97,7 @@ def test_launcher_forward_backward(dtype, unsqueeze_dim, cos_batch):
     assert_close(ko, rk, dtype)
 
     dq_out, dk_out = torch.randn_like(qo), torch.randn_like(ko)
-    dq, dk = R.launch(dq_out, dk_out, cos, sin, unsqueeze_dim, backward=True)
+    dq, dk = rotary.launch(dq_out, dk_out, cos, sin, unsqueeze_dim, backward=True)
     rdq, rdk = hf_rotary_grads_f64(q, k, cos, sin, unsqueeze_dim, dq_out, dk_out)
     assert_close(dq, rdq, dtype)
     assert_close(dk, rdk, dtype)
@@ -112,13 +112,13 @@ def test_launcher_any_strides_and_tables(layout, unsqueeze_dim):
     q, k = make_qk(2 if unsqueeze_dim == -2 else 1, dtype, DEV, layout)
     cos, sin = cos_sin(B, dtype, DEV, random_tables=True)
     cfg = dict(BLOCK_H=2, BLOCK_HALF=64, num_warps=1)
-    qo, ko = R.launch(q, k, cos, sin, unsqueeze_dim, config=cfg)
+    qo, ko = rotary.launch(q, k, cos, sin, unsqueeze_dim, config=cfg)
     rq, rk = hf_rotary_f64(q, k, cos, sin, unsqueeze_dim)
     assert_close(qo, rq, dtype)
     assert_close(ko, rk, dtype)
     dq_out = torch.randn(*reversed(q.shape), device=DEV).permute(3, 2, 1, 0)  # grads with odd strides too
     dk_out = torch.randn(*k.shape[:-1], 1, device=DEV).expand(k.shape)  # a zero inner stride
-    dq, dk = R.launch(dq_out, dk_out, cos, sin, unsqueeze_dim, backward=True, config=cfg)
+    dq, dk = rotary.launch(dq_out, dk_out, cos, sin, unsqueeze_dim, backward=True, config=cfg)
     rdq, rdk = hf_rotary_grads_f64(q, k, cos, sin, unsqueeze_dim, dq_out, dk_out)
     assert_close(dq, rdq, dtype)
     assert_close(dk, rdk, dtype)

@@ -17,7 +17,8 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.dirname(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/: common.py and results/
+sys.path.insert(0, BENCH)
 from common import graph_ms  # noqa: E402
 
 from liger_compile.kernels import rms_norm as K  # noqa: E402

@@ -21,10 +21,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/: common.py and results/
+sys.path.insert(0, BENCH)
 from common import extra_peak_gib, graph_ms, print_profile, write_results  # noqa: E402
 
 from liger_compile.kernels import linear_cross_entropy as lce  # noqa: E402
+from liger_compile.kernels.linear_cross_entropy import row_kernel  # noqa: E402  (where its settings are read)
 
 N, H, V, DT, IGNORE = 16384, 4096, 128256, torch.bfloat16, -100
 
@@ -117,7 +119,7 @@ def extra_gib(fn, x, w):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=os.path.join(BENCH, "results"))
     ap.add_argument("--parts", default="rows,budgets,streams,chunk_rows,profile")
     ap.add_argument("--chart", metavar="JSON", help="only redraw the charts of a recorded run")
     ap.add_argument("--chunk-rows", default="704,745,768,781,820,912,964",
@@ -143,10 +145,10 @@ def main(argv=None):
     three = graph_ms(three_matmuls, replays=10)
     print(f"three plain matmuls (logits, dh, dW over all {N} rows): {three:.2f} ms", flush=True)
     rows.append(dict(part="three plain matmuls", ms=three))
-    default = lce.LOGITS_CHUNK_BYTES
+    default = row_kernel.LOGITS_CHUNK_BYTES
     for budget_mib, cfg_name in itertools.product((192, 224, 240) if "budgets" in parts else (),
                                                   ("default", "best")):
-        lce.LOGITS_CHUNK_BYTES = budget_mib * 2**20
+        row_kernel.LOGITS_CHUNK_BYTES = budget_mib * 2**20
         cfg = None if cfg_name == "default" else best_cfg
         fn = op_call(x, w, y, cfg)
         ms = graph_ms(fn, replays=10)
@@ -155,15 +157,15 @@ def main(argv=None):
                          ms=ms, extra_beyond_grads_gib=gib))
         print(f"| op | chunk {budget_mib} MiB ({lce.chunk_rows(N, V, DT)} rows) | row cfg {cfg_name} | {ms:.2f} ms "
               f"| {gib:.3f} GiB |", flush=True)
-    lce.LOGITS_CHUNK_BYTES = default
-    real_chunk_rows = lce.chunk_rows
+    row_kernel.LOGITS_CHUNK_BYTES = default
+    real_chunk_rows = row_kernel.chunk_rows
     for c in [int(r) for r in args.chunk_rows.split(",")] if "chunk_rows" in parts else []:
-        lce.chunk_rows = lambda n, v, dtype, c=c: min(n, c)
+        row_kernel.chunk_rows = lambda n, v, dtype, c=c: min(n, c)
         ms = graph_ms(op_call(x, w, y, None), replays=10)
         gib = extra_gib(op_call(x, w, y, None, scale=False), x, w)
         rows.append(dict(part="op", chunk_rows=c, row_cfg="default", ms=ms, extra_beyond_grads_gib=gib))
         print(f"| op | {c} rows per chunk ({-(-N // c)} chunks) | {ms:.2f} ms | {gib:.3f} GiB |", flush=True)
-    lce.chunk_rows = real_chunk_rows
+    row_kernel.chunk_rows = real_chunk_rows
     for cfg_name, cfg in (("default", None), ("best", best_cfg)) if "streams" in parts else ():
         fn = two_stream_forward(x, w, y, cfg)
         ms = graph_ms(fn, replays=10)

@@ -1,6 +1,6 @@
-"""Finishes lm_head + cross-entropy's rows after lce_exp_matmul.py: loss, gradient factor, label entry (Triton).
+"""Finishes lm_head + cross-entropy's rows after exp_matmul.py: loss, gradient factor, label entry (Triton).
 
-Per row i (see lce_exp_matmul.py for P, ref and the partials; zc_y is the label's soft-capped logit, which the
+Per row i (see exp_matmul.py for P, ref and the partials; zc_y is the label's soft-capped logit, which the
 caller computed for ref):
     S_other = sum of the partial sums,    x_y = zc_y - ref,    e_y = exp(x_y),    S = S_other + e_y
     loss_i  = log1p(S_other / e_y) if e_y >= S_other else log(S) - x_y       (= lse - zc_y, exact when confident)
@@ -15,7 +15,7 @@ the rerun flag, and the matmul and this kernel run again (their second launches 
 import triton
 import triton.language as tl
 
-from ._math import log1p, round_to_bf16
+from .._math import log1p, round_to_bf16
 
 
 @triton.jit

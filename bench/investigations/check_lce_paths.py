@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/: common.py and results/
+sys.path.insert(0, BENCH)
 from bench_lce import inputs, op_call  # noqa: E402
 from common import graph_ms  # noqa: E402
 

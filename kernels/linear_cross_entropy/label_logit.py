@@ -2,14 +2,14 @@
 
     zc_y = softcap(h_i . W[y_i])          fp32 dot product (unrounded, like the matmul's logits)
     ref  = zc_y on rows that take part, +inf on ignored rows and labels outside [0, V)
-    row max = -inf                        (lce_exp_matmul.py takes an atomic max into it)
+    row max = -inf                        (exp_matmul.py takes an atomic max into it)
 One launch reads a row of h and a row of W per token (16 MiB for 1024 x 4096 bf16): it replaces a gather of W's rows
 into a [C, H] buffer, a batched dot product and three small fills.
 """
 import triton
 import triton.language as tl
 
-from ._math import tanh
+from .._math import tanh
 
 
 @triton.jit

@@ -1,15 +1,15 @@
 """C = diag(r) (A @ B) in bf16, one rounding (Triton): lm_head + cross-entropy's dh = diag(r) (P @ W).
 
-A: [M, K] bf16, B: [K, N] bf16 (both row-major), r: [M] fp32, C: [M, N] bf16. The row factor r (lce_row_combine.py)
+A: [M, K] bf16, B: [K, N] bf16 (both row-major), r: [M] fp32, C: [M, N] bf16. The row factor r (row_combine.py)
 turns the chunk's P = exp(zc - ref) into d loss / d z; applying it to the fp32 accumulator before the one rounding
 to bf16 gives the same rounding as eager's dz @ W, with no fp32 [M, N] copy (the op's memory stays under 0.25 GiB).
 For dh, M is a chunk of tokens (1024), N the hidden size, K the vocabulary (128256): few output tiles, each with a long
-K loop, so the grid is one program per tile. UPCAST_DOT: see lce_exp_matmul.py (Triton's interpreter).
+K loop, so the grid is one program per tile. UPCAST_DOT: see exp_matmul.py (Triton's interpreter).
 """
 import triton
 import triton.language as tl
 
-from ._math import round_to_bf16
+from .._math import round_to_bf16
 
 
 @triton.jit
@@ -36,10 +36,9 @@ def row_scaled_matmul_kernel(
 
 def config(device_type: str, m: int = 0, n: int = 0, sms: int = 1) -> dict:
     """Tile settings for an [m, n] output on sms multiprocessors. CUDA: 128 x 256 tiles, 64-deep K steps, 8 warps,
-    4 stages. H200, dh of one 1024-row chunk ([1024, 128256] x [128256, 4096]) by graph replay: 1.28 ms, cuBLAS's
-    bf16 product without the row factor 1.29-1.31; 128 x 128 tiles 1.38 (bench/results/lce_exp_matmul.md). One
-    program per tile and no split of K: where 128 x 256 tiles would leave more than a tenth of the multiprocessors
-    idle (a hidden size of 2048: 64 tiles for 132), 128 x 128 tiles (twice as many) are used."""
+    4 stages (as fast as cuBLAS's product without the row factor: bench/results/lce_notes.md). One program per tile
+    and no split of K: where 128 x 256 tiles would leave more than a tenth of the multiprocessors idle (a hidden size
+    of 2048: 64 tiles for 132), 128 x 128 tiles (twice as many) are used."""
     if device_type != "cuda":
         return dict(BM=16, BN=32, BK=16, num_warps=4, num_stages=1)
     if triton.cdiv(m, 128) * triton.cdiv(n, 256) < 0.9 * sms:

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-sys.path.insert(0, os.path.dirname(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/: common.py and results/
+sys.path.insert(0, BENCH)
 from common import graph_ms, write_results  # noqa: E402
 
 from liger_compile.kernels import rotary as R  # noqa: E402
@@ -82,7 +83,7 @@ def hf_cos_sin(pos, inv_freq, scaling, dtype):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=os.path.join(BENCH, "results"))
     ap.add_argument("--chart", metavar="JSON", help="only redraw the chart of a recorded run")
     args = ap.parse_args(argv)
     if args.chart:

@@ -1,4 +1,5 @@
-"""lm_head + cross-entropy with the softmax in the logits matmul's epilogue (kernels/lce_exp_matmul.py), one CUDA GPU.
+"""lm_head + cross-entropy with the softmax in the logits matmul's epilogue, one CUDA GPU
+(kernels/linear_cross_entropy/exp_matmul.py).
 
     python bench/bench_lce_exp_matmul.py [--out DIR] [--configs all|exp|default]
 
@@ -24,12 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(__file__))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/: common.py and results/
+sys.path.insert(0, BENCH)
 from common import graph_ms, median_ms, print_profile, write_results  # noqa: E402
 
 from bench_lce import DT, H, IGNORE, V, extra_gib, inputs, op_call, three_matmuls_call  # noqa: E402
 
-from liger_compile.kernels import lce_exp_matmul, lce_row_scaled_matmul  # noqa: E402
+from liger_compile.kernels.linear_cross_entropy import exp_matmul as lce_exp_matmul  # noqa: E402
+from liger_compile.kernels.linear_cross_entropy import row_scaled_matmul as lce_row_scaled_matmul  # noqa: E402
 
 CHUNK = 1024
 
@@ -207,7 +210,7 @@ def dw_layouts(rows, p, r):
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=os.path.join(BENCH, "results"))
     ap.add_argument("--configs", default="all", choices=["all", "exp", "default"])
     ap.add_argument("--name", default="lce_exp_matmul")
     args = ap.parse_args(argv)
