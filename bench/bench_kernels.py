@@ -145,7 +145,7 @@ def case_gated_mlp():
         return torch.nn.functional.silu(a) * b
 
     variants = {"hf_eager": hf, "inductor": torch.compile(hf),
-                "ours": lambda a, b: torch.ops.liger.gated_act(a, b, "silu"),
+                "ours": lambda a, b: torch.ops.liger.gated_mlp(a, b, "silu"),
                 "ours_backend": torch.compile(hf, backend="liger")}
     if _liger("swiglu"):
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction  # noqa: PLC0415

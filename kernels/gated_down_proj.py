@@ -1,13 +1,13 @@
 """The gated MLP's tail, ``down_proj(act(gate) * up)``, as one op: ``liger::gated_down_proj``.
 
-Why a second op next to ``liger::gated_act``: autograd saves the input of every linear layer, so after
+Why a second op next to ``liger::gated_mlp``: autograd saves the input of every linear layer, so after
 ``y = act(gate) * up`` the training graph keeps gate, up (for the activation's backward) and y (for down_proj's
 weight gradient): three [tokens, intermediate] tensors per layer, the largest activations of a decoder (256 MiB
 each per layer for Llama-3.2-1B at 4 x 4096). This op saves gate and up only and writes y again in backward, in the
 same pass that computes d_gate and d_up, so the memory of y per layer goes away for one extra write of it.
 
 Math (W: [H, F] down_proj's weight, gate/up: [..., F], dz: [..., H] the incoming gradient):
-    forward:   y = act(gate) * up   (liger::gated_act's kernel),   z = y @ W^T
+    forward:   y = act(gate) * up   (liger::gated_mlp's kernel),   z = y @ W^T
     backward:  dy = dz @ W
                d_gate, d_up, y = one pass over (dy, gate, up)     (y recomputed, bit-identical to the forward's)
                dW = dz^T @ y
@@ -30,7 +30,7 @@ def _check(gate, up, weight):
 
 
 def launch_forward(gate, up, weight, activation):
-    """liger::gated_down_proj with liger::gated_act's Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    """liger::gated_down_proj with liger::gated_mlp's Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
     _check(gate, up, weight)
     # F.linear, not torch.mm(...).view(...): an op's output must not be a view
     return torch.nn.functional.linear(gated_mlp.launch_forward(gate, up, activation), weight)
@@ -52,7 +52,7 @@ def _finish_backward(dz2, weight, weight_needs_grad, outs):
 
 
 def launch_backward(dz, gate, up, weight, activation, weight_needs_grad):
-    """liger::gated_down_proj_backward with liger::gated_act's backward kernel, which writes y again in its pass."""
+    """liger::gated_down_proj_backward with liger::gated_mlp's backward kernel, which writes y again in its pass."""
     dz2 = _rows(dz)
     dy = torch.mm(dz2, weight).view(gate.shape)
     outs = gated_mlp.launch_backward(dy, gate, up, activation, recompute_y=weight_needs_grad)

@@ -1,4 +1,4 @@
-"""Gated MLP activation as one fused op: ``liger::gated_act`` and its backward ``liger::gated_act_backward``.
+"""Gated MLP activation as one fused op: ``liger::gated_mlp`` and its backward ``liger::gated_mlp_backward``.
 
 Math (g = gate, u = up, elementwise, all arithmetic in fp32, rounded once on store):
     silu:      a(g) = g * sigmoid(g)                               a'(g) = s * (1 + g * (1 - s)),  s = sigmoid(g)
@@ -126,7 +126,7 @@ def config_2d(n_cols: int) -> dict:
 
 def _act_id(activation: str) -> int:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"gated_act: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        raise ValueError(f"gated_mlp: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     return ACTIVATIONS[activation]
 
 
@@ -136,7 +136,7 @@ def _row_stride(t2: torch.Tensor) -> int:
 
 def _check(gate, other, name="up"):
     if gate.shape != other.shape:
-        raise ValueError(f"gated_act: gate {tuple(gate.shape)} and {name} {tuple(other.shape)} differ")
+        raise ValueError(f"gated_mlp: gate {tuple(gate.shape)} and {name} {tuple(other.shape)} differ")
 
 
 def launch_forward(gate, up, activation, config=None):
@@ -202,7 +202,7 @@ def _act_and_grad_torch(g: torch.Tensor, activation: str, with_grad: bool):
 
 
 def reference_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """liger::gated_act in plain torch (the op off CUDA), the kernel's fp32 math rounded once: act(gate) * up,
+    """liger::gated_mlp in plain torch (the op off CUDA), the kernel's fp32 math rounded once: act(gate) * up,
     activation in {"silu", "gelu_tanh"}."""
     _check(gate, up)
     _act_id(activation)
@@ -213,7 +213,7 @@ def reference_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> 
 def reference_backward(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """liger::gated_act_backward in plain torch -> (d_gate, d_up); recomputes act(gate) rather than reading a saved
+    """liger::gated_mlp_backward in plain torch -> (d_gate, d_up); recomputes act(gate) rather than reading a saved
     copy."""
     _check(gate, up)
     _act_id(activation)
@@ -230,7 +230,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dg, du = torch.ops.liger.gated_act_backward(dy, gate, up, ctx.activation)
+    dg, du = torch.ops.liger.gated_mlp_backward(dy, gate, up, ctx.activation)
     return dg, du, None
 
 
@@ -245,6 +245,6 @@ def _backward_examples(device, width):
             for gate, up, activation in _forward_examples(device, width)]
 
 
-gated_act = declare("gated_act", launch_forward, reference_forward, setup_context=_setup_context, backward=_backward,
+gated_mlp = declare("gated_mlp", launch_forward, reference_forward, setup_context=_setup_context, backward=_backward,
                     examples=_forward_examples)
-gated_act_backward = declare("gated_act_backward", launch_backward, reference_backward, examples=_backward_examples)
+gated_mlp_backward = declare("gated_mlp_backward", launch_backward, reference_backward, examples=_backward_examples)

@@ -1,4 +1,4 @@
-"""The gated MLP's `act(gate) * up` (SwiGLU with SiLU, GeGLU with tanh-GELU), fused into ``liger::gated_act``,
+"""The gated MLP's `act(gate) * up` (SwiGLU with SiLU, GeGLU with tanh-GELU), fused into ``liger::gated_mlp``,
 or, when the product goes straight into down_proj, `down_proj(act(gate) * up)` fused into ``liger::gated_down_proj``.
 
 `gate` and `up` are whatever feeds the product: the outputs of gate_proj and up_proj (Llama, Gemma...) or the two
@@ -42,7 +42,7 @@ def make_fused_down(activation: str):
 
 def make_fused(activation: str):
     def fused(gate, up):
-        return torch.ops.liger.gated_act(gate, up, activation)
+        return torch.ops.liger.gated_mlp(gate, up, activation)
 
     return fused
 

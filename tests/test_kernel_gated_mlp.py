@@ -1,4 +1,4 @@
-"""liger::gated_act against float64 act(gate) * up: Triton launchers (1-D and 2-D), op (autograd), torch.compile."""
+"""liger::gated_mlp against float64 act(gate) * up: Triton launchers (1-D and 2-D), op (autograd), torch.compile."""
 import math
 import pytest
 import torch
@@ -109,7 +109,7 @@ def test_op_autograd_chunked(device, dtype, activation):
     torch.manual_seed(2)
     gate_up = (torch.randn(ROWS, 2 * COLS, device=device) * 3).to(dtype).requires_grad_()
     gate, up = gate_up.chunk(2, dim=-1)
-    y = torch.ops.liger.gated_act(gate, up, activation)
+    y = torch.ops.liger.gated_mlp(gate, up, activation)
     dy = torch.randn_like(y)
     ry, rdg, rdu = ref_f64(gate, up, activation, dy)
     assert_close(y, ry, dtype)
@@ -121,16 +121,16 @@ def test_op_autograd_chunked(device, dtype, activation):
 def test_opcheck():
     gate, up = inputs("chunked", torch.float32, "cpu")
     for activation in ACTS:
-        torch.library.opcheck(torch.ops.liger.gated_act, (gate.clone().requires_grad_(), up, activation))
-        torch.library.opcheck(torch.ops.liger.gated_act_backward, (torch.randn(gate.shape), gate, up, activation))
+        torch.library.opcheck(torch.ops.liger.gated_mlp, (gate.clone().requires_grad_(), up, activation))
+        torch.library.opcheck(torch.ops.liger.gated_mlp_backward, (torch.randn(gate.shape), gate, up, activation))
 
 
 def test_rejects_bad_arguments():
     gate, up = inputs("contiguous", torch.float32, "cpu")
     with pytest.raises(ValueError, match="activation"):
-        torch.ops.liger.gated_act(gate, up, "relu")
+        torch.ops.liger.gated_mlp(gate, up, "relu")
     with pytest.raises(ValueError, match="differ"):
-        torch.ops.liger.gated_act(gate, up[:, :-1], "silu")
+        torch.ops.liger.gated_mlp(gate, up[:, :-1], "silu")
 
 
 @pytest.mark.parametrize("device", OP_DEVICES)
@@ -140,7 +140,7 @@ def test_torch_compile_inductor(device):
 
     def f(gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
-        y = torch.ops.liger.gated_act(gate, up, "silu") + torch.ops.liger.gated_act(gate, up, "gelu_tanh")
+        y = torch.ops.liger.gated_mlp(gate, up, "silu") + torch.ops.liger.gated_mlp(gate, up, "gelu_tanh")
         return (y * w).sum(), y
 
     compiled = torch.compile(f, backend="inductor", fullgraph=True)

@@ -28,7 +28,7 @@ CASES = {
                      add_rms_norm.launch_forward, 1),
     "rotary": (torch.ops.liger.rotary, lambda: (_t(2, 4, 3, 8), _t(2, 2, 3, 8), _t(1, 3, 8, grad=False),
                                                 _t(1, 3, 8, grad=False), 1), rotary.launch, 0),
-    "gated_act": (torch.ops.liger.gated_act, lambda: (_t(2, 3, 16), _t(2, 3, 16), "silu"), gated_mlp.launch_forward, 0),
+    "gated_mlp": (torch.ops.liger.gated_mlp, lambda: (_t(2, 3, 16), _t(2, 3, 16), "silu"), gated_mlp.launch_forward, 0),
     "gated_down_proj": (torch.ops.liger.gated_down_proj, lambda: (_t(2, 3, 16), _t(2, 3, 16), _t(8, 16), "silu"),
                         None, 0),
     "varlen_attention": (torch.ops.liger.varlen_attention, lambda: (
