@@ -1,6 +1,8 @@
 """A second process with the same model and shapes reuses the first one's compile: every graph we hand Inductor hits
 its FX graph cache, and the joint graph AOTAutograd's cache (so our rewritten graphs, our ops and their options make
-stable cache keys). Both processes share a fresh cache directory; a training step each, backend="liger"."""
+stable cache keys). Both processes share a fresh cache directory; a training step each, backend="liger". The same
+holds for a job moved to another machine with PyTorch's portable cache artifacts: the first process saves them
+(torch.compiler.save_cache_artifacts), the second loads them into an empty cache directory before compiling."""
 from __future__ import annotations
 
 import json
@@ -21,16 +23,21 @@ from torch._dynamo.utils import counters
 from models import batch, tiny
 report = liger_compile.Report()
 model = tiny("llama", layers=1)
+artifacts = {artifacts!r}
+if artifacts and os.path.exists(artifacts):
+    torch.compiler.load_cache_artifacts(open(artifacts, "rb").read())
 torch.compile(model, backend="liger", options={{"report": report}})(**batch()).loss.backward()
+if artifacts and not os.path.exists(artifacts):
+    open(artifacts, "wb").write(torch.compiler.save_cache_artifacts()[0])
 print(json.dumps({{"inductor": dict(counters["inductor"]), "aot": dict(counters["aot_autograd"]),
                   "fused": report.counts}}))
 """
 
 
-def run_step(cache_dir: Path) -> dict:
+def run_step(cache_dir: Path, artifacts: Path | None = None) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
            "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
-    out = subprocess.run([sys.executable, "-c", STEP.format(tests=str(TESTS))], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", STEP.format(tests=str(TESTS), artifacts=str(artifacts) if artifacts else "")], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -44,3 +51,14 @@ def test_second_process_hits_every_cache(tmp_path):
     assert second["inductor"].get("fxgraph_cache_hit") == graphs, second
     assert not second["inductor"].get("fxgraph_cache_miss") and not second["inductor"].get("fxgraph_cache_bypass")
     assert second["aot"].get("autograd_cache_hit") == first["aot"].get("autograd_cache_miss") == 1, (first, second)
+
+
+def test_portable_cache_artifacts_warm_an_empty_cache(tmp_path):
+    artifacts = tmp_path / "liger_cache.bin"
+    first = run_step(tmp_path / "machine_a", artifacts)
+    assert artifacts.stat().st_size > 0
+    second = run_step(tmp_path / "machine_b", artifacts)  # nothing in its cache directory but what it loads
+    graphs = first["inductor"].get("fxgraph_cache_miss", 0)
+    assert graphs >= 2 and second["fused"] == first["fused"], (first, second)
+    assert second["inductor"].get("fxgraph_cache_hit") == graphs and not second["inductor"].get("fxgraph_cache_miss")
+    assert second["aot"].get("autograd_cache_hit") == 1, second
