@@ -43,6 +43,13 @@ def check(m: Match) -> str | None:
         return f"attention dropout ({m['dropout_p']}) is not supported"
     if q.shape[-2] != k.shape[-2]:
         return "query and key lengths differ (a KV cache)"
+    v = m.value("value")
+    if not isinstance(v, torch.Tensor) or v.shape != k.shape or k.shape[-1] != q.shape[-1]:
+        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        return (f"query {tuple(q.shape)}, key {tuple(k.shape)} and value {shape} differ in head size (the op "
+                "takes one head size for all three)")
+    if mask.shape[-2:] != q.shape[-2:-1] * 2 or mask.shape[0] not in (1, q.shape[0]):
+        return f"the mask {tuple(mask.shape)} is not [B or 1, 1, T, T] for T = {q.shape[-2]}"
     if q.device.type == "cuda" and q.dtype not in DTYPES_ON_GPU:
         return f"{q.dtype} on a GPU: FlashAttention takes {', '.join(map(str, DTYPES_ON_GPU))}"
     if "enable_gqa" in m.bindings and m["enable_gqa"] and q.shape[1] % k.shape[1]:

@@ -122,3 +122,23 @@ def test_bad_shapes_are_clear_errors():
             B, T, 3, D).contiguous(), right_padded(), None)
     with pytest.raises(ValueError, match=r"is not \[B or 1, 1, 16, 16\]"):
         torch.ops.liger.varlen_attention(q, k, v, right_padded()[:, :, :8], None)
+
+
+def test_value_head_size_other_than_the_query_s_is_left_to_sdpa():
+    """Multi-head latent attention (DeepSeek-V3 style): values with a smaller head size than queries and keys. The op
+    takes one head size, so the fusion is refused with that reason and the compiled attention equals eager's."""
+    import liger_compile
+
+    def attention(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 8)
+    real = torch.arange(8) < torch.tensor([8, 5])[:, None]
+    mask = (torch.ones(8, 8, dtype=torch.bool).tril() & real[:, None, :])[:, None]  # right padding
+    report = liger_compile.Report()
+    got = torch.compile(attention, backend="liger", options={"report": report})(q, k, v, mask)
+    torch.testing.assert_close(got, attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert report.counts.get("varlen_attention", 0) == 0, str(report)
+    assert any(m.pattern == "varlen_attention" and "differ in head size" in m.reason for m in report.near_misses), \
+        str(report)
