@@ -130,7 +130,7 @@ def test_right_padding_with_masked_labels_matches_eager(p=FP32):
     # the graph is compiled assuming every real token sees exactly the tokens before it, tested on the mask built
     # from this batch's attention_mask: right padding passes, so the attention is is_causal SDPA
     assert report.counts == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "geglu": 0, "linear_cross_entropy": 1,
-                             "causal_mask": 2, "varlen_attention": 0}, str(report)
+                             "causal_mask": 2, "varlen_attention": 0, "layer_norm": 0}, str(report)
     assert all("a causal mask for its real tokens at run time" in s.variant for g in report.graphs for s in g.fused
                if s.pattern == "causal_mask"), str(report)
     assert facts.stats["assumed"] - assumed == 1 and not report.near_misses, str(report)
@@ -177,7 +177,7 @@ def test_gradient_checkpointing_matches_eager(use_reentrant, p=FP32):
     report = p.check(model, training_step(p.to(batch()))).report
     assert not report.fallbacks, str(report)
     assert report.counts == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "geglu": 0, "linear_cross_entropy": 1,
-                             "causal_mask": 2, "varlen_attention": 0}, str(report)
+                             "causal_mask": 2, "varlen_attention": 0, "layer_norm": 0}, str(report)
     in_bodies = [s for g in report.graphs for s in g.fused if "[in " in s.where]
     assert len(in_bodies) == 2 * 2 + 2 + 2 + 2  # per layer: two norms, rotary, gated MLP, attention
     assert not report.near_misses, str(report)

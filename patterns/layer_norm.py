@@ -1,0 +1,121 @@
+"""LayerNorm over the last dimension, in the forms Hugging Face models write it, fused into ``liger::layer_norm``.
+
+Matched by the math, not by module class:
+- `functional`: what Dynamo records for an `nn.LayerNorm` module (GPT-NeoX, Phi and its q/k norms, StableLM and
+  its per-head norms, OPT; with `bias=False` the bias is None, with `elementwise_affine=False` both are): a
+  `F.layer_norm(x, (H,), weight, bias, eps)` call;
+- `upcast`: the same call on `x.to(torch.float32)`, cast back to x's dtype (OLMo's weightless LayerNorm). The op
+  reads x as it is and writes the result in its dtype, computing in fp32 in between, as eager does;
+- `mean_variance`: the hand-written form of Cohere and Cohere2 (weight only, in fp32, cast back at the end).
+Weight and bias may each be absent; a weight of another shape than [H] (Cohere's q/k norms: [heads, head_dim]) is
+refused, and so is a normalised shape of more than the last dimension.
+"""
+import torch
+import torch.nn.functional as F
+
+from liger_compile.kernels import layer_norm as _op  # noqa: F401  (defines torch.ops.liger.layer_norm)
+from liger_compile.kernels._common import FLOAT_DTYPES
+from liger_compile.kernels.layer_norm import MAX_FUSED_COLS
+from liger_compile.matcher import Match, example_value
+from liger_compile.pattern import Pattern
+
+
+# --- the forms, as the models write them -------------------------------------------------------------------
+def functional(x, normalized_shape, weight, bias, eps):
+    """nn.LayerNorm, as Dynamo records the module's forward."""
+    return F.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+def upcast(x, normalized_shape, weight, bias, eps, in_dtype):
+    """OLMo: the LayerNorm of the input cast to fp32, cast back."""
+    return F.layer_norm(x.to(torch.float32), normalized_shape, weight, bias, eps).to(in_dtype)
+
+
+def mean_variance(x, weight, eps, dim, in_dtype):
+    """Cohere, Cohere2: mean and variance by hand in fp32, an fp32 scale, cast at the end."""
+    h = x.to(torch.float32)
+    mean = h.mean(dim, keepdim=True)
+    variance = (h - mean).pow(2).mean(dim, keepdim=True)
+    h = (h - mean) * torch.rsqrt(variance + eps)
+    h = weight.to(torch.float32) * h
+    return h.to(in_dtype)
+
+
+# --- what they become --------------------------------------------------------------------------------------
+def _scalar(v):
+    """A constant becomes a Python float; a symbolic one (dynamic=True makes module floats graph inputs) stays."""
+    return float(v) if isinstance(v, (int, float)) else v
+
+
+def fused(x, weight, eps, bias=None, **_):
+    """Every form's replacement; what the op does not take (the normalised shape, dim, in_dtype) the check has read.
+    The hand-written form has no bias."""
+    return torch.ops.liger.layer_norm(x, weight, bias, _scalar(eps))[0]
+
+
+# --- when it is safe ---------------------------------------------------------------------------------------
+def _parameter(m: Match, name: str, cols: int, x: torch.Tensor) -> str | None:
+    """Why the weight or bias (absent, or a [cols] float tensor on x's device) cannot be passed to the op."""
+    upcast_by_the_model = "dim" in m.bindings  # mean_variance multiplies by weight.to(torch.float32)
+    if name not in m.bindings or m[name] is None:
+        return None
+    p = m.value(name)
+    if not isinstance(p, torch.Tensor):
+        return f"the {name} is not a tensor (got {type(p).__name__})"
+    if p.dim() != 1 or p.shape[0] != cols:
+        return f"{name} shape {tuple(p.shape)}: the op takes a [{cols}] {name} over the last dimension"
+    # F.layer_norm's own rule: parameters in x's dtype, or fp32 ones for a bf16/fp16 input (output in x's dtype);
+    # the hand-written form upcasts its weight, so any float weight is exact there, as in the op
+    if p.dtype not in FLOAT_DTYPES or (p.dtype not in (x.dtype, torch.float32) and not upcast_by_the_model):
+        return f"unsupported dtypes x={x.dtype}, {name}={p.dtype}"
+    if p.device != x.device:
+        return f"input and {name} are on different devices"
+    return None
+
+
+def check(m: Match) -> str | None:
+    x = m.value("x")
+    if not isinstance(x, torch.Tensor):
+        return "input is not a tensor"
+    if x.dtype not in FLOAT_DTYPES:
+        return f"unsupported input dtype {x.dtype}"
+    if x.dim() < 1:
+        return "the input is a scalar"
+    cols = x.shape[-1]
+    if not isinstance(cols, int):
+        return "the normalised dimension is dynamic; the kernel tiles it at compile time"
+    if "normalized_shape" in m.bindings:
+        shape = m.value("normalized_shape")
+        if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 1 or shape[0] != cols:
+            return (f"normalises over shape {shape!r}, not the last dimension alone ({cols}); the kernel normalises "
+                    "the last dimension only")
+    if "dim" in m.bindings and m["dim"] not in (-1, x.dim() - 1):
+        return f"reduces over dim {m['dim']}, not the last one"
+    for name in ("weight", "bias"):
+        why = _parameter(m, name, cols, x)
+        if why:
+            return why
+    if not isinstance(m.value("eps"), (int, float, torch.SymFloat)):
+        return f"eps is not a float scalar (got {type(m.value('eps')).__name__})"
+    if "in_dtype" in m.bindings and m.dtype("in_dtype") != x.dtype:
+        return f"casts to {m.dtype('in_dtype')} instead of the input dtype {x.dtype}"
+    root = example_value(m.root)
+    if isinstance(root, torch.Tensor) and root.dtype != x.dtype:
+        # CUDA autocast runs layer_norm in fp32 for a bf16/fp16 input; the op writes x's dtype
+        return f"the graph's layer_norm returns {root.dtype} for a {x.dtype} input (autocast); the op returns {x.dtype}"
+    stride = x.stride(-1)
+    if cols > 1 and isinstance(stride, int) and stride != 1:
+        return f"the last dimension has stride {stride}: the kernel reads unit-stride rows (a copy would be needed)"
+    if cols > MAX_FUSED_COLS:
+        return f"last dimension {cols} exceeds the one-pass kernel's {MAX_FUSED_COLS}"
+    return None
+
+
+# The upcast form first: it takes OLMo's casts along, which `functional` would leave around the call. The anchor
+# (near misses) is the F.layer_norm call: the report keys anchors by pattern name, one op per name, so a refused
+# hand-written form (mean_variance) is left to Inductor without a near-miss line.
+PATTERNS = [
+    Pattern("layer_norm", "upcast", upcast, fused, check, anchor="layer_norm"),
+    Pattern("layer_norm", "mean_variance", mean_variance, fused, check, anchor="layer_norm"),
+    Pattern("layer_norm", "functional", functional, fused, check, anchor="layer_norm"),
+]
