@@ -170,7 +170,7 @@ def _candidates(graph: Graph, pattern: Pattern, covered: set[Node], scope: _Scop
 def _verdict(m: Match, pattern: Pattern, covered: set[Node], scope: _Scope) -> Verdict:
     if covered.intersection(m.nodes):
         return Refuse("overlaps a site another pattern already fused")
-    objection = _subclass_input(m) or pattern.check(m)
+    objection = _subclass_input(m) or _unplaceable(m) or pattern.check(m)
     assuming = None
     if isinstance(objection, Assume):  # fused if every input it is about can be tested at run time
         assuming = _testable(objection, scope)
@@ -262,7 +262,7 @@ def _insert_replacement(graph: Graph, m: Match, pattern: Pattern, keep: bool = F
         if isinstance(value, DtypeOf):
             value = m.dtype(name)
         args[name] = Proxy(value, tracer) if isinstance(value, Node) else value
-    with graph.inserting_before(m.root):
+    with _insertion_point(graph, m):
         if keep:
             out, kept = pattern.replace_keeping(**args)
             (returned,) = m.returned
@@ -282,6 +282,32 @@ def _insert_replacement(graph: Graph, m: Match, pattern: Pattern, keep: bool = F
         if not n.users:
             graph.erase_node(n)
     return new
+
+
+def _placement(m: Match) -> tuple[str, Node] | str:
+    """Where the fused op goes: before the match's root, unless an input of it is computed after the root (a model
+    that rotates q, then computes k and rotates it: the one op for both goes after k, before q's first use); or why
+    there is no such place."""
+    order = {n: i for i, n in enumerate(m.root.graph.nodes)}
+    inputs = [v for v in m.bindings.values() if isinstance(v, Node)]
+    last_input = max(inputs, key=order.__getitem__, default=None)
+    if last_input is None or order[last_input] < order[m.root]:
+        return "before", m.root
+    first_use = min((order[u] for r in m.roots or [m.root] for u in r.users), default=len(order))
+    if order[last_input] >= first_use:
+        return (f"one of its outputs ({m.root.name}) is used before {last_input.name}, an input of the fused op, is "
+                "computed")
+    return "after", last_input
+
+
+def _unplaceable(m: Match) -> str | None:
+    placement = _placement(m)
+    return placement if isinstance(placement, str) else None
+
+
+def _insertion_point(graph: Graph, m: Match):
+    where_to, node = _placement(m)
+    return graph.inserting_before(node) if where_to == "before" else graph.inserting_after(node)
 
 
 def _node(x):
