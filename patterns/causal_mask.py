@@ -115,13 +115,18 @@ def _static(shape) -> bool:
     return all(isinstance(s, int) for s in shape)
 
 
-def check_gqa(m: Match) -> str | None:
+def repeated_heads_line_up(m: Match) -> str | None:
+    """For HF's repeat_kv form: the copied key/value heads are the query heads (shared with varlen_attention)."""
     k, q = m.value("key"), m.value("query")
     if not isinstance(k, torch.Tensor) or k.dim() != 4 or q.dim() != 4:
         return "query/key are not [B, H, T, D]"
     if k.shape[1] != m["kv_heads"] or m["kv_heads"] * m["n_rep"] != m["heads"] or q.shape[1] != m["heads"]:
         return "the repeated heads do not line up with the query heads"
-    return check(m)
+    return None
+
+
+def check_gqa(m: Match) -> str | None:
+    return repeated_heads_line_up(m) or check(m)
 
 
 def check(m: Match) -> str | None:

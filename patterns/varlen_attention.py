@@ -13,7 +13,8 @@ from liger_compile.kernels import varlen_attention as _op  # noqa: F401  (define
 from liger_compile.lazy import extract
 from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
-from liger_compile.patterns.causal_mask import _check_budget, _static, masked_sdpa, masked_sdpa_repeated_kv
+from liger_compile.patterns.causal_mask import (_check_budget, _static, masked_sdpa, masked_sdpa_repeated_kv,
+                                                repeated_heads_line_up)
 
 PRIORITY = 20  # after causal_mask's plain-causal rewrite
 DTYPES_ON_GPU = _op.FLASH_DTYPES  # fp32 on a GPU would run the op's plain-torch path: slower than SDPA's own
@@ -75,11 +76,7 @@ def _known_without_segments(m: Match) -> str | None:
 
 
 def check_gqa(m: Match) -> str | None:
-    k, q = m.value("key"), m.value("query")
-    if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[1] != m["kv_heads"] or q.shape[1] != m["heads"] \
-            or m["kv_heads"] * m["n_rep"] != m["heads"]:
-        return "the repeated heads do not line up with the query heads"
-    return check(m)
+    return repeated_heads_line_up(m) or check(m)
 
 
 PATTERNS = [
