@@ -1,6 +1,6 @@
 """Kernel benchmarks on one CUDA GPU: HF eager, torch.compile (Inductor) of the same code, Liger-Kernel, ours.
 
-    python bench/bench_kernels.py [--only rms_norm,add_rms_norm,rotary,gated_mlp,linear_cross_entropy]
+    python bench/bench_kernels.py [--only rms_norm,add_rms_norm,rotary,gated_mlp,linear_cross_entropy,layer_norm]
         [--out bench/results]
 
 Shapes are Llama-3-8B's at 16,384 tokens, bf16. For each variant: forward,
@@ -185,9 +185,37 @@ def case_linear_cross_entropy():
     return [x, w], [x, w], variants, {"flops": 3 * 2 * n * h * v}
 
 
+def case_layer_norm():
+    """nn.LayerNorm with weight and bias (GPT-NeoX, Phi, StableLM, OPT), at the other cases' rows and width."""
+    import liger_compile.kernels.layer_norm  # noqa: F401, PLC0415
+
+    n, d = 16384, 4096
+    x = torch.randn(n, d, device=DEV, dtype=DT, requires_grad=True)
+    hf = torch.nn.LayerNorm(d, eps=1e-5).to(DEV, DT)
+    hf.weight.data.normal_(1.0, 0.1)
+    hf.bias.data.normal_(0.0, 0.1)
+    variants = {
+        "hf_eager": hf,
+        "inductor": torch.compile(hf),
+        "ours": lambda t: torch.ops.liger.layer_norm(t, hf.weight, hf.bias, 1e-5)[0],
+        "ours_backend": torch.compile(hf, backend="liger"),
+    }
+    if _liger("layer_norm"):
+        from liger_kernel.transformers.layer_norm import LigerLayerNorm  # noqa: PLC0415
+
+        lg = LigerLayerNorm(d, eps=1e-5, bias=True).to(DEV, DT)
+        lg.weight.data.copy_(hf.weight.data)
+        lg.bias.data.copy_(hf.bias.data)
+        variants["liger"] = (lg, [x, lg.weight, lg.bias])
+    _show_fusions(hf, x)
+    # fwd: read x, write y; bwd: read dy and x, write dx (weight, bias, mean and rstd are negligible)
+    return [x], [x, hf.weight, hf.bias], variants, {"bytes": 5 * n * d * 2}
+
+
 # kernel module -> its case, in the table's order
 CASES = {"rms_norm": case_rms_norm, "add_rms_norm": case_add_rms_norm, "rotary": case_rotary,
-         "gated_mlp": case_gated_mlp, "linear_cross_entropy": case_linear_cross_entropy}
+         "gated_mlp": case_gated_mlp, "linear_cross_entropy": case_linear_cross_entropy,
+         "layer_norm": case_layer_norm}
 
 
 def untimed_kernels() -> list[str]:

@@ -61,7 +61,7 @@ for stage in "${@:-tests}"; do
     tests) timeout 540 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/test_gpu.py \
              tests/test_gpu_families.py tests/test_kernel_rms_norm.py tests/test_kernel_rotary.py \
              tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py tests/test_kernel_add_rms_norm.py \
-             tests/test_kernel_linear_cross_entropy.py tests/test_kernel_lce_exp_matmul.py \
+             tests/test_kernel_linear_cross_entropy.py tests/test_kernel_lce_exp_matmul.py tests/test_kernel_layer_norm.py \
              tests/test_kernel_launch_args.py tests/test_gpu_training_shapes.py tests/test_graph_breaks.py \
              tests/test_runtime_masks.py tests/test_op_outputs.py tests/test_varlen_attention.py \
              > "$R/gpu_tests.log" 2>&1
@@ -93,7 +93,7 @@ for stage in "${@:-tests}"; do
            tail -8 "$R/check_lce_paths.log" ;;
     trig) timeout 200 python3 bench/investigations/bench_rotary_trig.py --out "$R" > "$R/bench_rotary_trig.log" 2>&1
           tail -8 "$R/bench_rotary_trig.log" ;;
-    kernels) timeout 300 python3 bench/bench_kernels.py --out "$R" > "$R/bench_kernels.log" 2>&1
+    kernels) timeout 300 python3 bench/bench_kernels.py ${KERNELS_ONLY:+--only $KERNELS_ONLY} --out "$R" > "$R/bench_kernels.log" 2>&1
              grep -E "^\| |FAILED|report:" "$R/bench_kernels.log" ;;
     e2e4k) timeout 400 $E2E --timeout 110 2>&1 | tail -9 ;;
     ours4k) timeout 150 $E2E --variants ours --timeout 140 2>&1 | tail -4 ;;
