@@ -1,4 +1,4 @@
-"""Scalar math that triton.language lacks, shared by the lm_head + cross-entropy kernels."""
+"""Scalar math that triton.language lacks, shared by the lm_head kernels (cross-entropy, per-token log-probs)."""
 import triton
 import triton.language as tl
 
@@ -27,3 +27,11 @@ def round_to_bf16(x, BY_HAND: tl.constexpr):
         return bits.to(tl.float32, bitcast=True)
     else:
         return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def expm1(x):
+    # expm1 from exp: u = e^x is rounded, and (u - 1) * x / log(u) cancels that rounding (Kahan's trick).
+    u = tl.exp(x)
+    lu = tl.where((u == 1.0) | (u == 0.0), 1.0, tl.log(u))  # keeps the unused branches free of 0/0
+    return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0, (u - 1.0) * (x / lu)))

@@ -49,6 +49,11 @@ from .accelerate_support import register_with_accelerate  # noqa: E402
 # `TrainingArguments(torch_compile_backend="liger")` goes through accelerate, whose backend enum must know the name.
 register_with_accelerate()
 
+from .trl_support import install as _install_trl_head  # noqa: E402
+
+# Under torch.compile, TRL's fused LM head (SFT, DPO, KTO, GRPO, RLOO) runs on our op inside the model's graph.
+_install_trl_head()
+
 
 def explain(model, *args, **kwargs) -> Report:
     """Runs Dynamo and our rewrite on `model(*args, **kwargs)` (the rewritten graphs run eagerly, no Inductor)

@@ -159,7 +159,7 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.liger.layer_norm, (*grads, EPS))
         _, mean, rstd = layer_norm.reference_forward(x, w, b, EPS)
         torch.library.opcheck(torch.ops.liger.layer_norm_backward,
-                              (torch.randn(x.shape), x, w, mean, rstd, weight, b.dtype if bias else None))
+                              (torch.randn(x.shape, device=x.device), x, w, mean, rstd, weight, b.dtype if bias else None))
 
 
 def test_outputs_are_not_views_and_take_in_place_updates():
