@@ -7,6 +7,7 @@
 #   lce        lm_head+CE: row-kernel and chunk settings, two-stream variant, profile (bench/investigations/bench_lce.py)
 #   lceexp     lm_head+CE with the softmax in our matmul's epilogue: tile settings vs cuBLAS, op by path, profile
 #   paths      lm_head+CE: op time of each path at hidden 2048 and 4096, memory left after calls (check_lce_paths.py)
+#   trltests   the per-token log-prob op and TRL fused-head tests on the GPU
 #   lcetests   the lm_head+CE tests only (test_gpu.py's and the kernel tests on CUDA)
 #   trig       rotary with cos/sin computed in the kernel vs read (bench/investigations/bench_rotary_trig.py)
 #   kernels    kernel table (eager, Inductor, Liger-Kernel, ours): event, GPU-busy and CUDA-graph times, memory
@@ -62,10 +63,14 @@ for stage in "${@:-tests}"; do
              tests/test_gpu_families.py tests/test_kernel_rms_norm.py tests/test_kernel_rotary.py \
              tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py tests/test_kernel_add_rms_norm.py \
              tests/test_kernel_linear_cross_entropy.py tests/test_kernel_lce_exp_matmul.py tests/test_kernel_layer_norm.py \
+             tests/test_kernel_token_logprobs.py tests/test_trl_head.py \
              tests/test_kernel_launch_args.py tests/test_gpu_training_shapes.py tests/test_graph_breaks.py \
              tests/test_runtime_masks.py tests/test_op_outputs.py tests/test_varlen_attention.py \
              > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
+    trltests) timeout 120 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 110 \
+                tests/test_kernel_token_logprobs.py tests/test_trl_head.py > "$R/gpu_trl_tests.log" 2>&1
+              grep -E "FAILED|ERROR|passed|failed" "$R/gpu_trl_tests.log" | tail -12 ;;
     retest) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \
               tests/test_kernel_add_rms_norm.py tests/test_gpu_training_shapes.py -k "not padding and not packed" \
               > "$R/gpu_retest.log" 2>&1
