@@ -58,7 +58,8 @@ class Pattern:
     search: Callable  # the model's math, as plain torch code; its parameters are the wildcards
     replace: Callable  # same parameters; builds the fused call
     check: Callable[[Match], str | Assume | None] = _no_objection  # why a site must not be fused, or None
-    anchor: str | None = None  # an op that marks a candidate site, for near-miss reports (e.g. "rsqrt")
+    # what marks a candidate site, for near-miss reports: an op name (e.g. "rsqrt") or a test of a node
+    anchor: str | Callable | None = None
     # An interior value the graph also returns (the logits next to a fused loss) may be provided by the rewrite:
     # lazily (computed from the match's inputs on first use) or, with `replace_keeping`, by the fused op itself,
     # which then returns (value, kept interior value).

@@ -353,7 +353,11 @@ def _anchors(graph: Graph, patterns: list[Pattern]) -> dict[str, list[tuple[Node
     """Per pattern name, the nodes carrying its anchor op and where they are in the source: taken before the
     rewrite erases any."""
     ops = {p.name: p.anchor for p in patterns if p.anchor}
-    return {name: [(n, where(n)) for n in graph.nodes if op_name(n) == op] for name, op in ops.items()}
+
+    def marks(anchor, node):
+        return op_name(node) == anchor if isinstance(anchor, str) else anchor(node)
+
+    return {name: [(n, where(n)) for n in graph.nodes if marks(op, n)] for name, op in ops.items()}
 
 
 def _near_misses(anchors: dict[str, list[tuple[Node, str]]], covered: set[Node], attempts: list[_Attempt]

@@ -8,7 +8,7 @@ import torch
 
 from liger_compile.kernels import rotary as _op  # noqa: F401  (defines the op)
 from liger_compile.kernels._common import FLOAT_DTYPES
-from liger_compile.matcher import Match, example_value
+from liger_compile.matcher import Match, example_value, op_name
 from liger_compile.pattern import Pattern
 
 
@@ -54,5 +54,13 @@ def check(m: Match) -> str | None:
     return None
 
 
-PATTERNS = [Pattern("rotary", "rotate_half", apply_rotary_pos_emb, fused, check, anchor="neg")]
+def negated_slice(node) -> bool:
+    """A candidate rotary site: the negation of a slice of a tensor (rotate_half's `-x[..., half:]`), not any
+    negation (a loss's `-log_probs.sum()`)."""
+    if op_name(node) != "neg" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    return op_name(node.args[0]) in ("getitem", "narrow", "slice", "chunk")
+
+
+PATTERNS = [Pattern("rotary", "rotate_half", apply_rotary_pos_emb, fused, check, anchor=negated_slice)]
 __all__ = ["PATTERNS", "example_value"]
