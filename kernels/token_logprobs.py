@@ -60,7 +60,7 @@ def _forward_kernel(LOGITS, LABELS, LOGP, ENTROPY, LOG_SUM_SQ, MEAN, TOP1, LOG_Z
     valid = label != ignore_index
     bad = valid & ((label < 0) | (label >= n_cols))
     y = tl.where(valid & ~bad, label, 0)
-    z_y, _t = _transform(tl.load(base + y).to(tl.float32), scale, cap, inv_t, HAS_SOFTCAP)
+    z_y, _t_y = _transform(tl.load(base + y).to(tl.float32), scale, cap, inv_t, HAS_SOFTCAP)
 
     # Running max m (from z_y, so never -inf), and relative to it: S_other = sum_{j != y} e_j, S = sum_j e_j,
     # D = sum_j e_j (z_j - m) (entropy = log S - D / S, with no cancellation between two large terms),
@@ -76,8 +76,8 @@ def _forward_kernel(LOGITS, LABELS, LOGP, ENTROPY, LOG_SUM_SQ, MEAN, TOP1, LOG_Z
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < n_cols
-        z, _t = _transform(tl.load(base + cols, mask=mask, other=0.0).to(tl.float32), scale, cap, inv_t,
-                           HAS_SOFTCAP)
+        z, _t_cols = _transform(tl.load(base + cols, mask=mask, other=0.0).to(tl.float32), scale, cap, inv_t,
+                                HAS_SOFTCAP)
         z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
         max_left = tl.maximum(max_left, tl.max(tl.where(mask & (cols < y), z, float("-inf")), axis=0))
         z = tl.where(mask, z, float("-inf"))

@@ -13,6 +13,7 @@ from liger_compile.kernels.linear_cross_entropy import exp_matmul as lce_exp_mat
 from liger_compile.kernels.linear_cross_entropy import label_logit as lce_label_logit
 from liger_compile.kernels.linear_cross_entropy import row_combine as lce_row_combine
 from liger_compile.kernels.linear_cross_entropy import row_scaled_matmul as lce_row_scaled_matmul
+from liger_compile.kernels import token_logprobs
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -61,6 +62,15 @@ def row_scaled_matmul(m: int, n: int) -> None:
           **cfg)
 
 
+def token_logprobs_rows(backward: bool, softcap: bool) -> None:
+    kernel = token_logprobs._backward_kernel if backward else token_logprobs._forward_kernel
+    out = ("LOGP", "ENTROPY", "LOG_Z", "GRAD_LOGP", "GRAD_ENTROPY") if backward else \
+        ("LOGP", "ENTROPY", "LOG_SUM_SQ", "MEAN", "LOG_Z")
+    types = dict(LOGITS="*bf16", LABELS="*i64", TOP1="*i8", row_stride="i32", n_cols="i32", ignore_index="i32",
+                 logit_scale="fp32", softcap="fp32", inv_temperature="fp32", **{name: "*fp32" for name in out})
+    build(kernel, types, dict(HAS_SOFTCAP=softcap, BLOCK_V=4096), num_warps=8)
+
+
 BUILDS = {
     "exp_matmul": lambda: exp_matmul(False, False),
     "exp_matmul rerun": lambda: exp_matmul(False, True),
@@ -71,6 +81,9 @@ BUILDS = {
     "row_combine rerun softcap": lambda: row_combine(True, True),
     "row_scaled_matmul hidden 4096": lambda: row_scaled_matmul(1024, 4096),
     "row_scaled_matmul hidden 2048": lambda: row_scaled_matmul(1024, 2048),
+    "token_logprobs forward": lambda: token_logprobs_rows(False, False),
+    "token_logprobs forward softcap": lambda: token_logprobs_rows(False, True),
+    "token_logprobs backward softcap": lambda: token_logprobs_rows(True, True),
 }
 
 if __name__ == "__main__":
