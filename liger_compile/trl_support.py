@@ -14,9 +14,13 @@ time answer differently:
 Run eagerly, both are TRL's own, unchanged. Under DeepSpeed ZeRO-3 the head stays TRL's (its backward gathers the
 sharded head weight again, which our op does not).
 
-Installed when ``liger_compile`` is imported (or, if TRL is imported later, when ``trl.trainer.utils`` is), only
-where TRL's function has the signature this was written for; tested with TRL 1.16.0. Anything else leaves TRL
-as it is, with a debug line saying why. ``LIGER_COMPILE_TRL_HEAD=0`` leaves it alone too.
+GKD (``trl.experimental.gkd``) computes its loss from both models' [B, T, V] logits outside any graph; with
+``torch_compile_backend="liger"`` its compute_loss takes the two last hidden states instead and calls
+``liger::linear_jsd`` (``_patch_gkd``).
+
+Installed when ``liger_compile`` is imported (or, if TRL is imported later, when each module is), only where
+TRL's functions have the signatures this was written for; tested with TRL 1.16.0. Anything else leaves TRL as it
+is, with a debug line saying why. ``LIGER_COMPILE_TRL_HEAD=0`` leaves both alone.
 """
 from __future__ import annotations
 
@@ -97,11 +101,81 @@ def _patch(module) -> bool:
     return True
 
 
+GKD_MODULE = "trl.experimental.gkd.gkd_trainer"
+
+
+def _plain_head(model) -> bool:
+    """The model's logits are hidden @ lm_head.weight^T, nothing after (no bias, scale or soft-cap), and its forward
+    can skip them (logits_to_keep)."""
+    config = model.config.get_text_config()
+    head = model.get_output_embeddings()
+    return (head is not None and getattr(head, "bias", None) is None
+            and "logits_to_keep" in inspect.signature(model.forward).parameters
+            and not any(getattr(config, name, None) not in (None, 1.0) for name in
+                        ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                         "lm_head_multiplier")))
+
+
+def _patch_gkd(module) -> bool:
+    """GKDTrainer.compute_loss, when the trainer compiles with torch_compile_backend="liger": the student's and the
+    teacher's last hidden states (logits_to_keep=empty: no logits) into liger::linear_jsd, instead of both [B, T, V]
+    logits into TRL's generalized_jsd_loss. The same loss (beta, TRL's default temperature of 1, the -100 mask,
+    num_items_in_batch or the count of labelled tokens), the student's gradients in chunks. Anything else (another
+    backend, return_outputs, a model whose logits are not a plain lm_head) is TRL's own compute_loss."""
+    if os.environ.get("LIGER_COMPILE_TRL_HEAD", "1") == "0":
+        return False
+    trainer = getattr(module, "GKDTrainer", None)
+    original = getattr(trainer, "compute_loss", None)
+    if original is None or getattr(original, "liger_compile", False):
+        return original is not None
+    try:
+        params = tuple(inspect.signature(original).parameters)
+    except (TypeError, ValueError):
+        params = None
+    if params != ("self", "model", "inputs", "return_outputs", "num_items_in_batch"):
+        log.debug("liger_compile: this TRL's GKDTrainer.compute_loss is not the one liger_compile knows (%s)", params)
+        return False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        unwrap = self.accelerator.unwrap_model
+        student, teacher = unwrap(model), unwrap(self.teacher_model)
+        student = getattr(student, "_orig_mod", student)
+        teacher = getattr(teacher, "_orig_mod", teacher)
+        if (return_outputs or getattr(self.args, "torch_compile_backend", None) != "liger"
+                or not (_plain_head(student) and _plain_head(teacher))):
+            return original(self, model, inputs, return_outputs, num_items_in_batch)
+        import liger_compile.ops as ops  # noqa: PLC0415
+
+        kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                      output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long,
+                                                                            device=inputs["input_ids"].device))
+        student_hidden = model(**kwargs).hidden_states[-1][:, :-1]
+        self.teacher_model.eval()
+        with torch.no_grad():
+            teacher_hidden = self.teacher_model(**kwargs).hidden_states[-1][:, :-1]
+        weights = [student.get_output_embeddings().weight, teacher.get_output_embeddings().weight]
+        device = student_hidden.device.type
+        if torch.is_autocast_enabled(device):  # the lm_head matmul in autocast's dtype, as eager's
+            dtype = torch.get_autocast_dtype(device)
+            student_hidden, teacher_hidden = student_hidden.to(dtype), teacher_hidden.to(dtype)
+            weights = [w.to(dtype) for w in weights]
+        return ops.linear_jsd(student_hidden, weights[0], teacher_hidden, weights[1], inputs["labels"][:, 1:],
+                              beta=self.beta, num_items_in_batch=num_items_in_batch)
+
+    compute_loss.liger_compile = True
+    compute_loss.__wrapped__ = original
+    trainer.compute_loss = compute_loss
+    return True
+
+
+PATCHES = {MODULE: _patch, GKD_MODULE: _patch_gkd}  # module -> what is changed in it when it is imported
+
+
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Patches MODULE right after it is first imported (TRL imported after liger_compile)."""
+    """Patches a module of PATCHES right after it is first imported (TRL imported after liger_compile)."""
 
     def find_spec(self, name, path, target=None):
-        if name != MODULE:
+        if name not in PATCHES:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -110,9 +184,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
             if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
                 run = spec.loader.exec_module
 
-                def exec_module(module, run=run):
+                def exec_module(module, run=run, patch=PATCHES[name]):
                     run(module)
-                    _patch(module)
+                    patch(module)
 
                 spec.loader.exec_module = exec_module
                 return spec
@@ -120,8 +194,10 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Patches TRL's head now if TRL is imported, else when it is."""
-    if MODULE in sys.modules:
-        _patch(sys.modules[MODULE])
-    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+    """Patches what of PATCHES is imported now, and the rest when it is."""
+    for name, patch in PATCHES.items():
+        if name in sys.modules:
+            patch(sys.modules[name])
+    if not all(name in sys.modules for name in PATCHES) and not any(isinstance(f, _AfterImport)
+                                                                    for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())

@@ -13,7 +13,7 @@ from liger_compile.kernels.linear_cross_entropy import exp_matmul as lce_exp_mat
 from liger_compile.kernels.linear_cross_entropy import label_logit as lce_label_logit
 from liger_compile.kernels.linear_cross_entropy import row_combine as lce_row_combine
 from liger_compile.kernels.linear_cross_entropy import row_scaled_matmul as lce_row_scaled_matmul
-from liger_compile.kernels import token_logprobs
+from liger_compile.kernels import linear_jsd, token_logprobs
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -71,6 +71,12 @@ def token_logprobs_rows(backward: bool, softcap: bool) -> None:
     build(kernel, types, dict(HAS_SOFTCAP=softcap, BLOCK_V=4096), num_warps=8)
 
 
+def linear_jsd_rows(mode: int) -> None:
+    types = dict(STUDENT="*bf16", TEACHER="*bf16", LABELS="*i64", LOSSES="*fp32", row_stride_s="i32",
+                 row_stride_t="i32", n_cols="i32", ignore_index="i32", beta="fp32", inv_temperature="fp32")
+    build(linear_jsd._row_kernel, types, dict(MODE=mode, BLOCK_V=4096), num_warps=8)
+
+
 BUILDS = {
     "exp_matmul": lambda: exp_matmul(False, False),
     "exp_matmul rerun": lambda: exp_matmul(False, True),
@@ -84,6 +90,7 @@ BUILDS = {
     "token_logprobs forward": lambda: token_logprobs_rows(False, False),
     "token_logprobs forward softcap": lambda: token_logprobs_rows(False, True),
     "token_logprobs backward softcap": lambda: token_logprobs_rows(True, True),
+    **{f"linear_jsd mode {mode}": (lambda mode=mode: linear_jsd_rows(mode)) for mode in (0, 1, 2)},
 }
 
 if __name__ == "__main__":

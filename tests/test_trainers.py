@@ -217,7 +217,7 @@ def gkd(backend, out):
                       processing_class=tok)
 
 
-TRL_TRAINERS = {"sft": sft, "dpo": dpo, "kto": kto, "grpo": grpo, "gkd": gkd}
+TRL_TRAINERS = {"sft": sft, "dpo": dpo, "kto": kto, "grpo": grpo}  # GKD: test_gkd_loss_runs_on_linear_jsd_without_logits
 
 
 @pytest.mark.parametrize("name", list(TRL_TRAINERS))
@@ -258,3 +258,25 @@ def test_sft_padding_free_runs_attention_per_document(tmp_path, monkeypatch):
     assert_same_losses(ours, ref)
     fused = [s.pattern for r in reports for s in r.fused]
     assert "varlen_attention" in fused and "rotary" in fused, [str(r) for r in reports]
+
+
+
+def test_gkd_loss_runs_on_linear_jsd_without_logits(tmp_path, monkeypatch):
+    """Under torch_compile_backend="liger", GKD's loss is liger::linear_jsd on the two last hidden states (no
+    [B, T, V] logits from either model), and each step's loss equals TRL's own (generalized_jsd_loss on the logits,
+    which the Inductor run takes)."""
+    import liger_compile.ops as ops
+    from trl.experimental.gkd import GKDTrainer
+
+    ours_calls, trl_calls = [], []
+    real_ours, real_trl = ops.linear_jsd, GKDTrainer.generalized_jsd_loss
+    monkeypatch.setattr(ops, "linear_jsd", lambda *a, **k: ours_calls.append(1) or real_ours(*a, **k))
+    monkeypatch.setattr(GKDTrainer, "generalized_jsd_loss",
+                        staticmethod(lambda *a, **k: trl_calls.append(1) or real_trl(*a, **k)))
+    ours, log, _ = run(gkd, "liger", tmp_path)
+    assert (len(ours_calls), len(trl_calls)) == (3, 0)
+    assert log.counts().get("rms_norm", 0) >= 1, log.lines
+    ours_calls.clear()
+    ref, _, _ = run(gkd, "inductor", tmp_path)
+    assert (len(ours_calls), len(trl_calls)) == (0, 3)
+    assert_same_losses(ours, ref)
