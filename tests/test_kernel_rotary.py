@@ -183,3 +183,106 @@ def test_torch_compile_inductor(device):
     comp_out[0].backward()
     for a, b in zip(leaves[1], leaves[0]):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+# --- the other forms: interleaved pairs, a rotated slice with the rest copied, one angle per pair, one tensor ---
+
+def hf_forms_f64(x, cos, sin, unsqueeze_dim, pairs, rotary_start, rotary_dim):
+    """The models' own formulas in float64: rotate_half ("halves"), GPT-J's rotate_every_two ("interleaved"),
+    DeepSeek's apply_rotary_pos_emb_interleave ("interleaved_to_halves"); a table of width R/2 is expanded as HF
+    does (cat(f, f) / repeat_interleave); the channels outside the slice are concatenated back."""
+    r = rotary_dim or x.shape[-1]
+    x = x.double()
+    c, s = cos.double().unsqueeze(unsqueeze_dim), sin.double().unsqueeze(unsqueeze_dim)
+    rot = x[..., rotary_start:rotary_start + r]
+    if pairs == "halves":
+        if c.shape[-1] == r // 2:
+            c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
+        y = rot * c + rotate_half(rot) * s
+    elif pairs == "interleaved":
+        if c.shape[-1] == r // 2:
+            c, s = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
+        y = rot * c + torch.stack((-rot[..., 1::2], rot[..., ::2]), -1).flatten(-2) * s
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        y = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    return torch.cat((x[..., :rotary_start], y, x[..., rotary_start + r:]), -1)
+
+
+# (pairs, rotary_start, rotary_dim, table width as a fraction of the rotated width)
+FORMS = [("halves", 0, 0, 0.5), ("halves", 0, 40, 1), ("interleaved", 0, 0, 1), ("interleaved", 0, 40, 0.5),
+         ("interleaved", 32, 40, 0.5), ("interleaved_to_halves", 0, 0, 0.5), ("interleaved_to_halves", 32, 40, 0.5)]
+FORM_IDS = [f"{p}-{s}-{r}-{w}" for p, s, r, w in FORMS]
+
+
+def form_tables(rotary_dim, frac, dtype, device):
+    w = int((rotary_dim or D) * frac)
+    return torch.randn(1, T, w, device=device).to(dtype), torch.randn(B, T, w, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_launcher_forms_forward_backward(form, dtype):
+    # Random tables (halves of sin differ), non-contiguous q/k as models make them, both layouts across the grid.
+    pairs, start, rdim, frac = form
+    unsqueeze_dim = 1 if dtype == torch.float32 else 2
+    torch.manual_seed(4)
+    q, k = make_qk(unsqueeze_dim, dtype, DEV)
+    cos, sin = form_tables(rdim, frac, dtype, DEV)
+    qo, ko = rotary.launch(q, k, cos, sin, unsqueeze_dim, pairs, start, rdim)
+    assert qo.shape == q.shape and qo.is_contiguous() and qo.dtype == dtype
+    assert_close(qo, hf_forms_f64(q, cos, sin, unsqueeze_dim, pairs, start, rdim), dtype)
+    assert_close(ko, hf_forms_f64(k, cos, sin, unsqueeze_dim, pairs, start, rdim), dtype)
+
+    dq_out, dk_out = torch.randn_like(qo), torch.randn_like(ko)
+    dq, dk = rotary.launch(dq_out, dk_out, cos, sin, unsqueeze_dim, pairs, start, rdim, backward=True)
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    outs = [hf_forms_f64(x, cos, sin, unsqueeze_dim, pairs, start, rdim) for x in (q64, k64)]
+    rdq, rdk = torch.autograd.grad(outs, (q64, k64), (dq_out.double(), dk_out.double()))
+    assert_close(dq, rdq, dtype)
+    assert_close(dk, rdk, dtype)
+
+
+@pytest.mark.parametrize("device", OP_DEVICES)
+@pytest.mark.parametrize("form", FORMS[2:4] + FORMS[-1:], ids=FORM_IDS[2:4] + FORM_IDS[-1:])
+def test_op_one_and_two_tensors_autograd(device, form):
+    pairs, start, rdim, frac = form
+    torch.manual_seed(5)
+    q, k = make_qk(1, torch.float32, device, layout="strided_d")
+    cos, sin = form_tables(rdim, frac, torch.float32, device)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, q)]
+    qo, ko = torch.ops.liger.rotary(leaves[0], leaves[1], cos, sin, 1, pairs, start, rdim)
+    one = torch.ops.liger.rotary_one(leaves[2], cos, sin, 1, pairs, start, rdim)
+    want_q, want_k = (hf_forms_f64(x, cos, sin, 1, pairs, start, rdim) for x in (q, k))
+    assert_close(qo, want_q, torch.float32)
+    assert_close(ko, want_k, torch.float32)
+    assert_close(one, want_q, torch.float32)
+    dq_out, dk_out = torch.randn_like(qo), torch.randn_like(ko)
+    torch.autograd.backward((qo, ko, one), (dq_out, dk_out, dq_out))
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    outs = [hf_forms_f64(x, cos, sin, 1, pairs, start, rdim) for x in (q64, k64)]
+    rdq, rdk = torch.autograd.grad(outs, (q64, k64), (dq_out.double(), dk_out.double()))
+    assert_close(leaves[0].grad, rdq, torch.float32)
+    assert_close(leaves[1].grad, rdk, torch.float32)
+    assert_close(leaves[2].grad, rdq, torch.float32)
+
+
+def test_opcheck_forms():
+    q, k = make_qk(2, torch.float32, "cpu")
+    cos, sin = form_tables(40, 0.5, torch.float32, "cpu")
+    args = (cos, sin, 2, "interleaved", 32, 40)
+    torch.library.opcheck(torch.ops.liger.rotary, (q.requires_grad_(), k.requires_grad_(), *args))
+    torch.library.opcheck(torch.ops.liger.rotary_backward, (q.detach(), k.detach(), *args))
+    torch.library.opcheck(torch.ops.liger.rotary_one, (q.detach().requires_grad_(), *args))
+    torch.library.opcheck(torch.ops.liger.rotary_one_backward, (q.detach(), *args))
+
+
+def test_rejects_bad_forms():
+    q, k = make_qk(1, torch.float32, "cpu")
+    cos, sin = cos_sin(1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="pairs"):
+        torch.ops.liger.rotary(q, k, cos, sin, 1, "pairwise")
+    with pytest.raises(ValueError, match="start or end"):
+        torch.ops.liger.rotary(q, k, cos[..., :40], sin[..., :40], 1, "halves", 8, 40)
+    with pytest.raises(ValueError, match="one angle per pair"):
+        torch.ops.liger.rotary(q, k, cos, sin, 1, "interleaved_to_halves")
