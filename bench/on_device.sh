@@ -68,9 +68,9 @@ for stage in "${@:-tests}"; do
              tests/test_runtime_masks.py tests/test_op_outputs.py tests/test_varlen_attention.py \
              > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
-    trltests) timeout 120 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 110 \
+    trltests) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 110 \
                 tests/test_kernel_token_logprobs.py tests/test_trl_head.py > "$R/gpu_trl_tests.log" 2>&1
-              grep -E "FAILED|ERROR|passed|failed" "$R/gpu_trl_tests.log" | tail -12 ;;
+              grep -E "FAILED|ERROR|passed|failed" "$R/gpu_trl_tests.log" | tail -12; grep -c PASSED "$R/gpu_trl_tests.log" ;;
     retest) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \
               tests/test_kernel_add_rms_norm.py tests/test_gpu_training_shapes.py -k "not padding and not packed" \
               > "$R/gpu_retest.log" 2>&1
