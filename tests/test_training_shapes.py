@@ -32,6 +32,11 @@ class Compiled(NamedTuple):
     inductor_graphs: int | None  # the same for backend="inductor", where it was run
 
 
+def fused(report) -> dict:
+    """The report's nonzero counts (a new pattern's zero must not change what these tests expect)."""
+    return {name: n for name, n in report.counts.items() if n}
+
+
 def compile_and_run(model, steps: Steps, backend: str, **compile_kwargs):
     """steps under a fresh torch.compile(model, backend=...); its results and the number of graphs compiled."""
     torch._dynamo.reset()
@@ -129,8 +134,8 @@ def test_right_padding_with_masked_labels_matches_eager(p=FP32):
     report = p.check(model, training_step(inputs)).report
     # the graph is compiled assuming every real token sees exactly the tokens before it, tested on the mask built
     # from this batch's attention_mask: right padding passes, so the attention is is_causal SDPA
-    assert report.counts == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "geglu": 0, "linear_cross_entropy": 1,
-                             "causal_mask": 2, "varlen_attention": 0, "layer_norm": 0}, str(report)
+    assert fused(report) == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "linear_cross_entropy": 1, "causal_mask": 2}, \
+        str(report)
     assert all("a causal mask for its real tokens at run time" in s.variant for g in report.graphs for s in g.fused
                if s.pattern == "causal_mask"), str(report)
     assert facts.stats["assumed"] - assumed == 1 and not report.near_misses, str(report)
@@ -176,8 +181,8 @@ def test_gradient_checkpointing_matches_eager(use_reentrant, p=FP32):
     model.train()
     report = p.check(model, training_step(p.to(batch()))).report
     assert not report.fallbacks, str(report)
-    assert report.counts == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "geglu": 0, "linear_cross_entropy": 1,
-                             "causal_mask": 2, "varlen_attention": 0, "layer_norm": 0}, str(report)
+    assert fused(report) == {"rms_norm": 5, "rotary": 2, "swiglu": 2, "linear_cross_entropy": 1, "causal_mask": 2}, \
+        str(report)
     in_bodies = [s for g in report.graphs for s in g.fused if "[in " in s.where]
     assert len(in_bodies) == 2 * 2 + 2 + 2 + 2  # per layer: two norms, rotary, gated MLP, attention
     assert not report.near_misses, str(report)
