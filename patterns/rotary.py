@@ -11,12 +11,16 @@ search functions are generated from the form, so a variant is one line of FORMS:
                "interleave_cat"   cat([x1 * c - x2 * s, x2 * c + x1 * s]), x1, x2 = x[..., 0::2], x[..., 1::2]
                                                                                        (DeepSeek; "interleaved_to_halves")
                "chunk_cat"        the same with x1, x2 = chunk(x, 2, -1)               (gpt-oss; "halves")
+               "complex"          view_as_real(view_as_complex(x.float().reshape(..., -1, 2)) * f).flatten(3)
+                                  with f a complex table                              (Llama 4, DeepSeek-V2; "interleaved")
     tables     "unsqueeze"        cos.unsqueeze(u)
                "half_repeat"      cos.unsqueeze(u)[..., :hc].repeat_interleave(2, -1)  (one angle per pair)
                "half_unsqueeze"   cos[..., :hc].unsqueeze(u)
                "repeat_unsqueeze" cos.repeat_interleave(2, -1).unsqueeze(u)            (the table has one per pair)
                "index_repeat"     repeat_interleave(cos[:, :, None, :], 2, 3)          (GPT-J: heads on axis 2)
-    casts      "float_in"         x.float() rotated, the result cast back (`.to(dtype)`)
+               "index"            f[:, :, None, :]                                      (Llama 4)
+               "unsqueeze_to"     f.unsqueeze(u).to(device)                             (DeepSeek-V2)
+    casts      "float_in"         x.float() rotated, the result cast back (`.to(dtype)`, `.type_as(x)`)
                "float_rot"        x.float() * c + rotate(x).float() * s, cast back
     partial    "first"            cat([rotated(x[..., :r]), x[..., r:]], -1)
                "last"             cat([x[..., :r], rotated(x[..., r:])], -1), r < 0    (DeepSeek-V4's [nope | rope])
@@ -50,7 +54,8 @@ class Form:
 
     @property
     def pairs(self) -> str:
-        return {"every_two": "interleaved", "interleave_cat": "interleaved_to_halves"}.get(self.rotation, "halves")
+        return {"every_two": "interleaved", "complex": "interleaved",
+                "interleave_cat": "interleaved_to_halves"}.get(self.rotation, "halves")
 
     @property
     def angle_per_pair(self) -> bool:
@@ -70,6 +75,8 @@ FORMS = [
     Form("every_two_tables_fp32", "every_two", "unsqueeze", casts="float_in"),  # Cohere
     Form("interleaved_to_halves", "interleave_cat", "half_unsqueeze"),  # DeepSeek-V3 MLA and its kin
     Form("chunk", "chunk_cat", "unsqueeze"),  # gpt-oss
+    Form("complex", "complex", "index", casts="float_in"),  # Llama 4
+    Form("complex_unsqueezed", "complex", "unsqueeze_to", casts="float_in"),  # DeepSeek-V2
 ]
 ONE_TENSOR_FORMS = [
     Form("every_two_last_fp32", "every_two", "repeat_unsqueeze", casts="float_rot", partial="last", tensors=1),
@@ -92,10 +99,17 @@ def _table(form: Form, t, udim, hc):
         return t[..., :hc].unsqueeze(udim)
     if form.tables == "repeat_unsqueeze":
         return t.repeat_interleave(2, dim=-1).unsqueeze(udim)
+    if form.tables == "index":
+        return t[:, :, None, :]
+    if form.tables == "unsqueeze_to":
+        return t.unsqueeze(udim).to("cpu")  # any device: a move within one device is not in the matched graph's math
     return torch.repeat_interleave(t[:, :, None, :], 2, 3)  # index_repeat
 
 
-def _rotated(form: Form, x, c, s, h, z):
+def _rotated(form: Form, x, c, s, h, z, lead=()):
+    if form.rotation == "complex":  # c is the complex table, s unused
+        pairs = torch.view_as_complex(x.float().reshape(*lead, -1, 2))
+        return torch.view_as_real(pairs * c).flatten(3)
     if form.rotation in ("interleave_cat", "chunk_cat"):
         if form.rotation == "chunk_cat":
             halves = torch.chunk(x, 2, dim=-1)
@@ -115,12 +129,12 @@ def _rotated(form: Form, x, c, s, h, z):
     return xr * c + turned * s
 
 
-def _embedded(form: Form, x, c, s, h, z, r, dt):
+def _embedded(form: Form, x, c, s, h, z, r, dt, lead=()):
     if form.partial == "first":
         kept, x = _last_axis(form, x, slice(r, None)), _last_axis(form, x, slice(None, r))
     elif form.partial == "last":
         kept, x = _last_axis(form, x, slice(None, r)), _last_axis(form, x, slice(r, None))
-    y = _rotated(form, x, c, s, h, z)
+    y = _rotated(form, x, c, s, h, z, lead)
     if form.casts:
         y = y.to(dt)
     if form.partial == "first":
@@ -133,11 +147,14 @@ def _embedded(form: Form, x, c, s, h, z, r, dt):
 def _search(form: Form):
     # One signature for every form; the wildcards a form does not use stay unbound (the matcher binds only what
     # the pattern's outputs reach).
-    def search(q, k, cos, sin, udim, h, z, hc, r, dt):
+    def search(q, k, cos, sin, udim, h, z, hc, r, dt, dtk, q0, q1, q2, k0, k1, k2):
         c, s = _table(form, cos, udim, hc), _table(form, sin, udim, hc)
+        # the complex form has one table, bound as cos; q's and k's leading sizes are those of their reshapes, and
+        # each may be cast back to its own dtype (`.type_as(q)`, `.type_as(k)`)
+        one = _embedded(form, q, c, s, h, z, r, dt, (q0, q1, q2))
         if form.tensors == 1:
-            return _embedded(form, q, c, s, h, z, r, dt)
-        return _embedded(form, q, c, s, h, z, r, dt), _embedded(form, k, c, s, h, z, r, dt)
+            return one
+        return one, _embedded(form, k, c, s, h, z, r, dtk, (k0, k1, k2))
 
     return search
 
@@ -157,30 +174,50 @@ def _slice(form: Form, r, d: int) -> tuple[int, int]:
 
 
 def _replace(form: Form):
-    def replace(q=None, k=None, cos=None, sin=None, udim=None, h=None, z=None, hc=None, r=None, dt=None):
+    def replace(q=None, k=None, cos=None, sin=None, udim=None, h=None, z=None, hc=None, r=None, dt=None, dtk=None,
+                **lead):
         c, s = cos, sin
+        if form.rotation == "complex":
+            parts = torch.view_as_real(cos)  # [..., R/2, 2]: cos and sin of each pair's angle
+            c, s = parts[..., 0], parts[..., 1]
         if form.tables in ("half_repeat", "half_unsqueeze"):
             c, s = cos[..., :hc], sin[..., :hc]
         if form.rotation == "rotate_half_neg":
             s = -s  # rotate_half with the signs swapped is the rotation by the negated angle
-        unsqueeze_dim = 2 if form.tables == "index_repeat" else int(udim)
+        unsqueeze_dim = 2 if form.tables in ("index_repeat", "index") else int(udim)
         start, width = _slice(form, r, _head_dim(q))
         if form.tensors == 1:
-            return torch.ops.liger.rotary_one(q, c, s, unsqueeze_dim, form.pairs, start, width)
-        out = torch.ops.liger.rotary(q, k, c, s, unsqueeze_dim, form.pairs, start, width)
-        return out[0], out[1]
+            outs = (torch.ops.liger.rotary_one(q, c, s, unsqueeze_dim, form.pairs, start, width),)
+        else:
+            out = torch.ops.liger.rotary(q, k, c, s, unsqueeze_dim, form.pairs, start, width)
+            outs = (out[0], out[1])
+        if form.casts:
+            # the model casts its fp32 result (to bf16 for an fp32 table): so do we, after the op's one rounding
+            outs = tuple(o if want == _op_dtype(x, cos) else o.to(want) for o, x, want in zip(outs, (q, k), (dt, dtk)))
+        return outs[0] if form.tensors == 1 else outs
 
     return replace
+
+
+def _table_dtype(cos: torch.Tensor) -> torch.dtype:
+    return {torch.complex64: torch.float32}.get(cos.dtype, cos.dtype)
+
+
+def _op_dtype(q, cos) -> torch.dtype:
+    """What the op returns for these inputs (example values or graph proxies)."""
+    q, cos = (example_value(x.node if hasattr(x, "node") else x) for x in (q, cos))
+    return torch.promote_types(q.dtype, _table_dtype(cos))
 
 
 # --- the check -------------------------------------------------------------------------------------------------
 def _check(form: Form):
     def check(m: Match) -> str | None:
-        names = ("q", "k", "cos", "sin") if form.tensors == 2 else ("q", "cos", "sin")
+        names = [n for n in ("q", "k", "cos", "sin") if n in m.bindings]
         values = {n: m.value(n) for n in names}
         if not all(isinstance(t, torch.Tensor) for t in values.values()):
             return f"{', '.join(n for n, t in values.items() if not isinstance(t, torch.Tensor))} is not a tensor"
-        q, cos, sin = values["q"], values["cos"], values["sin"]
+        q, cos = values["q"], values["cos"]
+        sin = values.get("sin", cos)  # the complex form's one table is bound as cos
         xs = [q, values["k"]] if form.tensors == 2 else [q]
         if any(x.dim() != 4 for x in xs) or cos.dim() != 3 or sin.shape != cos.shape:
             return f"expects 4-D q/k and 3-D cos/sin, got q {tuple(q.shape)}, cos {tuple(cos.shape)}"
@@ -199,6 +236,12 @@ def _check(form: Form):
             return f"rotates an odd number of channels ({r})"
         if form.rotation in ("rotate_half", "rotate_half_neg") and m["h"] * 2 != r:
             return f"rotate_half splits at {m['h']}, not at half of the {r} rotated channels"
+        if form.rotation == "complex":
+            if cos.dtype != torch.complex64:
+                return f"the complex table is {cos.dtype}, not complex64"
+            leads = [tuple(m[f"{n}{i}"] for i in range(3)) for n in ("q", "k")[:form.tensors]]
+            if any(lead != tuple(x.shape[:3]) for lead, x in zip(leads, xs)):
+                return f"view_as_complex reads a reshape to {leads}, not to pairs of q/k's own channels"
         if "z" in m.bindings and m["z"] not in (None, 0):
             return f"the even channels are taken from {m['z']}, not from 0"
         width = m["hc"] if form.tables in ("half_repeat", "half_unsqueeze") else cos.shape[-1]
@@ -206,7 +249,7 @@ def _check(form: Form):
         if not isinstance(width, int) or width != want or (width > cos.shape[-1]):
             kind = "one angle per pair" if form.angle_per_pair else "one per channel"
             return f"cos/sin give {width} entries where {r} rotated channels need {want} ({kind})"
-        head_axis = 2 if form.tables == "index_repeat" else m["udim"]
+        head_axis = 2 if form.tables in ("index_repeat", "index") else m["udim"]
         head_axis = head_axis + 4 if isinstance(head_axis, int) and head_axis < 0 else head_axis
         if head_axis not in (1, 2):
             return f"cos/sin unsqueezed at dim {m['udim']}"
@@ -214,13 +257,12 @@ def _check(form: Form):
         if any(x.shape[seq_axis] != cos.shape[1] or x.shape[0] != q.shape[0] for x in xs):
             return "cos/sin do not cover q/k's sequence axis, or q and k batches differ"
         # cos/sin may be wider than q/k (fp32 tables under bf16 autocast): the op promotes as eager does
-        if (q.dtype not in FLOAT_DTYPES or any(x.dtype != q.dtype for x in xs) or cos.dtype not in FLOAT_DTYPES
-                or sin.dtype != cos.dtype):
+        if (q.dtype not in FLOAT_DTYPES or any(x.dtype != q.dtype for x in xs)
+                or _table_dtype(cos) not in FLOAT_DTYPES or sin.dtype != cos.dtype):
             return f"dtypes differ or are unsupported: q {q.dtype}, cos {cos.dtype}, sin {sin.dtype}"
-        if form.casts:
-            out = torch.promote_types(q.dtype, cos.dtype)
-            if m.dtype("dt") != out:
-                return f"the fp32 result is cast to {m.dtype('dt')}, where the op returns {out}"
+        casts = [m.dtype(n) for n in ("dt", "dtk")[:form.tensors]] if form.casts else []
+        if any(dt not in FLOAT_DTYPES for dt in casts):
+            return f"the fp32 result is cast to {casts}"
         if cos.shape[0] not in (1, q.shape[0]):
             return "cos/sin batch is neither 1 nor q's batch"
         return None
