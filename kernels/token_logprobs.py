@@ -264,7 +264,7 @@ def _backward(grad_log_probs, grad_entropy, hidden, weight, bias, labels, log_pr
               temperature, softcap, logit_scale, hidden_grad, weight_grad, bias_grad, use_kernel):
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
     saved = [t.reshape(-1) for t in (log_probs, entropy, log_z, grad_log_probs, grad_entropy)]
-    n, v = h.shape[0], weight.shape[0]
+    v = weight.shape[0]
     grad_h = torch.zeros(h.shape, dtype=h.dtype, device=h.device) if hidden_grad else h.new_empty(0)
     grad_w = torch.zeros(weight.shape, dtype=GRAD_WEIGHT_ACC_DTYPE.get(weight.dtype, weight.dtype),
                          device=h.device) if weight_grad else h.new_empty(0)

@@ -1,0 +1,20 @@
+"""bench/bench_kernels.py finds its cases in bench/kernel_cases/ (one module per kernel): each is importable without
+a GPU, declares its place in the table, and times a kernel module the op registry knows."""
+import os
+import sys
+
+BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "bench")
+
+
+def test_every_kernel_case_is_found_and_names_a_registered_kernel(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_kernels
+    from liger_compile.kernels._op import all_ops
+
+    cases = bench_kernels.cases()
+    modules = {op.module.split(".")[2] for op in all_ops().values()}
+    assert {"rms_norm", "rotary", "gated_mlp", "linear_cross_entropy", "layer_norm"} <= set(cases)
+    assert set(cases) <= modules, set(cases) - modules
+    assert set(bench_kernels.untimed_kernels()) == modules - set(cases)
+    assert all(callable(case) for case in cases.values())
+    sys.modules.pop("bench_kernels", None)
