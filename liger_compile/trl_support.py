@@ -153,14 +153,18 @@ def _patch_gkd(module) -> bool:
         self.teacher_model.eval()
         with torch.no_grad():
             teacher_hidden = self.teacher_model(**kwargs).hidden_states[-1][:, :-1]
-        weights = [student.get_output_embeddings().weight, teacher.get_output_embeddings().weight]
         device = student_hidden.device.type
-        if torch.is_autocast_enabled(device):  # the lm_head matmul in autocast's dtype, as eager's
-            dtype = torch.get_autocast_dtype(device)
-            student_hidden, teacher_hidden = student_hidden.to(dtype), teacher_hidden.to(dtype)
-            weights = [w.to(dtype) for w in weights]
-        return ops.linear_jsd(student_hidden, weights[0], teacher_hidden, weights[1], inputs["labels"][:, 1:],
-                              beta=self.beta, num_items_in_batch=num_items_in_batch)
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        hidden, weights = [], []
+        for h, m in ((student_hidden, student), (teacher_hidden, teacher)):
+            w = m.get_output_embeddings().weight
+            # each lm_head matmul in the dtype eager's runs in: autocast's, else the weight's (accelerate hands the
+            # hidden states back upcast to fp32 from a bf16 model; casting them back is exact)
+            dtype = autocast or w.dtype
+            hidden.append(h.to(dtype))
+            weights.append(w.to(dtype))
+        return ops.linear_jsd(hidden[0], weights[0], hidden[1], weights[1], inputs["labels"][:, 1:], beta=self.beta,
+                              num_items_in_batch=num_items_in_batch)
 
     compute_loss.liger_compile = True
     compute_loss.__wrapped__ = original

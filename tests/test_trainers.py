@@ -280,3 +280,35 @@ def test_gkd_loss_runs_on_linear_jsd_without_logits(tmp_path, monkeypatch):
     ref, _, _ = run(gkd, "inductor", tmp_path)
     assert (len(ours_calls), len(trl_calls)) == (0, 3)
     assert_same_losses(ours, ref)
+
+
+def test_gkd_loss_takes_bf16_models_whose_outputs_come_back_upcast():
+    """accelerate returns a bf16 model's outputs upcast to fp32: the hidden states go back to the lm_head's dtype
+    (exact), as its logits were computed in eager, and the loss equals TRL's on those logits."""
+    from types import SimpleNamespace
+
+    from trl.experimental.gkd import GKDTrainer
+
+    class Upcast(torch.nn.Module):  # what accelerate's prepared model returns for a bf16 model
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.hidden_states = tuple(h.float() for h in out.hidden_states)
+            return out
+
+    student, teacher = vocab_model().to(torch.bfloat16), vocab_model(seed=1).to(torch.bfloat16)
+    ids = torch.randint(0, student.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    unwrap = SimpleNamespace(unwrap_model=lambda m: m.inner if isinstance(m, Upcast) else m)
+    trainer = SimpleNamespace(accelerator=unwrap, teacher_model=Upcast(teacher), beta=0.5,
+                              args=SimpleNamespace(torch_compile_backend="liger"))
+    loss = GKDTrainer.compute_loss(trainer, Upcast(student), inputs)
+    with torch.no_grad():
+        ref = GKDTrainer.generalized_jsd_loss(student(input_ids=ids).logits[:, :-1].float(),
+                                              teacher(input_ids=ids).logits[:, :-1].float(), labels[:, 1:], beta=0.5)
+    torch.testing.assert_close(loss.float(), ref, atol=2e-3, rtol=2e-2)
