@@ -44,7 +44,9 @@ PRIORITY = 5  # before rms_norm: its residual-add variant would take the rotary'
 
 @dataclasses.dataclass(frozen=True)
 class Form:
-    name: str
+    """One way of writing rotary (see the module docstring for the values of each field)."""
+
+    name: str  # the variant, as the report shows it
     rotation: str
     tables: str
     casts: str = ""
@@ -102,7 +104,8 @@ def _table(form: Form, t, udim, hc):
     if form.tables == "index":
         return t[:, :, None, :]
     if form.tables == "unsqueeze_to":
-        return t.unsqueeze(udim).to("cpu")  # any device: a move within one device is not in the matched graph's math
+        # the device is not compared (a move within one device changes no value): "cpu" stands for any
+        return t.unsqueeze(udim).to("cpu")
     return torch.repeat_interleave(t[:, :, None, :], 2, 3)  # index_repeat
 
 
