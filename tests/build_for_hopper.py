@@ -13,7 +13,7 @@ from liger_compile.kernels.linear_cross_entropy import exp_matmul as lce_exp_mat
 from liger_compile.kernels.linear_cross_entropy import label_logit as lce_label_logit
 from liger_compile.kernels.linear_cross_entropy import row_combine as lce_row_combine
 from liger_compile.kernels.linear_cross_entropy import row_scaled_matmul as lce_row_scaled_matmul
-from liger_compile.kernels import linear_jsd, token_logprobs
+from liger_compile.kernels import linear_jsd, rotary, token_logprobs
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -77,6 +77,15 @@ def linear_jsd_rows(mode: int) -> None:
     build(linear_jsd._row_kernel, types, dict(MODE=mode, BLOCK_V=4096), num_warps=8)
 
 
+def rotary_mode(in_il: bool, out_il: bool, block_pass: int, has_k: bool, backward: bool) -> None:
+    ints = ("n_t n_pairs n_q_heads n_k_heads rot_start pass_start n_pass c_step c_off q_sb q_st q_sh q_sd k_sb k_st "
+            "k_sh k_sd qo_sb qo_st qo_sh ko_sb ko_st ko_sh cos_sb cos_st cos_sd sin_sb sin_st sin_sd").split()
+    types = dict(Q="*bf16", K="*bf16", COS="*bf16", SIN="*bf16", QO="*bf16", KO="*bf16", **{n: "i32" for n in ints})
+    build(rotary._rotary_kernel, types, dict(BACKWARD=backward, HAS_K=has_k, Q_UNIT_D=True, K_UNIT_D=True,
+                                             IN_INTERLEAVED=in_il, OUT_INTERLEAVED=out_il, BLOCK_H=8, BLOCK_HALF=32,
+                                             BLOCK_PASS=block_pass), num_warps=1)
+
+
 BUILDS = {
     "exp_matmul": lambda: exp_matmul(False, False),
     "exp_matmul rerun": lambda: exp_matmul(False, True),
@@ -91,6 +100,10 @@ BUILDS = {
     "token_logprobs forward softcap": lambda: token_logprobs_rows(False, True),
     "token_logprobs backward softcap": lambda: token_logprobs_rows(True, True),
     **{f"linear_jsd mode {mode}": (lambda mode=mode: linear_jsd_rows(mode)) for mode in (0, 1, 2)},
+    "rotary halves": lambda: rotary_mode(False, False, 0, True, False),
+    "rotary interleaved, backward": lambda: rotary_mode(True, True, 0, True, True),
+    "rotary interleaved to halves, one tensor": lambda: rotary_mode(True, False, 0, False, False),
+    "rotary partial, copied channels": lambda: rotary_mode(False, False, 32, True, False),
 }
 
 if __name__ == "__main__":
@@ -102,4 +115,5 @@ if __name__ == "__main__":
         except Exception as e:  # noqa: BLE001
             failed += 1
             print(f"FAILED {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    print(f"builds: {len(BUILDS)}", flush=True)
     sys.exit(1 if failed else 0)

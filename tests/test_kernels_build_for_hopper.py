@@ -1,6 +1,6 @@
-"""The exp-path kernels of lm_head + cross-entropy the per-token log-prob and JSD row kernels compile for Hopper (sm_90), checked without a GPU (CI): the
-interpreter that runs them on CPU skips Triton's compiler, whose failures (an MLIR pass assertion, once) would
-otherwise first show on the H200."""
+"""The exp-path kernels of lm_head + cross-entropy and the per-token log-prob, JSD and rotary kernels compile for
+Hopper (sm_90), checked without a GPU (CI): the interpreter that runs them on CPU skips Triton's compiler, whose
+failures (an MLIR pass assertion; a loop-carried variable changing type) would otherwise first show on the H200."""
 import os
 import subprocess
 import sys
@@ -18,4 +18,5 @@ def test_kernels_build_for_sm90():
     if "ptxas" in out.stdout + out.stderr and "No such file" in out.stdout + out.stderr:
         pytest.skip("this Triton has no ptxas to build with")
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert out.stdout.count("built ") == 15, out.stdout
+    total = int(out.stdout.strip().splitlines()[-1].split()[-1])  # the script's last line: "builds: N"
+    assert total >= 19 and out.stdout.count("built ") == total, out.stdout
