@@ -173,7 +173,7 @@ def causal_lm_collate(rows):
 
 
 class FusionLog(logging.Handler):
-    """Collects the backend's INFO line per compiled graph ("graph N: rms_norm=33, ..."), as tests/test_trainers.py
+    """Collects the backend's INFO line per compiled graph ("graph N: rms_norm=33, ..."), as tests/trainers/test_trainers.py
     does: the proof that the run went through backend="liger", and what it fused."""
 
     def __init__(self):

@@ -2,7 +2,8 @@
 # Everything the H200 runs, in stages; one invocation may run several (each stage stays under 10 minutes):
 #   bash bench/on_device.sh tests kernels       GPU tests, then the kernel table
 # Stages:
-#   tests      GPU tests (tests/test_gpu*.py and the kernel tests on CUDA; 4 pytest-xdist workers)
+#   tests      GPU tests (every kernel test, tests/models/test_gpu*.py, the graph-break, run-time mask, rotary-form
+#              and TRL-head tests on CUDA; 4 pytest-xdist workers)
 #   sweep      RMSNorm tile sweep at 4096 and 2048 columns (bench/investigations/sweep_rms_norm.py)
 #   lce        lm_head+CE: row-kernel and chunk settings, two-stream variant, profile (bench/investigations/bench_lce.py)
 #   lceexp     lm_head+CE with the softmax in our matmul's epilogue: tile settings vs cuBLAS, op by path, profile
@@ -59,26 +60,23 @@ E2E="python3 bench/bench_e2e.py --out $R"
 for stage in "${@:-tests}"; do
   echo "=== $stage $(date +%T)"
   case "$stage" in
-    tests) timeout 540 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/test_gpu.py \
-             tests/test_gpu_families.py tests/test_kernel_rms_norm.py tests/test_kernel_rotary.py \
-             tests/test_kernel_gated_mlp.py tests/test_kernel_gated_down_proj.py tests/test_kernel_add_rms_norm.py \
-             tests/test_kernel_linear_cross_entropy.py tests/test_kernel_lce_exp_matmul.py tests/test_kernel_layer_norm.py \
-             tests/test_kernel_token_logprobs.py tests/test_trl_head.py \
-             tests/test_kernel_launch_args.py tests/test_gpu_training_shapes.py tests/test_graph_breaks.py \
-             tests/test_runtime_masks.py tests/test_op_outputs.py tests/test_varlen_attention.py \
+    tests) timeout 540 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/kernels \
+             tests/models/test_gpu.py tests/models/test_gpu_families.py tests/models/test_gpu_training_shapes.py \
+             tests/patterns/test_graph_breaks.py tests/patterns/test_runtime_masks.py tests/patterns/test_rotary_forms.py \
+             tests/trainers/test_trl_head.py \
              > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
     trltests) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 110 \
-                tests/test_kernel_token_logprobs.py tests/test_trl_head.py > "$R/gpu_trl_tests.log" 2>&1
+                tests/kernels/test_kernel_token_logprobs.py tests/trainers/test_trl_head.py > "$R/gpu_trl_tests.log" 2>&1
               grep -E "FAILED|ERROR|passed|failed" "$R/gpu_trl_tests.log" | tail -12; grep -c PASSED "$R/gpu_trl_tests.log" ;;
     retest) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \
-              tests/test_kernel_add_rms_norm.py tests/test_gpu_training_shapes.py -k "not padding and not packed" \
+              tests/kernels/test_kernel_add_rms_norm.py tests/models/test_gpu_training_shapes.py -k "not padding and not packed" \
               > "$R/gpu_retest.log" 2>&1
             grep -E "FAILED|ERROR|passed|failed" "$R/gpu_retest.log" | tail -12 ;;
     fsdp2) timeout 420 python3 bench/bench_fsdp.py --gpus 2 --out "$R" --timeout 180 > "$R/bench_fsdp.log" 2>&1
            grep -E "^\| |^[a-z_]+: |graph|near miss" "$R/bench_fsdp.log" | cut -c1-400 | tail -30 ;;
     convergence) timeout 170 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 165 \
-                   tests/test_gpu_families.py -k "convergence or explain_counts_bf16" > "$R/gpu_convergence.log" 2>&1
+                   tests/models/test_gpu_families.py -k "convergence or explain_counts_bf16" > "$R/gpu_convergence.log" 2>&1
                  grep -E "FAILED|ERROR|passed|failed|assert|Error" "$R/gpu_convergence.log" | tail -25 ;;
     sweep) timeout 330 python3 bench/investigations/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
            for d in 4096 2048; do for k in "fwd" "bwd" "bwd+ds"; do
@@ -90,9 +88,9 @@ for stage in "${@:-tests}"; do
             grep -E "^\| |plain|vs row|Error|error" "$R/bench_lce_exp_matmul.log" | cut -c1-300 | tail -30
             grep -E "Self CUDA time total|exp_matmul_kernel|row_combine|row_scaled|gemm|nvjet|elementwise|index|bmm" \
               "$R/bench_lce_exp_matmul.log" | cut -c1-48,120-200 | head -16 ;;
-    lcetests) timeout 300 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/test_gpu.py \
-                tests/test_kernel_linear_cross_entropy.py tests/test_kernel_lce_exp_matmul.py \
-                tests/test_kernel_launch_args.py > "$R/gpu_lce_tests.log" 2>&1
+    lcetests) timeout 300 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/models/test_gpu.py \
+                tests/kernels/test_kernel_linear_cross_entropy.py tests/kernels/test_kernel_lce_exp_matmul.py \
+                tests/kernels/test_kernel_launch_args.py > "$R/gpu_lce_tests.log" 2>&1
               grep -E "FAILED|ERROR|passed|failed|Error" "$R/gpu_lce_tests.log" | tail -25 ;;
     paths) timeout 200 python3 bench/investigations/check_lce_paths.py > "$R/check_lce_paths.log" 2>&1
            tail -8 "$R/check_lce_paths.log" ;;
@@ -131,13 +129,13 @@ for stage in "${@:-tests}"; do
     attention) timeout 200 python3 bench/bench_attention.py --out "$R" > "$R/bench_attention.log" 2>&1
                grep -E "^\| |Error|error" "$R/bench_attention.log" | tail -8 ;;
     varlentests) timeout 300 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 \
-                   tests/test_varlen_attention.py tests/test_runtime_masks.py tests/test_gpu_training_shapes.py \
-                   tests/test_graph_breaks.py > "$R/gpu_varlen_tests.log" 2>&1
+                   tests/kernels/test_varlen_attention.py tests/patterns/test_runtime_masks.py tests/models/test_gpu_training_shapes.py \
+                   tests/patterns/test_graph_breaks.py > "$R/gpu_varlen_tests.log" 2>&1
                  grep -E "FAILED|ERROR|passed|failed" "$R/gpu_varlen_tests.log" | tail -20 ;;
     masktests) timeout 300 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 \
-                 tests/test_runtime_masks.py tests/test_op_outputs.py tests/test_kernel_rms_norm.py \
-                 tests/test_kernel_add_rms_norm.py tests/test_kernel_gated_down_proj.py tests/test_gpu_training_shapes.py \
-                 tests/test_graph_breaks.py > "$R/gpu_mask_tests.log" 2>&1
+                 tests/patterns/test_runtime_masks.py tests/kernels/test_op_outputs.py tests/kernels/test_kernel_rms_norm.py \
+                 tests/kernels/test_kernel_add_rms_norm.py tests/kernels/test_kernel_gated_down_proj.py tests/models/test_gpu_training_shapes.py \
+                 tests/patterns/test_graph_breaks.py > "$R/gpu_mask_tests.log" 2>&1
                grep -E "FAILED|ERROR|passed|failed" "$R/gpu_mask_tests.log" | tail -20 ;;
     context) b=${CONTEXT_BUDGET:-540}
              timeout $((b + 20)) python3 bench/bench_context.py --variants "${CONTEXT_VARIANTS:-ours,liger_kernel}" \

@@ -29,7 +29,7 @@ def direct_launch(kernel):
     launches are never traced and need no torch.library.wrap_triton; and wrap_triton called outside tracing still
     files every call's non-tensor arguments in torch's kernel side table, for the life of the process: TMA
     descriptors among them would keep the tensors they point at (a chunk buffer, the hidden states) alive, step
-    after step. (tests/test_kernel_launch_args.py swaps this function, in every module that launches through it,
+    after step. (tests/kernels/test_kernel_launch_args.py swaps this function, in every module that launches through it,
     to check the launches' arguments.)"""
     return kernel
 

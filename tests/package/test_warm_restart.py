@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parent.parent  # tests/models.py
 STEP = """
 import json, os, sys
 sys.path.insert(0, {tests!r})

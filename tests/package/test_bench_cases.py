@@ -3,7 +3,7 @@ a GPU, declares its place in the table, and times a kernel module the op registr
 import os
 import sys
 
-BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "bench")
+BENCH = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "bench")
 
 
 def test_every_kernel_case_is_found_and_names_a_registered_kernel(monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 
 tomllib = pytest.importorskip("tomllib")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_every_package_folder_is_listed():

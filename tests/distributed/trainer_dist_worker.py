@@ -1,4 +1,4 @@
-"""One rank of tests/test_trainer_distributed.py: the HF Trainer with torch_compile_backend="liger" on CPU processes
+"""One rank of tests/distributed/test_trainer_distributed.py: the HF Trainer with torch_compile_backend="liger" on CPU processes
 with the gloo backend, distributed by accelerate (FSDP2, or DeepSpeed ZeRO-2/3), or the single-process eager run
 they are compared with.
 
@@ -15,7 +15,7 @@ Each rank writes rank{RANK}.json (what accelerate set up, what our backend fused
 norms) and rank 0 also params.pt (every parameter after training, gathered whole) into OUT_DIR.
 
     RANK=0 LOCAL_RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \
-        python tests/trainer_dist_worker.py SCENARIO OUT_DIR
+        python tests/distributed/trainer_dist_worker.py SCENARIO OUT_DIR
 """
 from __future__ import annotations
 
@@ -27,9 +27,11 @@ import traceback
 
 import torch
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
 sys.path.insert(1, os.path.dirname(TESTS))  # the checkout, if not installed
 sys.path.insert(1, TESTS)  # tests/models.py
+sys.path.insert(1, HERE)  # dist_exit.py
 if not torch.cuda.is_available():  # as tests/conftest.py: Triton's interpreter, chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

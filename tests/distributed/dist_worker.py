@@ -1,10 +1,10 @@
-"""One rank of the 2-process CPU (gloo) runs of tests/test_distributed.py.
+"""One rank of the 2-process CPU (gloo) runs of tests/distributed/test_distributed.py.
 
 Trains a tiny Llama for a few SGD steps with backend="liger" under DDP (either wrapping order) or FSDP2, or runs a
 sequence-parallel block whose RMSNorm sees DTensors, and compares with the single-process eager run of the same
 global batch, which every rank computes for itself. Each rank writes rank{RANK}.json into OUT_DIR.
 
-    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/dist_worker.py SCENARIO OUT_DIR
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/distributed/dist_worker.py SCENARIO OUT_DIR
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from datetime import timedelta
 
 import torch
 
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, if not installed
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout, if not installed
 if not torch.cuda.is_available():  # as tests/conftest.py: Triton's interpreter, chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -3,7 +3,7 @@ and evaluation between training steps. Loss and gradients equal eager's (fp32, r
 and the report says which fusions apply.
 
 Each test takes its precision as `p` (default FP32: fp32 on CPU, every result equal to eager's).
-tests/test_gpu_training_shapes.py runs the same bodies in bf16 on CUDA, with the same routing assertions (fusion
+tests/models/test_gpu_training_shapes.py runs the same bodies in bf16 on CUDA, with the same routing assertions (fusion
 counts, near misses, recompile counts) and its own accuracy check against a float64 reference."""
 from __future__ import annotations
 

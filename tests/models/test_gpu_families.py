@@ -1,4 +1,4 @@
-"""bf16 on CUDA: the families table (tests/test_families.py) and the convergence run (tests/test_convergence.py)
+"""bf16 on CUDA: the families table (tests/models/test_families.py) and the convergence run (tests/models/test_convergence.py)
 in the dtype people train in.
 
 The CPU suite checks both in fp32 with fixed tolerances. In bf16 there is no fixed right answer, so each test

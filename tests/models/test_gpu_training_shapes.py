@@ -1,4 +1,4 @@
-"""bf16 on CUDA: the real-training-shapes tests (tests/test_training_shapes.py: changing lengths, padding, packed
+"""bf16 on CUDA: the real-training-shapes tests (tests/models/test_training_shapes.py: changing lengths, padding, packed
 sequences, activation checkpointing, evaluation between training steps) in the dtype people train in.
 
 The test bodies are test_training_shapes' own, given a bf16 precision instead of its fp32 one: the routing

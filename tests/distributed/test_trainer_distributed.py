@@ -3,7 +3,7 @@ and DeepSpeed ZeRO-2/3 where DeepSpeed is installed.
 
 accelerate 1.15 enables neither on CPU. test_fsdp_request_on_cpu_trains_with_ddp records what it does instead, so
 that we notice when that changes. The other runs widen accelerate's CPU gates by the one case each leaves out
-(tests/trainer_dist_worker.py says exactly how); from there on, the wrapping, the compile, the loss and the
+(tests/distributed/trainer_dist_worker.py says exactly how); from there on, the wrapping, the compile, the loss and the
 optimizer step are accelerate's and the Trainer's own code.
 
 Every run's logged losses and gradient norms (3 SGD steps) and its parameters afterwards (gathered whole) equal the

@@ -1,5 +1,5 @@
 """Compiles the exp-path kernels of lm_head + cross-entropy for Hopper (sm_90) without a GPU: Triton's whole pipeline,
-to a cubin, at the settings the op launches them with. Run by tests/test_kernels_build_for_hopper.py in a process of
+to a cubin, at the settings the op launches them with. Run by tests/kernels/test_kernels_build_for_hopper.py in a process of
 its own (the tests' process runs Triton's interpreter, whose kernels cannot be compiled). A compiler failure here
 (an MLIR pass assertion, too much shared memory) is one the H200 would hit: the op would fall back to the slower
 path there. Prints one line per kernel build and exits non-zero if any failed."""

@@ -10,7 +10,7 @@
 Every run's loss, gradients (all-reduced or gathered; FSDP2 also shard by shard) and parameters after a few SGD
 steps equal the single-process eager run of the same global batch: fp32, rtol 1e-5, atol 1e-6.
 
-Each scenario runs tests/dist_worker.py as 2 processes (each in its own session, stopped on timeout or as soon as
+Each scenario runs tests/distributed/dist_worker.py as 2 processes (each in its own session, stopped on timeout or as soon as
 a rank fails, so a rank waiting in a collective never hangs the suite); each rank writes its report counts, what
 its graphs received, losses and errors to rank{N}.json, read here.
 """
