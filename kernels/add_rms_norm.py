@@ -5,7 +5,7 @@ Fused, one pass reads the two addends and writes both the sum and the normalised
 and reading it back; backward adds the sum's own gradient (from its later uses) into the norm's input gradient in
 the same pass.
 
-Math (x, residual: [..., D] same dtype, w: [D]):
+Math (x, residual: [..., D] same dtype, w: [D] or None, as liger::rms_norm's):
     s    = x + residual                 rounded to the input dtype, as eager's add rounds it
     y, rstd = rms_norm(s)               exactly liger::rms_norm's forward (kernels/rms_norm.py), on the rounded s
 Backward, given dy and ds (the gradient of s from its other uses; None when it has none):
@@ -41,11 +41,12 @@ def launch_backward(dy, d_sum, s, weight, rstd, offset, cast_before_weight, conf
 
 
 def reference_forward(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
     cast_before_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """liger::add_rms_norm in plain torch (the op off CUDA): eager's add, then rms_norm's torch path. Returns
-    (x + residual, rms_norm(x + residual), rstd); offset and cast_before_weight as liger::rms_norm's."""
+    (x + residual, rms_norm(x + residual), rstd); weight (None: no scale), offset and cast_before_weight as
+    liger::rms_norm's."""
     _check(x, residual)
     s = x + residual
     y, rstd = rms_norm.reference_forward(s, weight, eps, offset, cast_before_weight)
@@ -53,7 +54,8 @@ def reference_forward(
 
 
 def reference_backward(
-    dy: torch.Tensor, d_sum: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    dy: torch.Tensor, d_sum: Optional[torch.Tensor], s: torch.Tensor, weight: Optional[torch.Tensor],
+    rstd: torch.Tensor,
     offset: float, cast_before_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """liger::add_rms_norm_backward in plain torch -> (dx, dweight); dx is the gradient of both addends."""
@@ -77,19 +79,21 @@ def _backward(ctx, d_sum, dy, _drstd):
         dy = torch.zeros(s.shape, dtype=rms_norm.out_dtype(s, weight, ctx.cast_before_weight), device=s.device)
     dx, dw = torch.ops.liger.add_rms_norm_backward(dy, d_sum, s, weight, rstd, ctx.offset, ctx.cast_before_weight)
     need = ctx.needs_input_grad
-    return (dx if need[0] else None), (dx if need[1] else None), (dw if need[2] else None), None, None, None
+    dw = dw if need[2] and weight is not None else None
+    return (dx if need[0] else None), (dx if need[1] else None), dw, None, None, None
 
 
 def _forward_examples(device, width):
     x, residual, w = sample(device, 17, width), sample(device, 17, width, seed=1), sample(device, width, seed=2)
-    return [(x, residual, w, 1e-6, 0.0, True)]
+    return [(x, residual, w, 1e-6, 0.0, True), (x, residual, None, 1e-6, 0.0, False)]
 
 
 def _backward_examples(device, width):
-    [(x, residual, w, eps, offset, cast_before_weight)] = _forward_examples(device, width)
+    (x, residual, w, eps, offset, cast_before_weight), weightless = _forward_examples(device, width)
     s, _y, rstd = reference_forward(x, residual, w, eps, offset, cast_before_weight)
     dy, d_sum = sample(device, 17, width, seed=3), sample(device, 17, width, seed=4)
-    return [(dy, d_sum, s, w, rstd, offset, cast_before_weight), (dy, None, s, w, rstd, offset, cast_before_weight)]
+    return [(dy, d_sum, s, w, rstd, offset, cast_before_weight), (dy, None, s, w, rstd, offset, cast_before_weight),
+            (dy, d_sum, s, None, rstd, *weightless[4:])]
 
 
 add_rms_norm = declare("add_rms_norm", launch_forward, reference_forward, setup_context=_setup_context,

@@ -5,6 +5,7 @@ Math (x: [..., D], w: [D], all arithmetic in fp32):
     n    = x * rstd
     cast_before_weight=True  (Llama/Mistral/Qwen): y = (w + offset) * n.to(x.dtype)   -> dtype promote(x, w)
     cast_before_weight=False (Gemma, OLMo2):      y = (n * (w + offset)).to(x.dtype)
+    weight None (Nanochat, Gemma 3n's v_norm):    y = n.to(x.dtype)   (no scale; no dweight)
 Backward, with g = dy * (w + offset):
     dx = rstd * (g - n * mean(g * n))
     dw = sum over rows of dy * n'    (n' = n rounded to x.dtype in the Llama form, as eager does)
@@ -13,6 +14,8 @@ Forward: one pass, a [ROWS, BLOCK_N] tile per program. Backward: each program wa
 ROWS_PER_PROGRAM rows, writing dx and one fp32 partial dw row; the partials are summed afterwards. Wide rows take
 a tile measured on the H200; narrow ones (head dims) are autotuned on CUDA.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -49,11 +52,12 @@ def _rms_norm_fwd_kernel(
     X, W, Y, RSTD, RES, S,
     x_row_stride, y_row_stride, res_row_stride, s_row_stride, n_rows, n_cols, eps,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):
     # X: [n_rows, n_cols] (row stride x_row_stride, unit column stride); W: [n_cols]; Y like X; RSTD: [n_rows] fp32.
     # With HAS_RESIDUAL (liger::add_rms_norm), the row normalised is X + RES (RES like X), rounded once to X's dtype
-    # as eager's add rounds it, and also stored into S (like X): the next residual.
+    # as eager's add rounds it, and also stored into S (like X): the next residual. Without HAS_WEIGHT, W is never
+    # read and the scale is 1.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -65,11 +69,14 @@ def _rms_norm_fwd_kernel(
         s = (x + r).to(S.dtype.element_ty)
         tl.store(S + rows64 * s_row_stride + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
-    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + OFFSET
     n, rstd = normalise(x, n_cols, eps)
-    if CAST_BEFORE_WEIGHT:
-        n = n.to(X.dtype.element_ty).to(tl.float32)
-    y = n * w[None, :]
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + OFFSET
+        if CAST_BEFORE_WEIGHT:
+            n = n.to(X.dtype.element_ty).to(tl.float32)
+        y = n * w[None, :]
+    else:
+        y = n
     tl.store(Y + rows64 * y_row_stride + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -94,17 +101,21 @@ def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL, DS,
     dy_row_stride, x_row_stride, dx_row_stride, ds_row_stride, n_rows, n_cols,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    ROWS_PER_PROGRAM: tl.constexpr, HAS_DS: tl.constexpr, PREFETCH: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, HAS_DS: tl.constexpr, PREFETCH: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):
     # Program p owns rows [p * ROWS_PER_PROGRAM, (p + 1) * ROWS_PER_PROGRAM), walks them ROWS at a time, and writes
     # its fp32 partial dweight into DW_PARTIAL[p, :] (summed by the launcher). With HAS_DS, DS is a gradient that
     # reached the norm's input by another path (liger::add_rms_norm: the residual sum's later uses), added into dx.
     # With PREFETCH the next step's rows are loaded before this step's math, so each program has two steps' loads
     # in flight (a whole row per step takes most of a program's registers, which caps the programs per SM).
+    # Without HAS_WEIGHT the scale is 1, W is never read and no partial dweight is written.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + OFFSET
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + OFFSET
+    else:
+        w = tl.full([BLOCK_N], 1.0, tl.float32)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     row_start = pid * ROWS_PER_PROGRAM
     row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, n_rows)
@@ -130,10 +141,12 @@ def _rms_norm_bwd_kernel(
             dx += ds.to(tl.float32)
         rows64 = rows.to(tl.int64)[:, None]
         tl.store(DX + rows64 * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if CAST_BEFORE_WEIGHT:
-            n = n.to(X.dtype.element_ty).to(tl.float32)
-        dw_acc += tl.sum(dy * n, axis=0)
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
+        if HAS_WEIGHT:
+            if CAST_BEFORE_WEIGHT:
+                n = n.to(X.dtype.element_ty).to(tl.float32)
+            dw_acc += tl.sum(dy * n, axis=0)
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_mask)
 
 
 # Tile shapes. A wide row (a model's hidden state) takes the first entry of its list: the H200 sweep
@@ -169,8 +182,9 @@ def _configs(entries):
     return [triton.Config({k: v for k, v in e.items() if k != "num_warps"}, num_warps=e["num_warps"]) for e in entries]
 
 
-_fwd_tuned = {False: triton.autotune(_configs(FWD_NARROW), key=["n_cols", "HAS_RESIDUAL"])(_rms_norm_fwd_kernel)}
-_bwd_tuned = {False: triton.autotune(_configs(BWD_NARROW), key=["n_cols"])(_rms_norm_bwd_kernel)}
+_fwd_tuned = {False: triton.autotune(_configs(FWD_NARROW), key=["n_cols", "HAS_RESIDUAL", "HAS_WEIGHT"])(
+    _rms_norm_fwd_kernel)}
+_bwd_tuned = {False: triton.autotune(_configs(BWD_NARROW), key=["n_cols", "HAS_WEIGHT"])(_rms_norm_bwd_kernel)}
 
 
 def fwd_config(n_cols: int) -> dict:
@@ -184,8 +198,8 @@ def bwd_config(n_cols: int, has_ds: bool = False) -> dict:
     return cfg
 
 
-def out_dtype(x: torch.Tensor, weight: torch.Tensor, cast_before_weight: bool) -> torch.dtype:
-    return torch.promote_types(x.dtype, weight.dtype) if cast_before_weight else x.dtype
+def out_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], cast_before_weight: bool) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype) if cast_before_weight and weight is not None else x.dtype
 
 
 def launch_forward(x, weight, eps, offset, cast_before_weight, config=None, residual=None):
@@ -201,10 +215,10 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, config=None, resi
     r2 = as_rows(residual) if residual is not None else x2  # never read without HAS_RESIDUAL
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else x
     y2, s2 = y.view(n_rows, n_cols), s.view(n_rows, n_cols) if residual is not None else x2
-    args = (x2, weight, y2, rstd.view(n_rows), r2, s2, x2.stride(0), y2.stride(0), r2.stride(0), s2.stride(0), n_rows,
+    args = (x2, weight if weight is not None else x2, y2, rstd.view(n_rows), r2, s2, x2.stride(0), y2.stride(0), r2.stride(0), s2.stride(0), n_rows,
             n_cols, eps)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
-                  HAS_RESIDUAL=residual is not None)
+                  HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None)
     if config is None and x.device.type == "cuda" and not _wide(n_cols):
         wrap_triton(_fwd_tuned[False])[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **consts)
     else:
@@ -215,16 +229,19 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, config=None, resi
 
 
 def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None, d_sum=None):
-    """-> (dx, dweight). d_sum, when given, is another gradient of x, added into dx in the same pass."""
+    """-> (dx, dweight). d_sum, when given, is another gradient of x, added into dx in the same pass. Without a
+    weight, dweight is an empty tensor (an op's outputs cannot be None)."""
     x2, dy2 = as_rows(x), as_rows(dy)
     ds2 = as_rows(d_sum) if d_sum is not None else dy2  # never read without HAS_DS
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     wide = _wide(n_cols)
     rpp = (config or {}).get("ROWS_PER_PROGRAM", rows_per_program(n_rows, wide))
-    dw_partial = torch.empty((triton.cdiv(n_rows, rpp), n_cols), dtype=torch.float32, device=x.device)
+    n_programs = triton.cdiv(n_rows, rpp)
+    has_weight = weight is not None
+    dw_partial = torch.empty((n_programs, n_cols) if has_weight else (0,), dtype=torch.float32, device=x.device)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
-                  ROWS_PER_PROGRAM=rpp, HAS_DS=d_sum is not None)
+                  ROWS_PER_PROGRAM=rpp, HAS_DS=d_sum is not None, HAS_WEIGHT=has_weight)
     if config is None and x.device.type == "cuda" and not wide:
         kernel, cfg = _bwd_tuned[False], {}  # its configs carry ROWS, PREFETCH and num_warps
     else:
@@ -232,21 +249,25 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
         cfg = {k: v for k, v in (config or bwd_config(n_cols, d_sum is not None)).items()
                if k not in ("BLOCK_N", "ROWS_PER_PROGRAM")}
         cfg.setdefault("PREFETCH", False)  # every constexpr is passed: Inductor's kernel wrapper ignores defaults
-    wrap_triton(kernel)[(dw_partial.shape[0],)](
-        dy2, x2, weight, rstd, dx, dw_partial, ds2, dy2.stride(0), x2.stride(0), n_cols, ds2.stride(0),
+    wrap_triton(kernel)[(n_programs,)](
+        dy2, x2, weight if has_weight else x2, rstd, dx, dw_partial, ds2, dy2.stride(0), x2.stride(0), n_cols, ds2.stride(0),
         n_rows, n_cols, **consts, **cfg,
     )
+    if not has_weight:
+        return dx, dw_partial
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
 def reference_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cast_before_weight: bool
+    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, cast_before_weight: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """liger::rms_norm in plain torch (the op off CUDA), the kernel's fp32 math -> (y, rstd); rstd is what backward
     needs."""
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
     n = xf * rstd.unsqueeze(-1)
+    if weight is None:
+        return n.to(x.dtype), rstd
     w = weight + offset if offset else weight
     if cast_before_weight:
         y = w * n.to(x.dtype)
@@ -256,14 +277,16 @@ def reference_forward(
 
 
 def reference_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
+    dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor, offset: float,
     cast_before_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """liger::rms_norm_backward in plain torch -> (dx, dweight)."""
+    """liger::rms_norm_backward in plain torch -> (dx, dweight); without a weight, dweight is empty."""
     xf = x.float()
     n = xf * rstd.unsqueeze(-1)
-    g = dy.float() * (weight.float() + offset)
+    g = dy.float() * (weight.float() + offset) if weight is not None else dy.float()
     dx = (g - n * (g * n).mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
+    if weight is None:
+        return dx.to(x.dtype), x.new_empty((0,), dtype=torch.float32)
     if cast_before_weight:
         n = n.to(x.dtype).float()
     dw = (dy.float() * n).reshape(-1, x.shape[-1]).sum(0)
@@ -279,17 +302,18 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     dx, dw = torch.ops.liger.rms_norm_backward(dy, x, weight, rstd, ctx.offset, ctx.cast_before_weight)
-    return dx, dw, None, None, None
+    return dx, (dw if weight is not None else None), None, None, None
 
 
 def _forward_examples(device, width):
-    return [(sample(device, 17, width), sample(device, width, seed=1), 1e-6, 0.0, True)]
+    x = sample(device, 17, width)
+    return [(x, sample(device, width, seed=1), 1e-6, 0.0, True), (x, None, 1e-6, 0.0, False)]
 
 
 def _backward_examples(device, width):
-    [(x, w, eps, offset, cast_before_weight)] = _forward_examples(device, width)
-    rstd = reference_forward(x, w, eps, offset, cast_before_weight)[1]
-    return [(sample(device, 17, width, seed=2), x, w, rstd, offset, cast_before_weight)]
+    dy = sample(device, 17, width, seed=2)
+    return [(dy, x, w, reference_forward(x, w, eps, offset, cast_before_weight)[1], offset, cast_before_weight)
+            for x, w, eps, offset, cast_before_weight in _forward_examples(device, width)]
 
 
 rms_norm = declare("rms_norm", launch_forward, reference_forward, setup_context=_setup_context, backward=_backward,

@@ -13,7 +13,7 @@ from liger_compile.kernels.linear_cross_entropy import exp_matmul as lce_exp_mat
 from liger_compile.kernels.linear_cross_entropy import label_logit as lce_label_logit
 from liger_compile.kernels.linear_cross_entropy import row_combine as lce_row_combine
 from liger_compile.kernels.linear_cross_entropy import row_scaled_matmul as lce_row_scaled_matmul
-from liger_compile.kernels import linear_jsd, rotary, token_logprobs
+from liger_compile.kernels import linear_jsd, rms_norm, rotary, token_logprobs
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -86,6 +86,23 @@ def rotary_mode(in_il: bool, out_il: bool, block_pass: int, has_k: bool, backwar
                                              BLOCK_PASS=block_pass), num_warps=1)
 
 
+def rms_norm_mode(backward: bool, has_weight: bool, has_residual: bool, n_cols: int) -> None:
+    ptrs = dict(X="*bf16", W="*bf16", RSTD="*fp32")
+    if backward:
+        kernel, cfg = rms_norm._rms_norm_bwd_kernel, rms_norm.bwd_config(n_cols, has_residual)
+        types = dict(ptrs, DY="*bf16", DX="*bf16", DW_PARTIAL="*fp32", DS="*bf16",
+                     **{n: "i32" for n in "dy_row_stride x_row_stride dx_row_stride ds_row_stride n_rows n_cols".split()})
+        consts = dict(HAS_DS=has_residual, ROWS_PER_PROGRAM=rms_norm.rows_per_program(1 << 16, rms_norm._wide(n_cols)))
+    else:
+        kernel, cfg = rms_norm._rms_norm_fwd_kernel, rms_norm.fwd_config(n_cols)
+        types = dict(ptrs, Y="*bf16", RES="*bf16", S="*bf16", eps="fp32",
+                     **{n: "i32" for n in "x_row_stride y_row_stride res_row_stride s_row_stride n_rows n_cols".split()})
+        consts = dict(HAS_RESIDUAL=has_residual)
+    num_warps = cfg.pop("num_warps")
+    build(kernel, types, dict(consts, **cfg, OFFSET=0.0, CAST_BEFORE_WEIGHT=False, HAS_WEIGHT=has_weight,
+                              BLOCK_N=triton.next_power_of_2(n_cols)), num_warps=num_warps)
+
+
 BUILDS = {
     "exp_matmul": lambda: exp_matmul(False, False),
     "exp_matmul rerun": lambda: exp_matmul(False, True),
@@ -104,6 +121,10 @@ BUILDS = {
     "rotary interleaved, backward": lambda: rotary_mode(True, True, 0, True, True),
     "rotary interleaved to halves, one tensor": lambda: rotary_mode(True, False, 0, False, False),
     "rotary partial, copied channels": lambda: rotary_mode(False, False, 32, True, False),
+    "rms_norm forward": lambda: rms_norm_mode(False, True, False, 4096),
+    "rms_norm forward, no weight, + residual": lambda: rms_norm_mode(False, False, True, 2048),
+    "rms_norm backward, no weight, prefetch": lambda: rms_norm_mode(True, False, False, 4096),
+    "rms_norm backward, no weight, + residual, prefetch": lambda: rms_norm_mode(True, False, True, 2048),
 }
 
 if __name__ == "__main__":

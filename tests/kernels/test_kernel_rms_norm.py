@@ -103,3 +103,56 @@ def test_backward_prefetch_gives_the_same_result(rows_per_step, rows_per_program
         ref_dx = (ref_dx.float() + ds.float()).to(x.dtype)
     torch.testing.assert_close(outs[1][0].float(), ref_dx.float(), atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(outs[1][1].float(), ref_dw.float(), atol=0.3, rtol=4e-2)
+
+
+# --- without a weight (Nanochat, Falcon-Mamba, Gemma 3n's v_norm): y = n.to(x.dtype), no dweight --------------------
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape", [(7, 123), (2, 3, 64)])
+def test_weightless_forward_and_backward_match_float64(shape, dtype):
+    x, _ = inputs(shape, dtype, seed=5)
+    y, rstd = rms_norm.launch_forward(x, None, 1e-6, 0.0, False)
+    assert y.dtype == x.dtype
+    atol, rtol = TOL[dtype]
+    x64 = x.double().requires_grad_()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(y.double(), ref, atol=atol, rtol=rtol)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+    dx, dw = rms_norm.launch_backward(dy, x, None, rstd, 0.0, False)
+    ref.backward(dy.double())
+    torch.testing.assert_close(dx.double(), x64.grad, atol=atol * 2, rtol=rtol)
+    assert dw.numel() == 0
+    torch.testing.assert_close(dx, rms_norm.reference_backward(dy, x, None, rstd, 0.0, False)[0], atol=atol,
+                               rtol=rtol)
+
+
+def test_weightless_add_rms_norm_matches_float64():
+    from liger_compile.kernels import add_rms_norm
+
+    x, _ = inputs((5, 40), torch.float32, seed=7)
+    r, _ = inputs((5, 40), torch.float32, seed=8)
+    s, y, rstd = add_rms_norm.launch_forward(x, r, None, 1e-6, 0.0, False)
+    s64 = (x.double() + r.double()).requires_grad_()
+    ref = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(s.double(), s64.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    g = torch.Generator().manual_seed(9)
+    dy, ds = torch.randn(5, 40, generator=g).to(DEVICE), torch.randn(5, 40, generator=g).to(DEVICE)
+    dx, _ = add_rms_norm.launch_backward(dy, ds, s, None, rstd, 0.0, False)
+    ref.backward(dy.double())
+    torch.testing.assert_close(dx.double(), s64.grad + ds.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_weightless_op_autograd():
+    """The registered ops without a weight, as the compiled graph calls them: x gets eager's gradient."""
+    x, _ = inputs((3, 5, 24), torch.float32, seed=10)
+    r, _ = inputs((3, 5, 24), torch.float32, seed=11)
+    x.requires_grad_(), r.requires_grad_()
+    y = torch.ops.liger.rms_norm(x, None, 1e-6, 0.0, False)[0]
+    s, y2, _ = torch.ops.liger.add_rms_norm(x, r, None, 1e-6, 0.0, False)
+    (y.sum() + (y2 * y2).sum() + s.sum()).backward()
+    xe, re = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
+    norm = lambda t: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)  # noqa: E731
+    se = xe + re
+    (norm(xe).sum() + (norm(se) ** 2).sum() + se.sum()).backward()
+    torch.testing.assert_close(x.grad, xe.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r.grad, re.grad, atol=1e-5, rtol=1e-5)
