@@ -14,50 +14,72 @@ from liger_compile.kernels import add_rms_norm as _add_op  # noqa: F401  (define
 from liger_compile.kernels import rms_norm as _op  # noqa: F401  (defines torch.ops.liger.rms_norm)
 from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.kernels.rms_norm import MAX_FUSED_COLS
-from liger_compile.matcher import Match
+from liger_compile.matcher import Match, op_name
 from liger_compile.pattern import Pattern
 
 
 # --- the forms, as the models write them -------------------------------------------------------------------
-def llama(x, weight, eps, dim, in_dtype):
-    """Llama, Mistral, Qwen2/3, Granite...: normalise in fp32, cast back, then scale."""
-    h = x.to(torch.float32)
-    variance = h.pow(2).mean(dim, keepdim=True)
-    h = h * torch.rsqrt(variance + eps)
-    return weight * h.to(in_dtype)
+# Each form is written over `inverse_rms(h, dim, eps)`, the row's 1 / sqrt(mean(h^2) + eps): models spell the
+# square `h.pow(2)` or `h.square()`, and the inverse square root `torch.rsqrt(v)` or `torch.pow(v, -0.5)` (Gemma 3n
+# and Gemma 4, for JAX parity); every spelling of every form is a variant (_variants below).
+SQUARES = {"pow(2)": lambda h: h.pow(2), "square": lambda h: h.square()}
+INVERSE_SQRTS = {"rsqrt": torch.rsqrt, "pow(-0.5)": lambda v: torch.pow(v, -0.5)}
 
 
-def scale_then_cast(x, weight, eps, dim, in_dtype):
-    """OLMo2: scale in fp32, then cast back."""
-    h = x.to(torch.float32)
-    variance = h.pow(2).mean(dim, keepdim=True)
-    h = h * torch.rsqrt(variance + eps)
-    return (weight * h).to(in_dtype)
+def forms(inverse_rms):
+    """The forms, as search functions over one spelling of inverse_rms: {name: search}."""
+
+    def llama(x, weight, eps, dim, in_dtype):
+        """Llama, Mistral, Qwen2/3, Granite...: normalise in fp32, cast back, then scale."""
+        h = x.to(torch.float32)
+        h = h * inverse_rms(h, dim, eps)
+        return weight * h.to(in_dtype)
+
+    def scale_then_cast(x, weight, eps, dim, in_dtype):
+        """OLMo2, DeepSeek-V4, Gemma 3n / Gemma 4 (weight.float() binds as the weight): scale in fp32, cast back."""
+        h = x.to(torch.float32)
+        h = h * inverse_rms(h, dim, eps)
+        return (weight * h).to(in_dtype)
+
+    def gemma(x, weight, eps, dim, offset):
+        """Gemma 1/2/3: everything in fp32 with a (1 + weight) scale, cast at the end."""
+        h = x.float()
+        out = h * inverse_rms(h, dim, eps)
+        out = out * (offset + weight.float())
+        return out.type_as(x)
+
+    def weightless(x, eps, dim, in_dtype):
+        """Nanochat, HRM, Falcon-Mamba, Inkling2, Gemma 3n's v_norm (with_scale=False): no weight at all."""
+        h = x.to(torch.float32)
+        h = h * inverse_rms(h, dim, eps)
+        return h.to(in_dtype)
+
+    return {"gemma": gemma, "scale_then_cast": scale_then_cast, "llama": llama, "weightless": weightless}
 
 
-def gemma(x, weight, eps, dim, offset):
-    """Gemma 1/2/3: everything in fp32 with a (1 + weight) scale, cast at the end."""
-    h = x.float()
-    out = h * torch.rsqrt(h.pow(2).mean(dim, keepdim=True) + eps)
-    out = out * (offset + weight.float())
-    return out.type_as(x)
+def residual_forms(plain):
+    """The forms fed by a residual add whose sum is kept: the sum is a second output of the pattern, so its other
+    users (the next residual add) may read it."""
+    llama, scale_then_cast, gemma, weightless = (plain[k] for k in ("llama", "scale_then_cast", "gemma", "weightless"))
 
+    def llama_residual(x, residual, weight, eps, dim, in_dtype):
+        s = x + residual
+        return llama(s, weight, eps, dim, in_dtype), s
 
-# The same forms fed by a residual add whose sum is kept: the sum is a second output of the pattern, so its other
-# users (the next residual add) may read it.
-def llama_residual(x, residual, weight, eps, dim, in_dtype):
-    s = x + residual
-    return llama(s, weight, eps, dim, in_dtype), s
+    def scale_then_cast_residual(x, residual, weight, eps, dim, in_dtype):
+        s = x + residual
+        return scale_then_cast(s, weight, eps, dim, in_dtype), s
 
+    def gemma_residual(x, residual, weight, eps, dim, offset):
+        s = x + residual
+        return gemma(s, weight, eps, dim, offset), s
 
-def scale_then_cast_residual(x, residual, weight, eps, dim, in_dtype):
-    s = x + residual
-    return scale_then_cast(s, weight, eps, dim, in_dtype), s
+    def weightless_residual(x, residual, eps, dim, in_dtype):
+        s = x + residual
+        return weightless(s, eps, dim, in_dtype), s
 
-
-def gemma_residual(x, residual, weight, eps, dim, offset):
-    s = x + residual
-    return gemma(s, weight, eps, dim, offset), s
+    return {"gemma": gemma_residual, "scale_then_cast": scale_then_cast_residual, "llama": llama_residual,
+            "weightless": weightless_residual}
 
 
 # --- what they become --------------------------------------------------------------------------------------
@@ -66,42 +88,46 @@ def _scalar(v):
     return float(v) if isinstance(v, (int, float)) else v
 
 
-def fused_llama(x, weight, eps, dim, in_dtype):
-    return torch.ops.liger.rms_norm(x, weight, _scalar(eps), 0.0, True)[0]
+# (cast_before_weight, has weight) per form: the kernel's casting mode
+MODES = {"gemma": (False, True), "scale_then_cast": (False, True), "llama": (True, True), "weightless": (False, False)}
 
 
-def fused_scale_then_cast(x, weight, eps, dim, in_dtype):
-    return torch.ops.liger.rms_norm(x, weight, _scalar(eps), 0.0, False)[0]
+def fused(form: str):
+    cast_before_weight, _ = MODES[form]
+
+    def replace(x, eps, weight=None, offset=0.0, **_):
+        return torch.ops.liger.rms_norm(x, weight, _scalar(eps), float(offset), cast_before_weight)[0]
+
+    return replace
 
 
-def fused_gemma(x, weight, eps, dim, offset):
-    return torch.ops.liger.rms_norm(x, weight, _scalar(eps), float(offset), False)[0]
+def fused_residual(form: str):
+    """The replacement of a residual form: (normalised, sum), as the search function returns them."""
+    cast_before_weight, _ = MODES[form]
 
-
-def fused_residual(cast_before_weight: bool):
-    """The replacement of a `*_residual` form: (normalised, sum), as the search function returns them."""
-
-    def fused(x, residual, weight, eps, offset=0.0, **_):
+    def replace(x, residual, eps, weight=None, offset=0.0, **_):
         out = torch.ops.liger.add_rms_norm(x, residual, weight, _scalar(eps), float(offset), cast_before_weight)
         return out[1], out[0]
 
-    return fused
+    return replace
 
 
 # --- when it is safe ---------------------------------------------------------------------------------------
 def check(m: Match) -> str | None:
-    x, w = m.value("x"), m.value("weight")
-    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
-        return "input or weight is not a tensor"
-    if x.dtype not in FLOAT_DTYPES or w.dtype not in FLOAT_DTYPES:
-        return f"unsupported dtypes x={x.dtype}, weight={w.dtype}"
-    if x.dim() < 1 or w.dim() != 1:
-        return f"weight must be 1-D over the last axis (got weight shape {tuple(w.shape)})"
+    x = m.value("x")
+    if not isinstance(x, torch.Tensor):
+        return "input is not a tensor"
+    if x.dtype not in FLOAT_DTYPES:
+        return f"unsupported input dtype {x.dtype}"
+    if x.dim() < 1:
+        return "input is a scalar"
     cols = x.shape[-1]
     if not isinstance(cols, int):
         return "the normalised dimension is dynamic; the kernel tiles it at compile time"
-    if w.shape[0] != cols:
-        return f"weight has {w.shape[0]} entries for a last dimension of {cols}"
+    if "weight" in m.bindings:
+        objection = _check_weight(x, m.value("weight"))
+        if objection:
+            return objection
     if m["dim"] not in (-1, x.dim() - 1):
         return f"reduces over dim {m['dim']}, not the last one"
     if not isinstance(m.value("eps"), (int, float, torch.SymFloat)):
@@ -112,6 +138,18 @@ def check(m: Match) -> str | None:
         return "the weight offset is not a constant"
     if cols > MAX_FUSED_COLS:
         return f"last dimension {cols} exceeds the one-pass kernel's {MAX_FUSED_COLS}"
+    return None
+
+
+def _check_weight(x: torch.Tensor, w) -> str | None:
+    if not isinstance(w, torch.Tensor):
+        return "weight is not a tensor"
+    if w.dtype not in FLOAT_DTYPES:
+        return f"unsupported weight dtype {w.dtype}"
+    if w.dim() != 1:
+        return f"weight must be 1-D over the last axis (got weight shape {tuple(w.shape)})"
+    if w.shape[0] != x.shape[-1]:
+        return f"weight has {w.shape[0]} entries for a last dimension of {x.shape[-1]}"
     if x.device != w.device:
         return "input and weight are on different devices"
     return None
@@ -127,14 +165,42 @@ def check_residual(m: Match) -> str | None:
     return check(m)
 
 
-# Most specific first: the residual forms take the add with them (tried before the plain forms, which then fuse
-# every norm not fed by an add); Gemma's `offset + weight` would otherwise be taken as the weight of scale_then_cast.
-PATTERNS = [
-    Pattern("rms_norm", "gemma, + residual", gemma_residual, fused_residual(False), check_residual, anchor="rsqrt"),
-    Pattern("rms_norm", "scale_then_cast, + residual", scale_then_cast_residual, fused_residual(False),
-            check_residual, anchor="rsqrt"),
-    Pattern("rms_norm", "llama, + residual", llama_residual, fused_residual(True), check_residual, anchor="rsqrt"),
-    Pattern("rms_norm", "gemma", gemma, fused_gemma, check, anchor="rsqrt"),
-    Pattern("rms_norm", "scale_then_cast", scale_then_cast, fused_scale_then_cast, check, anchor="rsqrt"),
-    Pattern("rms_norm", "llama", llama, fused_llama, check, anchor="rsqrt"),
-]
+def is_inverse_sqrt(node) -> bool:
+    """What marks a candidate site in near-miss reports: an rsqrt, or a power -0.5."""
+    name = op_name(node)
+    if name == "rsqrt":
+        return True
+    if name != "pow" or len(node.args) < 2 and "exponent" not in node.kwargs:
+        return False
+    exponent = node.args[1] if len(node.args) >= 2 else node.kwargs["exponent"]
+    return isinstance(exponent, (int, float)) and exponent == -0.5
+
+
+def _variants():
+    """Every form in every spelling, residual forms first (they take the add with them; the plain forms then fuse
+    every norm not fed by an add); within each, Gemma's `offset + weight` before scale_then_cast, which would take it
+    as its weight, and the weightless form last (its root is any cast of a normalised value)."""
+    spellings = []
+    for square_name, square in SQUARES.items():
+        for inverse_name, inverse in INVERSE_SQRTS.items():
+            def inverse_rms(h, dim, eps, square=square, inverse=inverse):
+                return inverse(square(h).mean(dim, keepdim=True) + eps)
+
+            # the common spelling (pow(2), rsqrt) keeps the bare form name
+            qualifiers = [q for q, default in ((square_name, "pow(2)"), (inverse_name, "rsqrt")) if q != default]
+            plain = forms(inverse_rms)
+            spellings.append(("".join(f", {q}" for q in qualifiers), plain, residual_forms(plain)))
+    patterns = []
+    for residual in (True, False):
+        for name in MODES:
+            for suffix, plain, fed_by_add in spellings:
+                if residual:
+                    patterns.append(Pattern("rms_norm", f"{name}{suffix}, + residual", fed_by_add[name],
+                                            fused_residual(name), check_residual, anchor=is_inverse_sqrt))
+                else:
+                    patterns.append(Pattern("rms_norm", f"{name}{suffix}", plain[name], fused(name), check,
+                                            anchor=is_inverse_sqrt))
+    return patterns
+
+
+PATTERNS = _variants()
