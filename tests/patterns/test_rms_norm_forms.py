@@ -1,0 +1,96 @@
+"""The other spellings of RMSNorm (a weightless norm, `square()`, `pow(v, -0.5)`), read from transformers' own norm
+modules: each is fused, plain and with the residual add before it, and the step gives eager's loss and gradients."""
+import pytest
+import torch
+from transformers.models.falcon_mamba import modeling_falcon_mamba
+from transformers.models.gemma3n import modeling_gemma3n
+from transformers.models.inkling2 import modeling_inkling2
+from transformers.models.nanochat import modeling_nanochat
+
+import liger_compile
+import model_sweep
+
+D = 16
+NO_INDUCTOR = {"inductor": False}  # our ops run eagerly: the rewrite is what is tested, in a fraction of the time
+
+# name -> (the model's norm module, the variant it is fused as)
+NORMS = {
+    "nanochat": (lambda: modeling_nanochat.NanoChatRMSNorm(eps=1e-6), "weightless"),
+    "falcon_mamba": (lambda: modeling_falcon_mamba.FalconMambaWeightlessRMSNorm(D), "weightless"),
+    "inkling2 unweighted": (lambda: modeling_inkling2.Inkling2UnweightedRMSNorm(), "weightless, square"),
+    "gemma3n": (lambda: modeling_gemma3n.Gemma3nRMSNorm(D), "scale_then_cast, pow(-0.5)"),
+    "gemma3n with_scale=False": (lambda: modeling_gemma3n.Gemma3nRMSNorm(D, with_scale=False),
+                                 "weightless, pow(-0.5)"),
+}
+
+
+class Block(torch.nn.Module):
+    """A pre-norm block: the first norm reads the input, the second the residual sum, which is used again after."""
+
+    def __init__(self, make_norm):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.outer = make_norm(), make_norm()
+        self.proj = torch.nn.Linear(D, D)
+        for norm in (self.inner, self.outer):
+            if getattr(norm, "weight", None) is not None and norm.weight.requires_grad:
+                torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+
+    def forward(self, x):
+        h = x + self.proj(self.inner(x))
+        return (self.outer(h) * h).square().mean()
+
+
+def _step(module, x, run=None):
+    module.zero_grad(set_to_none=True)
+    loss = (module if run is None else run)(x)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_form_is_fused_and_matches_eager(name):
+    make_norm, variant = NORMS[name]
+    module, x = Block(make_norm), torch.randn(2, 5, D, requires_grad=False)
+    report = liger_compile.explain(module, x)
+    variants = sorted(s.variant for g in report.graphs for s in g.fused if s.pattern == "rms_norm")
+    assert variants == sorted([variant, f"{variant}, + residual"]), str(report)
+    assert not [m for m in report.near_misses if m.pattern == "rms_norm"], str(report)
+    torch._dynamo.reset()
+    ref_loss, ref_grads = _step(module, x)
+    loss, grads = _step(module, x, torch.compile(module, backend="liger", options=NO_INDUCTOR))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_weightless_form_in_bf16_matches_eager():
+    module = Block(NORMS["nanochat"][0]).to(torch.bfloat16)
+    x = torch.randn(2, 5, D).to(torch.bfloat16)
+    ref_loss, ref_grads = _step(module, x)
+    loss, grads = _step(module, x, torch.compile(module, backend="liger", options=NO_INDUCTOR))
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=2e-2, atol=2e-2, msg=lambda m: f"{n}: {m}")
+
+
+def test_nanochat_has_every_norm_fused():
+    """The real model (the sweep's tiny config): every RMSNorm it runs is fused, the step equals eager's."""
+    r = model_sweep.run_type("nanochat", diagnose=False)
+    assert r["status"] == "ok", r
+    assert r["fused"]["rms_norm"] == r["model"]["rms_norm"] > 0, r
+
+
+class PowNormOverFirstDim(torch.nn.Module):
+    def forward(self, x):
+        h = x.float()
+        return (h * torch.pow(h.pow(2).mean(0, keepdim=True) + 1e-6, -0.5)).type_as(x)
+
+
+def test_power_form_near_miss_names_what_differs():
+    """A site spelled with pow(v, -0.5) is reported like an rsqrt one when it cannot be fused."""
+    report = liger_compile.explain(PowNormOverFirstDim(), torch.randn(4, D))
+    assert report.counts["rms_norm"] == 0
+    (miss,) = report.near_misses
+    assert "not the last one" in miss.reason and "pow(-0.5)" in miss.reason, miss.reason
