@@ -32,19 +32,27 @@ MAX_FUSED_COLS = 65536  # one row must fit one program's tile
 
 @triton.jit
 def _layer_norm_fwd_kernel(
-    X, W, B, Y, MEAN, RSTD,
-    x_row_stride, y_row_stride, n_rows, n_cols, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    X, R, S, W, B, Y, MEAN, RSTD,
+    x_row_stride, r_row_stride, y_row_stride, n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     # X: [n_rows, n_cols] (row stride x_row_stride, unit column stride); W, B: [n_cols] (read only under their
-    # flags); Y like X, row stride y_row_stride; MEAN, RSTD: [n_rows] fp32.
+    # flags); Y like X, row stride y_row_stride; MEAN, RSTD: [n_rows] fp32. HAS_RESIDUAL: the input is X + R (R
+    # like X, row stride r_row_stride), rounded to X's dtype as eager's add rounds it, and written to S (Y's
+    # strides) before it is normalised.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     col_mask = cols < n_cols
     mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(X + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + rows64 * x_row_stride + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(R + rows64 * r_row_stride + cols[None, :], mask=mask,
+                                         other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(S + rows64 * y_row_stride + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / n_cols
     xc = tl.where(mask, x - mean[:, None], 0.0)  # zero past n_cols: the padding adds nothing to the variance
     # Inductor passes Python floats as fp64 scalars: pin eps to fp32 so the row math stays in fp32.
@@ -61,14 +69,15 @@ def _layer_norm_fwd_kernel(
 
 @triton.jit
 def _layer_norm_bwd_kernel(
-    DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
-    dy_row_stride, x_row_stride, dx_row_stride, n_rows, n_cols,
-    HAS_WEIGHT: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROWS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+    DY, X, W, MEAN, RSTD, DS, DX, DW_PARTIAL, DB_PARTIAL,
+    dy_row_stride, x_row_stride, ds_row_stride, dx_row_stride, n_rows, n_cols,
+    HAS_WEIGHT: tl.constexpr, HAS_DS: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
 ):
     # Program p owns rows [p * ROWS_PER_PROGRAM, (p + 1) * ROWS_PER_PROGRAM), walks them ROWS at a time, and writes
     # its fp32 partial dweight into DW_PARTIAL[p, :] (WEIGHT_GRAD) and partial dbias into DB_PARTIAL[p, :]
     # (BIAS_GRAD); the launcher sums them. DY, X, DX: [n_rows, n_cols], unit column stride; MEAN, RSTD: [n_rows].
+    # HAS_DS: X was a residual sum whose own gradient DS (from its other uses) is added into DX in fp32.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -94,6 +103,8 @@ def _layer_norm_bwd_kernel(
         c_n = tl.sum(g * n, axis=1) / n_cols
         c_1 = tl.sum(g, axis=1) / n_cols
         dx = (g - c_1[:, None] - n * c_n[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + rows64 * ds_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64 * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if WEIGHT_GRAD:
             dw_acc += tl.sum(dy * n, axis=0)
@@ -122,10 +133,12 @@ def bwd_config(n_cols: int, n_rows: int) -> dict:
     return dict(ROWS=16, num_warps=4, ROWS_PER_PROGRAM=256)
 
 
-def launch_forward(x, weight, bias, eps, config=None):
+def launch_forward(x, weight, bias, eps, config=None, residual=None):
     """Runs the Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1) ->
-    (y, mean, rstd). `config` fixes the tile (ROWS, num_warps); without it, fwd_config()."""
+    (y, mean, rstd), and the sum x + residual fourth with a residual (kernels/add_layer_norm.py). `config` fixes
+    the tile (ROWS, num_warps); without it, fwd_config()."""
     x2 = as_rows(x)
+    r2 = as_rows(residual) if residual is not None else x2
     n_rows, n_cols = x2.shape
     # Outputs are allocated in their final shapes and written through row views: an op's output must not be a
     # view, or autograd forbids modifying it in place (which eager's output allows).
@@ -133,19 +146,23 @@ def launch_forward(x, weight, bias, eps, config=None):
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     y2 = y.view(n_rows, n_cols)
+    s = torch.empty_like(y) if residual is not None else None
     cfg = {k: v for k, v in (config or fwd_config(n_cols)).items() if k != "BLOCK_N"}
     wrap_triton(_layer_norm_fwd_kernel)[(triton.cdiv(n_rows, cfg["ROWS"]),)](
-        x2, weight if weight is not None else x2, bias if bias is not None else x2,  # never read without the flags
-        y2, mean.view(n_rows), rstd.view(n_rows), x2.stride(0), y2.stride(0), n_rows, n_cols, eps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=triton.next_power_of_2(n_cols), **cfg,
+        x2, r2, s.view(n_rows, n_cols) if s is not None else y2,  # never read or written without the flag
+        weight if weight is not None else x2, bias if bias is not None else x2,  # never read without the flags
+        y2, mean.view(n_rows), rstd.view(n_rows), x2.stride(0), r2.stride(0), y2.stride(0), n_rows, n_cols, eps,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=triton.next_power_of_2(n_cols), **cfg,
     )
-    return y, mean, rstd
+    return (y, mean, rstd) if residual is None else (y, mean, rstd, s)
 
 
-def launch_backward(dy, x, weight, mean, rstd, weight_grad, bias_dtype, config=None):
+def launch_backward(dy, x, weight, mean, rstd, weight_grad, bias_dtype, config=None, d_sum=None):
     """-> (dx, dweight, dbias): dweight in weight's dtype when weight_grad, dbias in bias_dtype when it is given;
-    each an empty tensor otherwise."""
+    each an empty tensor otherwise. d_sum: x was a residual sum with this gradient of its own, added into dx."""
     x2, dy2 = as_rows(x), as_rows(dy)
+    ds2 = as_rows(d_sum) if d_sum is not None else dy2
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dx2 = dx.view(n_rows, n_cols)
@@ -155,10 +172,10 @@ def launch_backward(dy, x, weight, mean, rstd, weight_grad, bias_dtype, config=N
     dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if want_dw else None
     db_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if want_db else None
     wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
-        dy2, x2, weight if weight is not None else x2, mean.reshape(n_rows), rstd.reshape(n_rows), dx2,
+        dy2, x2, weight if weight is not None else x2, mean.reshape(n_rows), rstd.reshape(n_rows), ds2, dx2,
         dw_partial if want_dw else dx2, db_partial if want_db else dx2,  # never written without the flags
-        dy2.stride(0), x2.stride(0), dx2.stride(0), n_rows, n_cols,
-        HAS_WEIGHT=weight is not None, WEIGHT_GRAD=want_dw, BIAS_GRAD=want_db,
+        dy2.stride(0), x2.stride(0), ds2.stride(0), dx2.stride(0), n_rows, n_cols,
+        HAS_WEIGHT=weight is not None, HAS_DS=d_sum is not None, WEIGHT_GRAD=want_dw, BIAS_GRAD=want_db,
         BLOCK_N=triton.next_power_of_2(n_cols), **cfg,
     )
     dw = dw_partial.sum(0).to(weight.dtype) if want_dw else x.new_empty(0)

@@ -9,10 +9,15 @@ Matched by the math, not by module class:
 - `mean_variance`: the hand-written form of Cohere and Cohere2 (weight only, in fp32, cast back at the end).
 Weight and bias may each be absent; a weight of another shape than [H] (Cohere's q/k norms: [heads, head_dim]) is
 refused, and so is a normalised shape of more than the last dimension.
+
+A `functional` norm whose input is a residual add (`h = residual + out; norm(h)`, `h` kept as the next residual:
+GPT-2, OPT, BLOOM, StarCoder2) becomes ``liger::add_layer_norm``, which takes the add along; reported as the same
+"layer_norm" site, variant "functional, + residual".
 """
 import torch
 import torch.nn.functional as F
 
+from liger_compile.kernels import add_layer_norm as _add_op  # noqa: F401  (defines torch.ops.liger.add_layer_norm)
 from liger_compile.kernels import layer_norm as _op  # noqa: F401  (defines torch.ops.liger.layer_norm)
 from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.kernels.layer_norm import MAX_FUSED_COLS
@@ -41,6 +46,13 @@ def mean_variance(x, weight, eps, dim, in_dtype):
     return h.to(in_dtype)
 
 
+def functional_residual(x, residual, normalized_shape, weight, bias, eps):
+    """The residual add feeding nn.LayerNorm; the sum is a second output (its other users, the next residual add,
+    read it)."""
+    s = x + residual
+    return F.layer_norm(s, normalized_shape, weight, bias, eps), s
+
+
 # --- what they become --------------------------------------------------------------------------------------
 def _scalar(v):
     """A constant becomes a Python float; a symbolic one (dynamic=True makes module floats graph inputs) stays."""
@@ -51,6 +63,12 @@ def fused(x, weight, eps, bias=None, **_):
     """Every form's replacement; what the op does not take (the normalised shape, dim, in_dtype) the check has read.
     The hand-written form has no bias."""
     return torch.ops.liger.layer_norm(x, weight, bias, _scalar(eps))[0]
+
+
+def fused_residual(x, residual, weight, eps, bias=None, **_):
+    """(normalised, sum), as functional_residual returns them."""
+    out = torch.ops.liger.add_layer_norm(x, residual, weight, bias, _scalar(eps))
+    return out[1], out[0]
 
 
 # --- when it is safe ---------------------------------------------------------------------------------------
@@ -111,10 +129,23 @@ def check(m: Match) -> str | None:
     return None
 
 
-# The upcast form first: it takes OLMo's casts along, which `functional` would leave around the call. The anchor
+def check_residual(m: Match) -> str | None:
+    x, r = m.value("x"), m.value("residual")
+    if not isinstance(x, torch.Tensor) or not isinstance(r, torch.Tensor):
+        return "the add feeding the norm has a non-tensor operand"
+    if x.shape != r.shape or x.dtype != r.dtype or x.device != r.device:
+        return (f"the addends differ ({tuple(x.shape)} {x.dtype} and {tuple(r.shape)} {r.dtype}): broadcasting or "
+                "promotion is left to Inductor")
+    return check(m)
+
+
+# The residual form first (it takes the add along; the plain forms then fuse every norm not fed by one), then the
+# upcast form: it takes OLMo's casts along, which `functional` would leave around the call. The anchor
 # (near misses) is the F.layer_norm call: the report keys anchors by pattern name, one op per name, so a refused
 # hand-written form (mean_variance) is left to Inductor without a near-miss line.
 PATTERNS = [
+    Pattern("layer_norm", "functional, + residual", functional_residual, fused_residual, check_residual,
+            anchor="layer_norm"),
     Pattern("layer_norm", "upcast", upcast, fused, check, anchor="layer_norm"),
     Pattern("layer_norm", "mean_variance", mean_variance, fused, check, anchor="layer_norm"),
     Pattern("layer_norm", "functional", functional, fused, check, anchor="layer_norm"),

@@ -13,7 +13,7 @@ from liger_compile.kernels.linear_cross_entropy import exp_matmul as lce_exp_mat
 from liger_compile.kernels.linear_cross_entropy import label_logit as lce_label_logit
 from liger_compile.kernels.linear_cross_entropy import row_combine as lce_row_combine
 from liger_compile.kernels.linear_cross_entropy import row_scaled_matmul as lce_row_scaled_matmul
-from liger_compile.kernels import linear_jsd, rms_norm, rotary, token_logprobs
+from liger_compile.kernels import layer_norm, linear_jsd, rms_norm, rotary, token_logprobs
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -103,6 +103,23 @@ def rms_norm_mode(backward: bool, has_weight: bool, has_residual: bool, n_cols: 
                               BLOCK_N=triton.next_power_of_2(n_cols)), num_warps=num_warps)
 
 
+def layer_norm_mode(backward: bool, residual: bool, cols: int) -> None:
+    cfg = layer_norm.bwd_config(cols, 16384) if backward else layer_norm.fwd_config(cols)
+    block = dict(BLOCK_N=triton.next_power_of_2(cols), **{k: v for k, v in cfg.items() if k != "num_warps"})
+    if backward:
+        types = dict(DY="*bf16", X="*bf16", W="*bf16", MEAN="*fp32", RSTD="*fp32", DS="*bf16", DX="*bf16",
+                     DW_PARTIAL="*fp32", DB_PARTIAL="*fp32", dy_row_stride="i32", x_row_stride="i32",
+                     ds_row_stride="i32", dx_row_stride="i32", n_rows="i32", n_cols="i32")
+        build(layer_norm._layer_norm_bwd_kernel, types, dict(HAS_WEIGHT=True, HAS_DS=residual, WEIGHT_GRAD=True,
+                                                             BIAS_GRAD=True, **block), num_warps=cfg["num_warps"])
+    else:
+        types = dict(X="*bf16", R="*bf16", S="*bf16", W="*bf16", B="*bf16", Y="*bf16", MEAN="*fp32", RSTD="*fp32",
+                     x_row_stride="i32", r_row_stride="i32", y_row_stride="i32", n_rows="i32", n_cols="i32",
+                     eps="fp32")
+        build(layer_norm._layer_norm_fwd_kernel, types, dict(HAS_RESIDUAL=residual, HAS_WEIGHT=True, HAS_BIAS=True,
+                                                             **block), num_warps=cfg["num_warps"])
+
+
 BUILDS = {
     "exp_matmul": lambda: exp_matmul(False, False),
     "exp_matmul rerun": lambda: exp_matmul(False, True),
@@ -125,6 +142,9 @@ BUILDS = {
     "rms_norm forward, no weight, + residual": lambda: rms_norm_mode(False, False, True, 2048),
     "rms_norm backward, no weight, prefetch": lambda: rms_norm_mode(True, False, False, 4096),
     "rms_norm backward, no weight, + residual, prefetch": lambda: rms_norm_mode(True, False, True, 2048),
+    "layer_norm forward, + residual": lambda: layer_norm_mode(False, True, 4096),
+    "layer_norm backward, + sum gradient": lambda: layer_norm_mode(True, True, 4096),
+    "layer_norm forward, narrow rows": lambda: layer_norm_mode(False, False, 64),
 }
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ def test_every_layer_norm_fused_and_training_step_matches_eager(name):
     loss, grads = loss_and_grads(model, inputs, run=compiled)
     assert not report.fallbacks, str(report)
     assert report.counts["layer_norm"] == expected, str(report)
-    assert {s.variant for g in report.graphs for s in g.fused if s.pattern == "layer_norm"} == {"functional"}
+    variants = [s.variant for g in report.graphs for s in g.fused if s.pattern == "layer_norm"]
+    # the first norm of every layer after the first, and the final norm, read the previous block's residual sum
+    assert variants.count("functional, + residual") == L and set(variants) == {"functional", "functional, + residual"}
     assert not [m for m in report.near_misses if m.pattern == "layer_norm"], str(report)
     torch.testing.assert_close(loss, ref_loss, **TOL)
     assert grads.keys() == ref_grads.keys()
@@ -181,3 +183,36 @@ def test_dynamic_shapes_still_fused():
         x = torch.randn(2, t, 32)
         torch.testing.assert_close(compiled(x), module(x), **TOL)
     assert len(report.graphs) == 1 and report.counts["layer_norm"] == 1, str(report)
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=32, n_layer=L, n_head=4, n_positions=64,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False))
+
+
+def opt():
+    torch.manual_seed(0)
+    return T.OPTForCausalLM(T.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=L,
+                                        num_attention_heads=4, word_embed_proj_dim=32, dropout=0.0, use_cache=False))
+
+
+# model -> (LayerNorm sites, those fed by a residual add): GPT-2's ln_2 of each layer, the next layer's ln_1 and the
+# final ln_f read a sum; in OPT only the first layer's norm does (the embeddings' add), the others reach their add
+# through a reshape and stay the plain form
+RESIDUAL_MODELS = {"gpt2": (gpt2, 2 * L + 1, 2 * L), "opt": (opt, 2 * L + 1, 1)}
+
+
+@pytest.mark.parametrize("name", list(RESIDUAL_MODELS))
+def test_norms_fed_by_a_residual_add_take_the_add_along(name):
+    make, total, with_add = RESIDUAL_MODELS[name]
+    model, inputs = make(), batch()
+    ref_loss, ref_grads = loss_and_grads(model, inputs)
+    report = liger_compile.Report()
+    compiled = torch.compile(model, backend="liger", options={"report": report, **EAGER_REWRITE})
+    loss, grads = loss_and_grads(model, inputs, run=compiled)
+    variants = [s.variant for g in report.graphs for s in g.fused if s.pattern == "layer_norm"]
+    assert len(variants) == total and variants.count("functional, + residual") == with_add, str(report)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    for param in ref_grads:
+        torch.testing.assert_close(grads[param], ref_grads[param], **TOL, msg=lambda m: f"{param}: {m}")
