@@ -82,6 +82,17 @@ def residual_forms(plain):
             "weightless": weightless_residual}
 
 
+def functional(x, normalized_shape, weight, eps):
+    """torch.rms_norm, as Dynamo records nn.RMSNorm and F.rms_norm (DiffLlama's groupnorm): fp32 math, the weight
+    (None: no scale) applied in fp32, cast once at the end; eps None is the fp32 machine epsilon."""
+    return torch.rms_norm(x, normalized_shape, weight, eps)
+
+
+def functional_residual(x, residual, normalized_shape, weight, eps):
+    s = x + residual
+    return functional(s, normalized_shape, weight, eps), s
+
+
 # --- what they become --------------------------------------------------------------------------------------
 def _scalar(v):
     """A constant becomes a Python float; a symbolic one (dynamic=True makes module floats graph inputs) stays."""
@@ -99,6 +110,20 @@ def fused(form: str):
         return torch.ops.liger.rms_norm(x, weight, _scalar(eps), float(offset), cast_before_weight)[0]
 
     return replace
+
+
+def _functional_eps(eps):
+    # what aten's rms_norm adds when given None: the epsilon of its math dtype, fp32 for fp32/bf16/fp16 inputs
+    return torch.finfo(torch.float32).eps if eps is None else _scalar(eps)
+
+
+def fused_functional(x, normalized_shape, weight, eps):
+    return torch.ops.liger.rms_norm(x, weight, _functional_eps(eps), 0.0, False)[0]
+
+
+def fused_functional_residual(x, residual, normalized_shape, weight, eps):
+    out = torch.ops.liger.add_rms_norm(x, residual, weight, _functional_eps(eps), 0.0, False)
+    return out[1], out[0]
 
 
 def fused_residual(form: str):
@@ -155,20 +180,54 @@ def _check_weight(x: torch.Tensor, w) -> str | None:
     return None
 
 
-def check_residual(m: Match) -> str | None:
+def check_functional(m: Match) -> str | None:
+    x, shape, w = m.value("x"), m["normalized_shape"], m.value("weight")
+    if not isinstance(x, torch.Tensor):
+        return "input is not a tensor"
+    if x.dtype not in FLOAT_DTYPES:
+        return f"unsupported input dtype {x.dtype}"
+    if not isinstance(shape, (tuple, list)) or len(shape) != 1:
+        return f"normalises over the last {len(shape) if isinstance(shape, (tuple, list)) else '?'} dimensions, " \
+               "not the last one alone"
+    cols = x.shape[-1] if x.dim() else None
+    if not isinstance(cols, int):
+        return "the normalised dimension is dynamic; the kernel tiles it at compile time"
+    if shape[0] != cols:
+        return f"normalized_shape {tuple(shape)} is not the last dimension {cols}"
+    eps = m.value("eps")
+    if eps is not None and not isinstance(eps, (int, float, torch.SymFloat)):
+        return f"eps is not a float scalar (got {type(eps).__name__})"
+    if w is not None:
+        objection = _check_weight(x, w)
+        if objection:
+            return objection
+    if cols > MAX_FUSED_COLS:
+        return f"last dimension {cols} exceeds the one-pass kernel's {MAX_FUSED_COLS}"
+    return None
+
+
+def _check_addends(m: Match) -> str | None:
     x, r = m.value("x"), m.value("residual")
     if not isinstance(x, torch.Tensor) or not isinstance(r, torch.Tensor):
         return "the add feeding the norm has a non-tensor operand"
     if x.shape != r.shape or x.dtype != r.dtype or x.device != r.device:
         return (f"the addends differ ({tuple(x.shape)} {x.dtype} and {tuple(r.shape)} {r.dtype}): broadcasting or "
                 "promotion is left to Inductor")
-    return check(m)
+    return None
 
 
-def is_inverse_sqrt(node) -> bool:
-    """What marks a candidate site in near-miss reports: an rsqrt, or a power -0.5."""
+def check_residual(m: Match) -> str | None:
+    return _check_addends(m) or check(m)
+
+
+def check_functional_residual(m: Match) -> str | None:
+    return _check_addends(m) or check_functional(m)
+
+
+def marks_site(node) -> bool:
+    """What marks a candidate site in near-miss reports: an rsqrt, a power -0.5, or torch.rms_norm."""
     name = op_name(node)
-    if name == "rsqrt":
+    if name in ("rsqrt", "rms_norm"):
         return True
     if name != "pow" or len(node.args) < 2 and "exponent" not in node.kwargs:
         return False
@@ -190,16 +249,19 @@ def _variants():
             qualifiers = [q for q, default in ((square_name, "pow(2)"), (inverse_name, "rsqrt")) if q != default]
             plain = forms(inverse_rms)
             spellings.append(("".join(f", {q}" for q in qualifiers), plain, residual_forms(plain)))
-    patterns = []
+    # torch.rms_norm shares no op with the hand-written forms: only its own residual form must precede it
+    patterns = [Pattern("rms_norm", "functional, + residual", functional_residual, fused_functional_residual,
+                        check_functional_residual, anchor=marks_site),
+                Pattern("rms_norm", "functional", functional, fused_functional, check_functional, anchor=marks_site)]
     for residual in (True, False):
         for name in MODES:
             for suffix, plain, fed_by_add in spellings:
                 if residual:
                     patterns.append(Pattern("rms_norm", f"{name}{suffix}, + residual", fed_by_add[name],
-                                            fused_residual(name), check_residual, anchor=is_inverse_sqrt))
+                                            fused_residual(name), check_residual, anchor=marks_site))
                 else:
                     patterns.append(Pattern("rms_norm", f"{name}{suffix}", plain[name], fused(name), check,
-                                            anchor=is_inverse_sqrt))
+                                            anchor=marks_site))
     return patterns
 
 

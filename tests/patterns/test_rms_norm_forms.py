@@ -1,4 +1,4 @@
-"""The other spellings of RMSNorm (a weightless norm, `square()`, `pow(v, -0.5)`), read from transformers' own norm
+"""The other spellings of RMSNorm (a weightless norm, `square()`, `pow(v, -0.5)`, torch.rms_norm), read from transformers' own norm
 modules: each is fused, plain and with the residual add before it, and the step gives eager's loss and gradients."""
 import pytest
 import torch
@@ -21,6 +21,9 @@ NORMS = {
     "gemma3n": (lambda: modeling_gemma3n.Gemma3nRMSNorm(D), "scale_then_cast, pow(-0.5)"),
     "gemma3n with_scale=False": (lambda: modeling_gemma3n.Gemma3nRMSNorm(D, with_scale=False),
                                  "weightless, pow(-0.5)"),
+    # torch.rms_norm as nn.RMSNorm records it (DiffLlama's groupnorm: no weight, eps None)
+    "nn.RMSNorm": (lambda: torch.nn.RMSNorm(D, eps=1e-5), "functional"),
+    "nn.RMSNorm without affine": (lambda: torch.nn.RMSNorm(D, elementwise_affine=False), "functional"),
 }
 
 
@@ -65,8 +68,9 @@ def test_form_is_fused_and_matches_eager(name):
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
-def test_weightless_form_in_bf16_matches_eager():
-    module = Block(NORMS["nanochat"][0]).to(torch.bfloat16)
+@pytest.mark.parametrize("name", ["nanochat", "nn.RMSNorm", "nn.RMSNorm without affine"])
+def test_form_in_bf16_matches_eager(name):
+    module = Block(NORMS[name][0]).to(torch.bfloat16)
     x = torch.randn(2, 5, D).to(torch.bfloat16)
     ref_loss, ref_grads = _step(module, x)
     loss, grads = _step(module, x, torch.compile(module, backend="liger", options=NO_INDUCTOR))
