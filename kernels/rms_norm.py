@@ -6,8 +6,9 @@ Math (x: [..., D], w: [D], all arithmetic in fp32):
     cast_before_weight=True  (Llama/Mistral/Qwen): y = (w + offset) * n.to(x.dtype)   -> dtype promote(x, w)
     cast_before_weight=False (Gemma, OLMo2):      y = (n * (w + offset)).to(x.dtype)
     weight None (Nanochat, Gemma 3n's v_norm):    y = n.to(x.dtype)   (no scale; no dweight)
+    rstd_in_input_dtype (DeepSeek-V4's unweighted norm): n = x * rstd.to(x.dtype), the inverse RMS rounded first
 Backward, with g = dy * (w + offset):
-    dx = rstd * (g - n * mean(g * n))
+    dx = rstd * (g - n * mean(g * n))         (+ g * (rstd' - rstd), rstd' the rounded rstd, when it is rounded)
     dw = sum over rows of dy * n'    (n' = n rounded to x.dtype in the Llama form, as eager does)
 
 Forward: one pass, a [ROWS, BLOCK_N] tile per program. Backward: each program walks a contiguous block of
@@ -52,12 +53,12 @@ def _rms_norm_fwd_kernel(
     X, W, Y, RSTD, RES, S,
     x_row_stride, y_row_stride, res_row_stride, s_row_stride, n_rows, n_cols, eps,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROUND_RSTD: tl.constexpr,
 ):
     # X: [n_rows, n_cols] (row stride x_row_stride, unit column stride); W: [n_cols]; Y like X; RSTD: [n_rows] fp32.
     # With HAS_RESIDUAL (liger::add_rms_norm), the row normalised is X + RES (RES like X), rounded once to X's dtype
     # as eager's add rounds it, and also stored into S (like X): the next residual. Without HAS_WEIGHT, W is never
-    # read and the scale is 1.
+    # read and the scale is 1. With ROUND_RSTD the row is scaled by rstd rounded to X's dtype (RSTD keeps fp32).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -70,6 +71,8 @@ def _rms_norm_fwd_kernel(
         tl.store(S + rows64 * s_row_stride + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
     n, rstd = normalise(x, n_cols, eps)
+    if ROUND_RSTD:
+        n = x * rstd.to(X.dtype.element_ty).to(tl.float32)[:, None]
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + OFFSET
         if CAST_BEFORE_WEIGHT:
@@ -102,13 +105,15 @@ def _rms_norm_bwd_kernel(
     dy_row_stride, x_row_stride, dx_row_stride, ds_row_stride, n_rows, n_cols,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr, HAS_DS: tl.constexpr, PREFETCH: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    ROUND_RSTD: tl.constexpr,
 ):
     # Program p owns rows [p * ROWS_PER_PROGRAM, (p + 1) * ROWS_PER_PROGRAM), walks them ROWS at a time, and writes
     # its fp32 partial dweight into DW_PARTIAL[p, :] (summed by the launcher). With HAS_DS, DS is a gradient that
     # reached the norm's input by another path (liger::add_rms_norm: the residual sum's later uses), added into dx.
     # With PREFETCH the next step's rows are loaded before this step's math, so each program has two steps' loads
     # in flight (a whole row per step takes most of a program's registers, which caps the programs per SM).
-    # Without HAS_WEIGHT the scale is 1, W is never read and no partial dweight is written.
+    # Without HAS_WEIGHT the scale is 1, W is never read and no partial dweight is written. With ROUND_RSTD (the
+    # forward scaled x by rstd rounded to X's dtype) the direct term of dx takes the rounded rstd too.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -137,6 +142,10 @@ def _rms_norm_bwd_kernel(
         dy = dy.to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         dx, n = normalise_backward(x, dy, w, rstd, n_cols)
+        if ROUND_RSTD:
+            rounded = rstd.to(X.dtype.element_ty).to(tl.float32)
+            dx += dy * w[None, :] * (rounded - rstd)[:, None]
+            n = x * rounded[:, None]
         if HAS_DS:
             dx += ds.to(tl.float32)
         rows64 = rows.to(tl.int64)[:, None]
@@ -182,9 +191,10 @@ def _configs(entries):
     return [triton.Config({k: v for k, v in e.items() if k != "num_warps"}, num_warps=e["num_warps"]) for e in entries]
 
 
-_fwd_tuned = {False: triton.autotune(_configs(FWD_NARROW), key=["n_cols", "HAS_RESIDUAL", "HAS_WEIGHT"])(
+_fwd_tuned = {False: triton.autotune(_configs(FWD_NARROW), key=["n_cols", "HAS_RESIDUAL", "HAS_WEIGHT", "ROUND_RSTD"])(
     _rms_norm_fwd_kernel)}
-_bwd_tuned = {False: triton.autotune(_configs(BWD_NARROW), key=["n_cols", "HAS_WEIGHT"])(_rms_norm_bwd_kernel)}
+_bwd_tuned = {False: triton.autotune(_configs(BWD_NARROW), key=["n_cols", "HAS_WEIGHT", "ROUND_RSTD"])(
+    _rms_norm_bwd_kernel)}
 
 
 def fwd_config(n_cols: int) -> dict:
@@ -202,7 +212,7 @@ def out_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], cast_before_weigh
     return torch.promote_types(x.dtype, weight.dtype) if cast_before_weight and weight is not None else x.dtype
 
 
-def launch_forward(x, weight, eps, offset, cast_before_weight, config=None, residual=None):
+def launch_forward(x, weight, eps, offset, cast_before_weight, rstd_in_input_dtype=False, config=None, residual=None):
     """Runs the Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1) -> (y, rstd),
     or with `residual` -> (y, rstd, x + residual) (liger::add_rms_norm). `config` fixes the tile shape; without it
     CUDA autotunes narrow rows and everything else takes fwd_config()."""
@@ -218,7 +228,7 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, config=None, resi
     args = (x2, weight if weight is not None else x2, y2, rstd.view(n_rows), r2, s2, x2.stride(0), y2.stride(0), r2.stride(0), s2.stride(0), n_rows,
             n_cols, eps)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
-                  HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None)
+                  HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, ROUND_RSTD=rstd_in_input_dtype)
     if config is None and x.device.type == "cuda" and not _wide(n_cols):
         wrap_triton(_fwd_tuned[False])[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **consts)
     else:
@@ -228,7 +238,8 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, config=None, resi
     return (y, rstd) if residual is None else (y, rstd, s)
 
 
-def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None, d_sum=None):
+def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, rstd_in_input_dtype=False, config=None,
+                    d_sum=None):
     """-> (dx, dweight). d_sum, when given, is another gradient of x, added into dx in the same pass. Without a
     weight, dweight is an empty tensor (an op's outputs cannot be None)."""
     x2, dy2 = as_rows(x), as_rows(dy)
@@ -241,7 +252,8 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
     has_weight = weight is not None
     dw_partial = torch.empty((n_programs, n_cols) if has_weight else (0,), dtype=torch.float32, device=x.device)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
-                  ROWS_PER_PROGRAM=rpp, HAS_DS=d_sum is not None, HAS_WEIGHT=has_weight)
+                  ROWS_PER_PROGRAM=rpp, HAS_DS=d_sum is not None, HAS_WEIGHT=has_weight,
+                  ROUND_RSTD=rstd_in_input_dtype)
     if config is None and x.device.type == "cuda" and not wide:
         kernel, cfg = _bwd_tuned[False], {}  # its configs carry ROWS, PREFETCH and num_warps
     else:
@@ -259,13 +271,14 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, config=None
 
 
 def reference_forward(
-    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, cast_before_weight: bool
+    x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float, cast_before_weight: bool,
+    rstd_in_input_dtype: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """liger::rms_norm in plain torch (the op off CUDA), the kernel's fp32 math -> (y, rstd); rstd is what backward
     needs."""
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
-    n = xf * rstd.unsqueeze(-1)
+    n = xf * (rstd.to(x.dtype).float() if rstd_in_input_dtype else rstd).unsqueeze(-1)
     if weight is None:
         return n.to(x.dtype), rstd
     w = weight + offset if offset else weight
@@ -278,13 +291,17 @@ def reference_forward(
 
 def reference_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor, offset: float,
-    cast_before_weight: bool,
+    cast_before_weight: bool, rstd_in_input_dtype: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """liger::rms_norm_backward in plain torch -> (dx, dweight); without a weight, dweight is empty."""
     xf = x.float()
     n = xf * rstd.unsqueeze(-1)
     g = dy.float() * (weight.float() + offset) if weight is not None else dy.float()
     dx = (g - n * (g * n).mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
+    if rstd_in_input_dtype:
+        rounded = rstd.to(x.dtype).float()
+        dx = dx + g * (rounded - rstd).unsqueeze(-1)
+        n = xf * rounded.unsqueeze(-1)
     if weight is None:
         return dx.to(x.dtype), x.new_empty((0,), dtype=torch.float32)
     if cast_before_weight:
@@ -294,26 +311,28 @@ def reference_backward(
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _eps, offset, cast_before_weight = inputs
+    x, weight, _eps, offset, cast_before_weight, rstd_in_input_dtype = inputs
     ctx.save_for_backward(x, weight, output[1])
-    ctx.offset, ctx.cast_before_weight = offset, cast_before_weight
+    ctx.offset, ctx.cast_before_weight, ctx.rstd_in_input_dtype = offset, cast_before_weight, rstd_in_input_dtype
 
 
 def _backward(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
-    dx, dw = torch.ops.liger.rms_norm_backward(dy, x, weight, rstd, ctx.offset, ctx.cast_before_weight)
-    return dx, (dw if weight is not None else None), None, None, None
+    dx, dw = torch.ops.liger.rms_norm_backward(dy, x, weight, rstd, ctx.offset, ctx.cast_before_weight,
+                                               ctx.rstd_in_input_dtype)
+    return dx, (dw if weight is not None else None), None, None, None, None
 
 
 def _forward_examples(device, width):
     x = sample(device, 17, width)
-    return [(x, sample(device, width, seed=1), 1e-6, 0.0, True), (x, None, 1e-6, 0.0, False)]
+    return [(x, sample(device, width, seed=1), 1e-6, 0.0, True, False), (x, None, 1e-6, 0.0, False, False),
+            (x.to(torch.bfloat16), None, 1e-6, 0.0, False, True)]
 
 
 def _backward_examples(device, width):
     dy = sample(device, 17, width, seed=2)
-    return [(dy, x, w, reference_forward(x, w, eps, offset, cast_before_weight)[1], offset, cast_before_weight)
-            for x, w, eps, offset, cast_before_weight in _forward_examples(device, width)]
+    return [(dy.to(x.dtype), x, w, reference_forward(x, w, eps, offset, cast_before, rounded)[1], offset, cast_before,
+             rounded) for x, w, eps, offset, cast_before, rounded in _forward_examples(device, width)]
 
 
 rms_norm = declare("rms_norm", launch_forward, reference_forward, setup_context=_setup_context, backward=_backward,

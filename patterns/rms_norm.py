@@ -54,12 +54,18 @@ def forms(inverse_rms):
         h = h * inverse_rms(h, dim, eps)
         return h.to(in_dtype)
 
-    return {"gemma": gemma, "scale_then_cast": scale_then_cast, "llama": llama, "weightless": weightless}
+    def rstd_in_input_dtype(x, eps, dim, in_dtype):
+        """DeepSeek-V4's unweighted norm: the inverse RMS (of x in fp32) cast to x's dtype, then x scaled by it."""
+        return x * inverse_rms(x.to(torch.float32), dim, eps).to(in_dtype)
+
+    return {"gemma": gemma, "scale_then_cast": scale_then_cast, "llama": llama, "weightless": weightless,
+            "rstd_in_input_dtype": rstd_in_input_dtype}
 
 
 def residual_forms(plain):
     """The forms fed by a residual add whose sum is kept: the sum is a second output of the pattern, so its other
-    users (the next residual add) may read it."""
+    users (the next residual add) may read it. (rstd_in_input_dtype has none: liger::add_rms_norm does not round the
+    inverse RMS.)"""
     llama, scale_then_cast, gemma, weightless = (plain[k] for k in ("llama", "scale_then_cast", "gemma", "weightless"))
 
     def llama_residual(x, residual, weight, eps, dim, in_dtype):
@@ -99,15 +105,17 @@ def _scalar(v):
     return float(v) if isinstance(v, (int, float)) else v
 
 
-# (cast_before_weight, has weight) per form: the kernel's casting mode
-MODES = {"gemma": (False, True), "scale_then_cast": (False, True), "llama": (True, True), "weightless": (False, False)}
+# (cast_before_weight, rstd_in_input_dtype) per form: the kernel's casting mode (a form without a weight passes None)
+MODES = {"gemma": (False, False), "scale_then_cast": (False, False), "llama": (True, False),
+         "weightless": (False, False), "rstd_in_input_dtype": (False, True)}
 
 
 def fused(form: str):
-    cast_before_weight, _ = MODES[form]
+    cast_before_weight, rstd_in_input_dtype = MODES[form]
 
     def replace(x, eps, weight=None, offset=0.0, **_):
-        return torch.ops.liger.rms_norm(x, weight, _scalar(eps), float(offset), cast_before_weight)[0]
+        return torch.ops.liger.rms_norm(x, weight, _scalar(eps), float(offset), cast_before_weight,
+                                        rstd_in_input_dtype)[0]
 
     return replace
 
@@ -256,10 +264,10 @@ def _variants():
     for residual in (True, False):
         for name in MODES:
             for suffix, plain, fed_by_add in spellings:
-                if residual:
+                if residual and name in fed_by_add:
                     patterns.append(Pattern("rms_norm", f"{name}{suffix}, + residual", fed_by_add[name],
                                             fused_residual(name), check_residual, anchor=marks_site))
-                else:
+                elif not residual:
                     patterns.append(Pattern("rms_norm", f"{name}{suffix}", plain[name], fused(name), check,
                                             anchor=marks_site))
     return patterns

@@ -86,7 +86,7 @@ def rotary_mode(in_il: bool, out_il: bool, block_pass: int, has_k: bool, backwar
                                              BLOCK_PASS=block_pass), num_warps=1)
 
 
-def rms_norm_mode(backward: bool, has_weight: bool, has_residual: bool, n_cols: int) -> None:
+def rms_norm_mode(backward: bool, has_weight: bool, has_residual: bool, n_cols: int, round_rstd: bool = False) -> None:
     ptrs = dict(X="*bf16", W="*bf16", RSTD="*fp32")
     if backward:
         kernel, cfg = rms_norm._rms_norm_bwd_kernel, rms_norm.bwd_config(n_cols, has_residual)
@@ -100,7 +100,7 @@ def rms_norm_mode(backward: bool, has_weight: bool, has_residual: bool, n_cols: 
         consts = dict(HAS_RESIDUAL=has_residual)
     num_warps = cfg.pop("num_warps")
     build(kernel, types, dict(consts, **cfg, OFFSET=0.0, CAST_BEFORE_WEIGHT=False, HAS_WEIGHT=has_weight,
-                              BLOCK_N=triton.next_power_of_2(n_cols)), num_warps=num_warps)
+                              ROUND_RSTD=round_rstd, BLOCK_N=triton.next_power_of_2(n_cols)), num_warps=num_warps)
 
 
 def layer_norm_mode(backward: bool, residual: bool, cols: int) -> None:
@@ -142,6 +142,8 @@ BUILDS = {
     "rms_norm forward, no weight, + residual": lambda: rms_norm_mode(False, False, True, 2048),
     "rms_norm backward, no weight, prefetch": lambda: rms_norm_mode(True, False, False, 4096),
     "rms_norm backward, no weight, + residual, prefetch": lambda: rms_norm_mode(True, False, True, 2048),
+    "rms_norm forward, rounded rstd, head dim": lambda: rms_norm_mode(False, False, False, 128, round_rstd=True),
+    "rms_norm backward, rounded rstd, prefetch": lambda: rms_norm_mode(True, False, False, 4096, round_rstd=True),
     "layer_norm forward, + residual": lambda: layer_norm_mode(False, True, 4096),
     "layer_norm backward, + sum gradient": lambda: layer_norm_mode(True, True, 4096),
     "layer_norm forward, narrow rows": lambda: layer_norm_mode(False, False, 64),

@@ -156,3 +156,39 @@ def test_weightless_op_autograd():
     (norm(xe).sum() + (norm(se) ** 2).sum() + se.sum()).backward()
     torch.testing.assert_close(x.grad, xe.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(r.grad, re.grad, atol=1e-5, rtol=1e-5)
+
+
+# --- the inverse RMS rounded to the input dtype before scaling (DeepSeek-V4's unweighted norm) --------------------
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape", [(7, 123), (2, 3, 64)])
+def test_rounded_rstd_forward_and_backward(shape, dtype):
+    """Forward: eager's own rounding, x * rstd.to(x.dtype) from fp32 math (to the rounding of the fp32 sum, or of one
+    bf16/fp16 step). Backward: the float64 gradient of the same function (the rounding passes the gradient through)."""
+    x, _ = inputs(shape, dtype, seed=12)
+    y, rstd = rms_norm.launch_forward(x, None, 1e-6, 0.0, False, True)
+    eager = x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(y, eager, atol=atol, rtol=rtol)
+    torch.testing.assert_close(y, rms_norm.reference_forward(x, None, 1e-6, 0.0, False, True)[0], atol=atol, rtol=rtol)
+    if dtype == torch.float16:  # where the interpreter rounds as CUDA does: eager's very values (not rounding rstd
+        # first gives about a third of them one unit off)
+        assert (y == eager).float().mean() > 0.99
+
+    class Round(torch.autograd.Function):  # the forward's rounding of rstd, with its identity gradient
+        @staticmethod
+        def forward(ctx, r):
+            return r.to(dtype).double()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    x64 = x.double().requires_grad_()
+    ref = x64 * Round.apply(torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-6))
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(13)).to(DEVICE, dtype)
+    ref.backward(dy.double())
+    dx, dw = rms_norm.launch_backward(dy, x, None, rstd, 0.0, False, True)
+    torch.testing.assert_close(dx.double(), x64.grad, atol=atol * 2, rtol=rtol)
+    torch.testing.assert_close(dx, rms_norm.reference_backward(dy, x, None, rstd, 0.0, False, True)[0], atol=atol,
+                               rtol=rtol)
+    assert dw.numel() == 0

@@ -2,6 +2,7 @@
 modules: each is fused, plain and with the residual add before it, and the step gives eager's loss and gradients."""
 import pytest
 import torch
+from transformers.models.deepseek_v4 import modeling_deepseek_v4
 from transformers.models.falcon_mamba import modeling_falcon_mamba
 from transformers.models.gemma3n import modeling_gemma3n
 from transformers.models.inkling2 import modeling_inkling2
@@ -13,7 +14,8 @@ import model_sweep
 D = 16
 NO_INDUCTOR = {"inductor": False}  # our ops run eagerly: the rewrite is what is tested, in a fraction of the time
 
-# name -> (the model's norm module, the variant it is fused as)
+# name -> (the model's norm module, the variant it is fused as, and fed by the residual add: None where the add
+# stays apart)
 NORMS = {
     "nanochat": (lambda: modeling_nanochat.NanoChatRMSNorm(eps=1e-6), "weightless"),
     "falcon_mamba": (lambda: modeling_falcon_mamba.FalconMambaWeightlessRMSNorm(D), "weightless"),
@@ -24,6 +26,9 @@ NORMS = {
     # torch.rms_norm as nn.RMSNorm records it (DiffLlama's groupnorm: no weight, eps None)
     "nn.RMSNorm": (lambda: torch.nn.RMSNorm(D, eps=1e-5), "functional"),
     "nn.RMSNorm without affine": (lambda: torch.nn.RMSNorm(D, elementwise_affine=False), "functional"),
+    # x scaled by its inverse RMS rounded to x's dtype: liger::add_rms_norm has no such mode
+    "deepseek_v4 unweighted": (lambda: modeling_deepseek_v4.DeepseekV4UnweightedRMSNorm(),
+                               "rstd_in_input_dtype, square", None),
 }
 
 
@@ -53,11 +58,12 @@ def _step(module, x, run=None):
 
 @pytest.mark.parametrize("name", list(NORMS))
 def test_form_is_fused_and_matches_eager(name):
-    make_norm, variant = NORMS[name]
+    make_norm, variant, *fed_by_add = NORMS[name]
+    fed_by_add = fed_by_add[0] if fed_by_add else f"{variant}, + residual"
     module, x = Block(make_norm), torch.randn(2, 5, D, requires_grad=False)
     report = liger_compile.explain(module, x)
     variants = sorted(s.variant for g in report.graphs for s in g.fused if s.pattern == "rms_norm")
-    assert variants == sorted([variant, f"{variant}, + residual"]), str(report)
+    assert variants == sorted([variant, fed_by_add or variant]), str(report)
     assert not [m for m in report.near_misses if m.pattern == "rms_norm"], str(report)
     torch._dynamo.reset()
     ref_loss, ref_grads = _step(module, x)
@@ -68,7 +74,7 @@ def test_form_is_fused_and_matches_eager(name):
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("name", ["nanochat", "nn.RMSNorm", "nn.RMSNorm without affine"])
+@pytest.mark.parametrize("name", ["nanochat", "nn.RMSNorm", "nn.RMSNorm without affine", "deepseek_v4 unweighted"])
 def test_form_in_bf16_matches_eager(name):
     module = Block(NORMS[name][0]).to(torch.bfloat16)
     x = torch.randn(2, 5, D).to(torch.bfloat16)
