@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from liger_compile.kernels import gated_down_proj as _down_op  # noqa: F401  (defines the op)
 from liger_compile.kernels import gated_mlp as _op  # noqa: F401  (defines the op)
 from liger_compile.kernels._common import FLOAT_DTYPES
-from liger_compile.matcher import Match
+from liger_compile.matcher import Match, op_name
 from liger_compile.pattern import Pattern
 
 
@@ -70,9 +70,36 @@ def check_down(m: Match) -> str | None:
     return None
 
 
+_PROJECTIONS = {"linear", "matmul", "mm", "bmm", "addmm", "baddbmm"}
+_PASS_THROUGH = {"getitem", "chunk", "split", "narrow", "view", "reshape", "contiguous", "to", "transpose"}
+
+
+def _projected(node, depth: int = 4) -> bool:
+    """node is a projection's output, or a slice / view of one (a fused gate_up half)."""
+    name = op_name(node) if isinstance(node, torch.fx.Node) else None
+    if name in _PROJECTIONS:
+        return True
+    if name in _PASS_THROUGH and depth and node.args:
+        return _projected(node.args[0], depth - 1)
+    return False
+
+
+def gated(activation: str):
+    """A candidate site for near-miss reports: the activation of a projection multiplied by another projection
+    (a gated MLP), not every activation (a plain GELU MLP, Mamba's gate on its scan output)."""
+
+    def test(node) -> bool:
+        if op_name(node) != activation or not node.args or not _projected(node.args[0]):
+            return False
+        return any(op_name(u) == "mul" and any(a is not node and _projected(a) for a in u.args) for u in node.users)
+
+    return test
+
+
 PATTERNS = [
-    Pattern("swiglu", "silu, down_proj", swiglu_down, make_fused_down("silu"), check_down, anchor="silu"),
-    Pattern("geglu", "gelu_tanh, down_proj", geglu_down, make_fused_down("gelu_tanh"), check_down, anchor="gelu"),
-    Pattern("swiglu", "silu", swiglu, make_fused("silu"), check, anchor="silu"),
-    Pattern("geglu", "gelu_tanh", geglu, make_fused("gelu_tanh"), check, anchor="gelu"),
+    Pattern("swiglu", "silu, down_proj", swiglu_down, make_fused_down("silu"), check_down, anchor=gated("silu")),
+    Pattern("geglu", "gelu_tanh, down_proj", geglu_down, make_fused_down("gelu_tanh"), check_down,
+            anchor=gated("gelu")),
+    Pattern("swiglu", "silu", swiglu, make_fused("silu"), check, anchor=gated("silu")),
+    Pattern("geglu", "gelu_tanh", geglu, make_fused("gelu_tanh"), check, anchor=gated("gelu")),
 ]
