@@ -144,32 +144,44 @@ def _patch_gkd(module) -> bool:
         if (return_outputs or getattr(self.args, "torch_compile_backend", None) != "liger"
                 or not (_plain_head(student) and _plain_head(teacher))):
             return original(self, model, inputs, return_outputs, num_items_in_batch)
-        import liger_compile.ops as ops  # noqa: PLC0415
-
-        kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                      output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long,
-                                                                            device=inputs["input_ids"].device))
-        student_hidden = model(**kwargs).hidden_states[-1][:, :-1]
-        self.teacher_model.eval()
-        with torch.no_grad():
-            teacher_hidden = self.teacher_model(**kwargs).hidden_states[-1][:, :-1]
-        device = student_hidden.device.type
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        hidden, weights = [], []
-        for h, m in ((student_hidden, student), (teacher_hidden, teacher)):
-            w = m.get_output_embeddings().weight
-            # each lm_head matmul in the dtype eager's runs in: autocast's, else the weight's (accelerate hands the
-            # hidden states back upcast to fp32 from a bf16 model; casting them back is exact)
-            dtype = autocast or w.dtype
-            hidden.append(h.to(dtype))
-            weights.append(w.to(dtype))
-        return ops.linear_jsd(hidden[0], weights[0], hidden[1], weights[1], inputs["labels"][:, 1:], beta=self.beta,
-                              num_items_in_batch=num_items_in_batch)
+        try:
+            return _fused_gkd_loss(self, model, student, teacher, inputs, num_items_in_batch)
+        except Exception as e:  # a bug of ours must not stop the user's run: TRL's own loss, said once
+            if not getattr(compute_loss, "warned", False):
+                log.warning("liger_compile: GKD's fused loss failed (%s: %s); using TRL's own compute_loss",
+                            type(e).__name__, str(e)[:300])
+                compute_loss.warned = True
+            return original(self, model, inputs, return_outputs, num_items_in_batch)
 
     compute_loss.liger_compile = True
     compute_loss.__wrapped__ = original
     trainer.compute_loss = compute_loss
     return True
+
+
+def _fused_gkd_loss(self, model, student, teacher, inputs, num_items_in_batch):
+    """GKD's loss on liger::linear_jsd: both models' last hidden states (no logits), each lm_head's weight."""
+    import liger_compile.ops as ops  # noqa: PLC0415
+
+    kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                  output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long,
+                                                                        device=inputs["input_ids"].device))
+    student_hidden = model(**kwargs).hidden_states[-1][:, :-1]
+    self.teacher_model.eval()
+    with torch.no_grad():
+        teacher_hidden = self.teacher_model(**kwargs).hidden_states[-1][:, :-1]
+    device = student_hidden.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    hidden, weights = [], []
+    for h, m in ((student_hidden, student), (teacher_hidden, teacher)):
+        w = m.get_output_embeddings().weight
+        # each lm_head matmul in the dtype eager's runs in: autocast's, else the weight's (accelerate hands the
+        # hidden states back upcast to fp32 from a bf16 model; casting them back is exact)
+        dtype = autocast or w.dtype
+        hidden.append(h.to(dtype))
+        weights.append(w.to(dtype))
+    return ops.linear_jsd(hidden[0], weights[0], hidden[1], weights[1], inputs["labels"][:, 1:], beta=self.beta,
+                          num_items_in_batch=num_items_in_batch)
 
 
 PATCHES = {MODULE: _patch, GKD_MODULE: _patch_gkd}  # module -> what is changed in it when it is imported

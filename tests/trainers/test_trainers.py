@@ -313,3 +313,27 @@ def test_gkd_loss_takes_bf16_models_whose_outputs_come_back_upcast():
         ref = GKDTrainer.generalized_jsd_loss(student(input_ids=ids).logits[:, :-1].float(),
                                               teacher(input_ids=ids).logits[:, :-1].float(), labels[:, 1:], beta=0.5)
     torch.testing.assert_close(loss.float(), ref, atol=2e-3, rtol=2e-2)
+
+
+def test_gkd_falls_back_to_trls_loss_if_ours_fails(monkeypatch, caplog):
+    """A failure of the fused path (a bug of ours) costs the run nothing but a warning: TRL's own loss is used."""
+    from types import SimpleNamespace
+
+    import liger_compile.ops as ops
+    from trl.experimental.gkd import GKDTrainer
+
+    def broken(*_a, **_k):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(ops, "linear_jsd", broken)
+    student, teacher = vocab_model(), vocab_model(seed=1)
+    ids = torch.randint(0, student.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m), teacher_model=teacher, beta=0.5,
+                              args=SimpleNamespace(torch_compile_backend="liger"),
+                              generalized_jsd_loss=GKDTrainer.generalized_jsd_loss)
+    with caplog.at_level(logging.WARNING, logger="liger_compile"):
+        loss = GKDTrainer.compute_loss(trainer, student, inputs)
+    assert "using TRL's own compute_loss" in caplog.text
+    want = GKDTrainer.compute_loss.__wrapped__(trainer, student, inputs)
+    torch.testing.assert_close(loss, want)
