@@ -7,6 +7,7 @@ Math (x: [..., D], w: [D], all arithmetic in fp32):
     cast_before_weight=False (Gemma, OLMo2):      y = (n * (w + offset)).to(x.dtype)
     weight None (Nanochat, Gemma 3n's v_norm):    y = n.to(x.dtype)   (no scale; no dweight)
     rstd_in_input_dtype (DeepSeek-V4's unweighted norm): n = x * rstd.to(x.dtype), the inverse RMS rounded first
+liger::gated_rms_norm (Mamba2's gated norm): the row normalised is h = x * silu(gate) (fp32), then the Llama form.
 Backward, with g = dy * (w + offset):
     dx = rstd * (g - n * mean(g * n))         (+ g * (rstd' - rstd), rstd' the rounded rstd, when it is rounded)
     dw = sum over rows of dy * n'    (n' = n rounded to x.dtype in the Llama form, as eager does)
@@ -53,12 +54,13 @@ def _rms_norm_fwd_kernel(
     X, W, Y, RSTD, RES, S,
     x_row_stride, y_row_stride, res_row_stride, s_row_stride, n_rows, n_cols, eps,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROUND_RSTD: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROUND_RSTD: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
     # X: [n_rows, n_cols] (row stride x_row_stride, unit column stride); W: [n_cols]; Y like X; RSTD: [n_rows] fp32.
     # With HAS_RESIDUAL (liger::add_rms_norm), the row normalised is X + RES (RES like X), rounded once to X's dtype
     # as eager's add rounds it, and also stored into S (like X): the next residual. Without HAS_WEIGHT, W is never
     # read and the scale is 1. With ROUND_RSTD the row is scaled by rstd rounded to X's dtype (RSTD keeps fp32).
+    # With HAS_GATE (liger::gated_rms_norm) RES holds the gate z instead, and the row normalised is x * silu(z).
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -70,6 +72,9 @@ def _rms_norm_fwd_kernel(
         s = (x + r).to(S.dtype.element_ty)
         tl.store(S + rows64 * s_row_stride + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
+    if HAS_GATE:
+        z = tl.load(RES + rows64 * res_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = x * (z * tl.sigmoid(z))
     n, rstd = normalise(x, n_cols, eps)
     if ROUND_RSTD:
         n = x * rstd.to(X.dtype.element_ty).to(tl.float32)[:, None]
@@ -87,7 +92,7 @@ def _rms_norm_fwd_kernel(
 @triton.jit
 def _bwd_loads(X, DY, DS, r, row_end, cols, col_mask, x_row_stride, dy_row_stride, ds_row_stride,
                ROWS: tl.constexpr, HAS_DS: tl.constexpr):
-    # Rows [r, r + ROWS) of x, dy (and ds) as loaded (input dtype), zero past row_end.
+    # Rows [r, r + ROWS) of x, dy (and of DS: a gradient, or the gate) as loaded (input dtype), zero past row_end.
     rows = r + tl.arange(0, ROWS)
     mask = (rows < row_end)[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)[:, None]
@@ -101,11 +106,11 @@ def _bwd_loads(X, DY, DS, r, row_end, cols, col_mask, x_row_stride, dy_row_strid
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, X, W, RSTD, DX, DW_PARTIAL, DS,
-    dy_row_stride, x_row_stride, dx_row_stride, ds_row_stride, n_rows, n_cols,
+    DY, X, W, RSTD, DX, DW_PARTIAL, DS, DG,
+    dy_row_stride, x_row_stride, dx_row_stride, ds_row_stride, dg_row_stride, n_rows, n_cols,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr, HAS_DS: tl.constexpr, PREFETCH: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    ROUND_RSTD: tl.constexpr,
+    ROUND_RSTD: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
     # Program p owns rows [p * ROWS_PER_PROGRAM, (p + 1) * ROWS_PER_PROGRAM), walks them ROWS at a time, and writes
     # its fp32 partial dweight into DW_PARTIAL[p, :] (summed by the launcher). With HAS_DS, DS is a gradient that
@@ -113,7 +118,9 @@ def _rms_norm_bwd_kernel(
     # With PREFETCH the next step's rows are loaded before this step's math, so each program has two steps' loads
     # in flight (a whole row per step takes most of a program's registers, which caps the programs per SM).
     # Without HAS_WEIGHT the scale is 1, W is never read and no partial dweight is written. With ROUND_RSTD (the
-    # forward scaled x by rstd rounded to X's dtype) the direct term of dx takes the rounded rstd too.
+    # forward scaled x by rstd rounded to X's dtype) the direct term of dx takes the rounded rstd too. With HAS_GATE
+    # DS holds the gate z (read through the same prefetched loads), the norm's input h = x * silu(z) is recomputed,
+    # and its gradient dh gives dx = dh * silu(z) and the gate's gradient dz = dh * x * silu'(z), stored into DG.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -126,29 +133,38 @@ def _rms_norm_bwd_kernel(
     row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, n_rows)
     if PREFETCH:
         x_next, dy_next, ds_next = _bwd_loads(X, DY, DS, row_start, row_end, cols, col_mask, x_row_stride,
-                                              dy_row_stride, ds_row_stride, ROWS, HAS_DS)
+                                              dy_row_stride, ds_row_stride, ROWS, HAS_DS or HAS_GATE)
     for r in range(row_start, row_end, ROWS):
         if PREFETCH:
             x, dy, ds = x_next, dy_next, ds_next
             x_next, dy_next, ds_next = _bwd_loads(X, DY, DS, r + ROWS, row_end, cols, col_mask, x_row_stride,
-                                                  dy_row_stride, ds_row_stride, ROWS, HAS_DS)
+                                                  dy_row_stride, ds_row_stride, ROWS, HAS_DS or HAS_GATE)
         else:
             x, dy, ds = _bwd_loads(X, DY, DS, r, row_end, cols, col_mask, x_row_stride, dy_row_stride,
-                                   ds_row_stride, ROWS, HAS_DS)
+                                   ds_row_stride, ROWS, HAS_DS or HAS_GATE)
         rows = r + tl.arange(0, ROWS)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
         x = x.to(tl.float32)
         dy = dy.to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        dx, n = normalise_backward(x, dy, w, rstd, n_cols)
+        rows64 = rows.to(tl.int64)[:, None]
+        if HAS_GATE:
+            z = ds.to(tl.float32)
+            sig = tl.sigmoid(z)
+            act = z * sig
+            dh, n = normalise_backward(x * act, dy, w, rstd, n_cols)
+            dz = dh * x * (sig + act * (1.0 - sig))
+            tl.store(DG + rows64 * dg_row_stride + cols[None, :], dz.to(DG.dtype.element_ty), mask=mask)
+            dx = dh * act
+        else:
+            dx, n = normalise_backward(x, dy, w, rstd, n_cols)
         if ROUND_RSTD:
             rounded = rstd.to(X.dtype.element_ty).to(tl.float32)
             dx += dy * w[None, :] * (rounded - rstd)[:, None]
             n = x * rounded[:, None]
         if HAS_DS:
             dx += ds.to(tl.float32)
-        rows64 = rows.to(tl.int64)[:, None]
         tl.store(DX + rows64 * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
             if CAST_BEFORE_WEIGHT:
@@ -191,9 +207,10 @@ def _configs(entries):
     return [triton.Config({k: v for k, v in e.items() if k != "num_warps"}, num_warps=e["num_warps"]) for e in entries]
 
 
-_fwd_tuned = {False: triton.autotune(_configs(FWD_NARROW), key=["n_cols", "HAS_RESIDUAL", "HAS_WEIGHT", "ROUND_RSTD"])(
+_fwd_tuned = {False: triton.autotune(_configs(FWD_NARROW),
+                                     key=["n_cols", "HAS_RESIDUAL", "HAS_WEIGHT", "ROUND_RSTD", "HAS_GATE"])(
     _rms_norm_fwd_kernel)}
-_bwd_tuned = {False: triton.autotune(_configs(BWD_NARROW), key=["n_cols", "HAS_WEIGHT", "ROUND_RSTD"])(
+_bwd_tuned = {False: triton.autotune(_configs(BWD_NARROW), key=["n_cols", "HAS_WEIGHT", "ROUND_RSTD", "HAS_GATE"])(
     _rms_norm_bwd_kernel)}
 
 
@@ -212,23 +229,27 @@ def out_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], cast_before_weigh
     return torch.promote_types(x.dtype, weight.dtype) if cast_before_weight and weight is not None else x.dtype
 
 
-def launch_forward(x, weight, eps, offset, cast_before_weight, rstd_in_input_dtype=False, config=None, residual=None):
+def launch_forward(x, weight, eps, offset, cast_before_weight, rstd_in_input_dtype=False, config=None, residual=None,
+                   gate=None):
     """Runs the Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1) -> (y, rstd),
-    or with `residual` -> (y, rstd, x + residual) (liger::add_rms_norm). `config` fixes the tile shape; without it
-    CUDA autotunes narrow rows and everything else takes fwd_config()."""
+    or with `residual` -> (y, rstd, x + residual) (liger::add_rms_norm); with `gate`, x * silu(gate) is the row
+    normalised (liger::gated_rms_norm). `config` fixes the tile shape; without it CUDA autotunes narrow rows and
+    everything else takes fwd_config()."""
     x2 = as_rows(x)
     n_rows, n_cols = x2.shape
     # Outputs are allocated in their final shapes and written through row views: an op's output must not be a
     # view, or autograd forbids modifying it in place (which eager's output allows).
     y = torch.empty(x.shape, dtype=out_dtype(x, weight, cast_before_weight), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    r2 = as_rows(residual) if residual is not None else x2  # never read without HAS_RESIDUAL
+    second = residual if residual is not None else gate
+    r2 = as_rows(second) if second is not None else x2  # never read without HAS_RESIDUAL or HAS_GATE
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else x
     y2, s2 = y.view(n_rows, n_cols), s.view(n_rows, n_cols) if residual is not None else x2
-    args = (x2, weight if weight is not None else x2, y2, rstd.view(n_rows), r2, s2, x2.stride(0), y2.stride(0), r2.stride(0), s2.stride(0), n_rows,
-            n_cols, eps)
+    args = (x2, weight if weight is not None else x2, y2, rstd.view(n_rows), r2, s2, x2.stride(0), y2.stride(0),
+            r2.stride(0), s2.stride(0), n_rows, n_cols, eps)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
-                  HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, ROUND_RSTD=rstd_in_input_dtype)
+                  HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, ROUND_RSTD=rstd_in_input_dtype,
+                  HAS_GATE=gate is not None)
     if config is None and x.device.type == "cuda" and not _wide(n_cols):
         wrap_triton(_fwd_tuned[False])[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **consts)
     else:
@@ -239,13 +260,17 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, rstd_in_input_dty
 
 
 def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, rstd_in_input_dtype=False, config=None,
-                    d_sum=None):
-    """-> (dx, dweight). d_sum, when given, is another gradient of x, added into dx in the same pass. Without a
-    weight, dweight is an empty tensor (an op's outputs cannot be None)."""
+                    d_sum=None, gate=None):
+    """-> (dx, dweight), or with `gate` (liger::gated_rms_norm) -> (dx, dweight, dgate). d_sum, when given, is
+    another gradient of x, added into dx in the same pass. Without a weight, dweight is an empty tensor (an op's
+    outputs cannot be None)."""
     x2, dy2 = as_rows(x), as_rows(dy)
-    ds2 = as_rows(d_sum) if d_sum is not None else dy2  # never read without HAS_DS
+    third = d_sum if d_sum is not None else gate
+    ds2 = as_rows(third) if third is not None else dy2  # never read without HAS_DS or HAS_GATE
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=x.device) if gate is not None else None
+    dg2 = dgate.view(n_rows, n_cols) if gate is not None else dx.view(n_rows, n_cols)  # written only with HAS_GATE
     wide = _wide(n_cols)
     rpp = (config or {}).get("ROWS_PER_PROGRAM", rows_per_program(n_rows, wide))
     n_programs = triton.cdiv(n_rows, rpp)
@@ -253,7 +278,7 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, rstd_in_inp
     dw_partial = torch.empty((n_programs, n_cols) if has_weight else (0,), dtype=torch.float32, device=x.device)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
                   ROWS_PER_PROGRAM=rpp, HAS_DS=d_sum is not None, HAS_WEIGHT=has_weight,
-                  ROUND_RSTD=rstd_in_input_dtype)
+                  ROUND_RSTD=rstd_in_input_dtype, HAS_GATE=gate is not None)
     if config is None and x.device.type == "cuda" and not wide:
         kernel, cfg = _bwd_tuned[False], {}  # its configs carry ROWS, PREFETCH and num_warps
     else:
@@ -262,12 +287,11 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, rstd_in_inp
                if k not in ("BLOCK_N", "ROWS_PER_PROGRAM")}
         cfg.setdefault("PREFETCH", False)  # every constexpr is passed: Inductor's kernel wrapper ignores defaults
     wrap_triton(kernel)[(n_programs,)](
-        dy2, x2, weight if has_weight else x2, rstd, dx, dw_partial, ds2, dy2.stride(0), x2.stride(0), n_cols, ds2.stride(0),
-        n_rows, n_cols, **consts, **cfg,
+        dy2, x2, weight if has_weight else x2, rstd, dx, dw_partial, ds2, dg2, dy2.stride(0), x2.stride(0), n_cols,
+        ds2.stride(0), dg2.stride(0), n_rows, n_cols, **consts, **cfg,
     )
-    if not has_weight:
-        return dx, dw_partial
-    return dx, dw_partial.sum(0).to(weight.dtype)
+    dw = dw_partial.sum(0).to(weight.dtype) if has_weight else dw_partial
+    return (dx, dw) if gate is None else (dx, dw, dgate)
 
 
 def reference_forward(
@@ -338,3 +362,68 @@ def _backward_examples(device, width):
 rms_norm = declare("rms_norm", launch_forward, reference_forward, setup_context=_setup_context, backward=_backward,
                    examples=_forward_examples)
 rms_norm_backward = declare("rms_norm_backward", launch_backward, reference_backward, examples=_backward_examples)
+
+
+# --- liger::gated_rms_norm: Mamba2's gated norm, weight * (h * rstd(h)).to(x.dtype) with h = x * silu(gate) (fp32) ---
+def gated_launch_forward(x, gate, weight, eps, config=None):
+    """Triton forward (CUDA, or CPU under TRITON_INTERPRET=1) -> (y, rstd); rstd is that of h = x * silu(gate)."""
+    return launch_forward(x, weight, eps, 0.0, True, config=config, gate=gate)
+
+
+def gated_launch_backward(dy, x, gate, weight, rstd, config=None):
+    """-> (dx, dgate, dweight)."""
+    dx, dw, dgate = launch_backward(dy, x, weight, rstd, 0.0, True, config=config, gate=gate)
+    return dx, dgate, dw
+
+
+def gated_reference_forward(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """liger::gated_rms_norm in plain torch (the op off CUDA) -> (y, rstd): the Llama form on h = x * silu(gate),
+    computed in fp32 and cast to x's dtype before the weight."""
+    h = x.float() * torch.nn.functional.silu(gate.float())
+    rstd = torch.rsqrt(h.pow(2).mean(-1) + eps)
+    return weight * (h * rstd.unsqueeze(-1)).to(x.dtype), rstd
+
+
+def gated_reference_backward(
+    dy: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """liger::gated_rms_norm_backward in plain torch -> (dx, dgate, dweight)."""
+    z = gate.float()
+    sig = torch.sigmoid(z)
+    act = z * sig
+    n = x.float() * act * rstd.unsqueeze(-1)  # the normalised h
+    g = dy.float() * weight.float()
+    dh = (g - n * (g * n).mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
+    dw = (dy.float() * n.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    dz = dh * x.float() * (sig + act * (1 - sig))
+    return (dh * act).to(x.dtype), dz.to(gate.dtype), dw
+
+
+def _gated_setup_context(ctx, inputs, output):
+    x, gate, weight, _eps = inputs
+    ctx.save_for_backward(x, gate, weight, output[1])
+
+
+def _gated_backward(ctx, dy, _drstd):
+    x, gate, weight, rstd = ctx.saved_tensors
+    dx, dgate, dw = torch.ops.liger.gated_rms_norm_backward(dy, x, gate, weight, rstd)
+    return dx, dgate, dw, None
+
+
+def _gated_forward_examples(device, width):
+    return [(sample(device, 17, width), sample(device, 17, width, seed=3), sample(device, width, seed=1), 1e-6)]
+
+
+def _gated_backward_examples(device, width):
+    [(x, gate, w, eps)] = _gated_forward_examples(device, width)
+    rstd = gated_reference_forward(x, gate, w, eps)[1]
+    return [(sample(device, 17, width, seed=2), x, gate, w, rstd)]
+
+
+gated_rms_norm = declare("gated_rms_norm", gated_launch_forward, gated_reference_forward,
+                         setup_context=_gated_setup_context, backward=_gated_backward,
+                         examples=_gated_forward_examples)
+gated_rms_norm_backward = declare("gated_rms_norm_backward", gated_launch_backward, gated_reference_backward,
+                                  examples=_gated_backward_examples)

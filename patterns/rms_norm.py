@@ -243,27 +243,33 @@ def marks_site(node) -> bool:
     return isinstance(exponent, (int, float)) and exponent == -0.5
 
 
-def _variants():
-    """Every form in every spelling, residual forms first (they take the add with them; the plain forms then fuse
-    every norm not fed by an add); within each, Gemma's `offset + weight` before scale_then_cast, which would take it
-    as its weight, and the weightless form last (its root is any cast of a normalised value)."""
-    spellings = []
+def spellings():
+    """[(variant suffix, inverse_rms)] for every spelling of the inverse RMS; the common one (pow(2), rsqrt) has
+    the empty suffix, so its forms keep their bare names."""
+    found = []
     for square_name, square in SQUARES.items():
         for inverse_name, inverse in INVERSE_SQRTS.items():
             def inverse_rms(h, dim, eps, square=square, inverse=inverse):
                 return inverse(square(h).mean(dim, keepdim=True) + eps)
 
-            # the common spelling (pow(2), rsqrt) keeps the bare form name
             qualifiers = [q for q, default in ((square_name, "pow(2)"), (inverse_name, "rsqrt")) if q != default]
-            plain = forms(inverse_rms)
-            spellings.append(("".join(f", {q}" for q in qualifiers), plain, residual_forms(plain)))
-    # torch.rms_norm shares no op with the hand-written forms: only its own residual form must precede it
+            found.append(("".join(f", {q}" for q in qualifiers), inverse_rms))
+    return found
+
+
+def _variants():
+    """Every form in every spelling, residual forms first (they take the add with them; the plain forms then fuse
+    every norm not fed by an add); within each, Gemma's `offset + weight` before scale_then_cast, which would take it
+    as its weight, and the weightless form last (its root is any cast of a normalised value). torch.rms_norm shares
+    no op with the hand-written forms: only its own residual form must precede it."""
     patterns = [Pattern("rms_norm", "functional, + residual", functional_residual, fused_functional_residual,
                         check_functional_residual, anchor=marks_site),
                 Pattern("rms_norm", "functional", functional, fused_functional, check_functional, anchor=marks_site)]
+    spelt = [(suffix, forms(inverse_rms)) for suffix, inverse_rms in spellings()]
     for residual in (True, False):
         for name in MODES:
-            for suffix, plain, fed_by_add in spellings:
+            for suffix, plain in spelt:
+                fed_by_add = residual_forms(plain)
                 if residual and name in fed_by_add:
                     patterns.append(Pattern("rms_norm", f"{name}{suffix}, + residual", fed_by_add[name],
                                             fused_residual(name), check_residual, anchor=marks_site))

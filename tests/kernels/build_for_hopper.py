@@ -86,12 +86,14 @@ def rotary_mode(in_il: bool, out_il: bool, block_pass: int, has_k: bool, backwar
                                              BLOCK_PASS=block_pass), num_warps=1)
 
 
-def rms_norm_mode(backward: bool, has_weight: bool, has_residual: bool, n_cols: int, round_rstd: bool = False) -> None:
+def rms_norm_mode(backward: bool, has_weight: bool, has_residual: bool, n_cols: int, round_rstd: bool = False,
+                  gate: bool = False) -> None:
     ptrs = dict(X="*bf16", W="*bf16", RSTD="*fp32")
     if backward:
         kernel, cfg = rms_norm._rms_norm_bwd_kernel, rms_norm.bwd_config(n_cols, has_residual)
-        types = dict(ptrs, DY="*bf16", DX="*bf16", DW_PARTIAL="*fp32", DS="*bf16",
-                     **{n: "i32" for n in "dy_row_stride x_row_stride dx_row_stride ds_row_stride n_rows n_cols".split()})
+        types = dict(ptrs, DY="*bf16", DX="*bf16", DW_PARTIAL="*fp32", DS="*bf16", DG="*bf16",
+                     **{n: "i32" for n in ("dy_row_stride x_row_stride dx_row_stride ds_row_stride dg_row_stride "
+                                           "n_rows n_cols").split()})
         consts = dict(HAS_DS=has_residual, ROWS_PER_PROGRAM=rms_norm.rows_per_program(1 << 16, rms_norm._wide(n_cols)))
     else:
         kernel, cfg = rms_norm._rms_norm_fwd_kernel, rms_norm.fwd_config(n_cols)
@@ -99,8 +101,10 @@ def rms_norm_mode(backward: bool, has_weight: bool, has_residual: bool, n_cols: 
                      **{n: "i32" for n in "x_row_stride y_row_stride res_row_stride s_row_stride n_rows n_cols".split()})
         consts = dict(HAS_RESIDUAL=has_residual)
     num_warps = cfg.pop("num_warps")
-    build(kernel, types, dict(consts, **cfg, OFFSET=0.0, CAST_BEFORE_WEIGHT=False, HAS_WEIGHT=has_weight,
-                              ROUND_RSTD=round_rstd, BLOCK_N=triton.next_power_of_2(n_cols)), num_warps=num_warps)
+    # the gated op normalises in the Llama form (cast before the weight)
+    build(kernel, types, dict(consts, **cfg, OFFSET=0.0, CAST_BEFORE_WEIGHT=gate, HAS_WEIGHT=has_weight,
+                              ROUND_RSTD=round_rstd, HAS_GATE=gate, BLOCK_N=triton.next_power_of_2(n_cols)),
+          num_warps=num_warps)
 
 
 def layer_norm_mode(backward: bool, residual: bool, cols: int) -> None:
@@ -144,6 +148,8 @@ BUILDS = {
     "rms_norm backward, no weight, + residual, prefetch": lambda: rms_norm_mode(True, False, True, 2048),
     "rms_norm forward, rounded rstd, head dim": lambda: rms_norm_mode(False, False, False, 128, round_rstd=True),
     "rms_norm backward, rounded rstd, prefetch": lambda: rms_norm_mode(True, False, False, 4096, round_rstd=True),
+    "gated rms_norm forward": lambda: rms_norm_mode(False, True, False, 4096, gate=True),
+    "gated rms_norm backward, prefetch": lambda: rms_norm_mode(True, True, False, 2048, gate=True),
     "layer_norm forward, + residual": lambda: layer_norm_mode(False, True, 4096),
     "layer_norm backward, + sum gradient": lambda: layer_norm_mode(True, True, 4096),
     "layer_norm forward, narrow rows": lambda: layer_norm_mode(False, False, 64),

@@ -192,3 +192,43 @@ def test_rounded_rstd_forward_and_backward(shape, dtype):
     torch.testing.assert_close(dx, rms_norm.reference_backward(dy, x, None, rstd, 0.0, False, True)[0], atol=atol,
                                rtol=rtol)
     assert dw.numel() == 0
+
+
+# --- liger::gated_rms_norm: Mamba2's weight * rms_norm(x * silu(gate)) -------------------------------------------
+def gated_reference64(x, gate, w, eps):
+    h = x.double() * torch.nn.functional.silu(gate.double())
+    return w.double() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("shape", [(7, 123), (2, 3, 64)])
+def test_gated_forward_and_backward_match_float64(shape, dtype):
+    x, w = inputs(shape, dtype, seed=14)
+    gate, _ = inputs(shape, dtype, seed=15)
+    y, rstd = rms_norm.gated_launch_forward(x, gate, w, 1e-6)
+    atol, rtol = TOL[dtype]
+    x64, g64, w64 = (t.double().requires_grad_() for t in (x, gate, w))
+    ref = gated_reference64(x64, g64, w64, 1e-6)
+    torch.testing.assert_close(y.double(), ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(y, rms_norm.gated_reference_forward(x, gate, w, 1e-6)[0], atol=atol, rtol=rtol)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(16)).to(DEVICE, y.dtype)
+    ref.backward(dy.double())
+    dx, dgate, dw = rms_norm.gated_launch_backward(dy, x, gate, w, rstd)
+    rows = x.numel() // x.shape[-1]
+    torch.testing.assert_close(dx.double(), x64.grad, atol=atol * 2, rtol=rtol)
+    torch.testing.assert_close(dgate.double(), g64.grad, atol=atol * 2, rtol=rtol)
+    torch.testing.assert_close(dw.double(), w64.grad, atol=atol * rows ** 0.5 * 2, rtol=rtol * 2)
+    for got, want in zip((dx, dgate, dw), rms_norm.gated_reference_backward(dy, x, gate, w, rstd)):
+        torch.testing.assert_close(got, want, atol=atol * rows ** 0.5, rtol=rtol)
+
+
+def test_gated_backward_prefetch_gives_the_same_result():
+    """The gate rides the prefetched loads: the same values with and without PREFETCH, over a ragged last block."""
+    x, w = inputs((33, 200), torch.float32, seed=17)
+    gate, _ = inputs((33, 200), torch.float32, seed=18)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(19)).to(DEVICE)
+    _, rstd = rms_norm.gated_launch_forward(x, gate, w, 1e-6)
+    outs = [rms_norm.gated_launch_backward(dy, x, gate, w, rstd, config=dict(ROWS=2, num_warps=4, ROWS_PER_PROGRAM=3,
+                                                                             PREFETCH=prefetch))
+            for prefetch in (False, True)]
+    assert all(torch.equal(a, b) for a, b in zip(*outs))

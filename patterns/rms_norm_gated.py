@@ -1,0 +1,54 @@
+"""Mamba2's gated RMSNorm (Mamba2, Bamba, Zamba2, NemotronH, GraniteMoeHybrid), fused into ``liger::gated_rms_norm``.
+
+    h = x.float() * silu(gate.float());  normalised over groups (a view to [..., groups, group_size] and back);
+    weight * h.to(x.dtype)
+
+Fused when there is one group (the kernel normalises whole rows, and the weight spans the row); more groups are a
+near miss naming the group size. Reported as an "rms_norm" site, variant "gated".
+"""
+import torch
+
+from liger_compile.kernels import rms_norm as _op  # noqa: F401  (defines torch.ops.liger.gated_rms_norm)
+from liger_compile.matcher import Match
+from liger_compile.pattern import Pattern
+from liger_compile.patterns.rms_norm import _scalar, check, marks_site, spellings
+
+# before gated_mlp (default 10): its `x * silu(gate)` would take the gate's product out of the norm
+PRIORITY = 9
+
+
+def gated_form(inverse_rms):
+    def gated(x, gate, weight, eps, dim, in_dtype, grouped, flat):
+        h = x.to(torch.float32)
+        h = h * torch.nn.functional.silu(gate.to(torch.float32))
+        g = h.view(grouped)
+        g = g * inverse_rms(g, dim, eps)
+        return weight * g.view(flat).to(in_dtype)
+
+    return gated
+
+
+def fused_gated(x, gate, weight, eps, **_):
+    return torch.ops.liger.gated_rms_norm(x, gate, weight, _scalar(eps))[0]
+
+
+def check_gated(m: Match) -> str | None:
+    x, z = m.value("x"), m.value("gate")
+    if not isinstance(z, torch.Tensor) or not isinstance(x, torch.Tensor):
+        return "input or gate is not a tensor"
+    if z.shape != x.shape or z.dtype != x.dtype or z.device != x.device:
+        return (f"the gate differs from the input ({tuple(z.shape)} {z.dtype} against {tuple(x.shape)} {x.dtype}): "
+                "broadcasting or promotion is left to Inductor")
+    grouped, flat = m["grouped"], m["flat"]
+    if not isinstance(grouped, (tuple, list)) or not isinstance(flat, (tuple, list)) or len(flat) != x.dim():
+        return "the group views are not shapes over the input's dimensions"
+    if grouped[-1] != x.shape[-1]:
+        return (f"normalises in groups of {grouped[-1]} channels of {x.shape[-1]} (n_groups > 1): the kernel "
+                "normalises whole rows")
+    if "weight" not in m.bindings:
+        return "no weight"
+    return check(m)
+
+
+PATTERNS = [Pattern("rms_norm", f"gated{suffix}", gated_form(inverse_rms), fused_gated, check_gated,
+                    anchor=marks_site) for suffix, inverse_rms in spellings()]
