@@ -7,7 +7,8 @@ Math (x: [..., D], w: [D], all arithmetic in fp32):
     cast_before_weight=False (Gemma, OLMo2):      y = (n * (w + offset)).to(x.dtype)
     weight None (Nanochat, Gemma 3n's v_norm):    y = n.to(x.dtype)   (no scale; no dweight)
     rstd_in_input_dtype (DeepSeek-V4's unweighted norm): n = x * rstd.to(x.dtype), the inverse RMS rounded first
-liger::gated_rms_norm (Mamba2's gated norm): the row normalised is h = x * silu(gate) (fp32), then the Llama form.
+liger::gated_rms_norm, gate before the norm (Mamba2): the row normalised is h = x * silu(gate) (fp32), then the Llama
+form; gate after the norm (Kimi-Linear, Bailing-Hybrid, LaraMini): y = (n * w * act(gate)).to(x.dtype), fp32 throughout.
 Backward, with g = dy * (w + offset):
     dx = rstd * (g - n * mean(g * n))         (+ g * (rstd' - rstd), rstd' the rounded rstd, when it is rounded)
     dw = sum over rows of dy * n'    (n' = n rounded to x.dtype in the Llama form, as eager does)
@@ -54,13 +55,14 @@ def _rms_norm_fwd_kernel(
     X, W, Y, RSTD, RES, S,
     x_row_stride, y_row_stride, res_row_stride, s_row_stride, n_rows, n_cols, eps,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROUND_RSTD: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, ROUND_RSTD: tl.constexpr, GATE: tl.constexpr,
 ):
     # X: [n_rows, n_cols] (row stride x_row_stride, unit column stride); W: [n_cols]; Y like X; RSTD: [n_rows] fp32.
     # With HAS_RESIDUAL (liger::add_rms_norm), the row normalised is X + RES (RES like X), rounded once to X's dtype
     # as eager's add rounds it, and also stored into S (like X): the next residual. Without HAS_WEIGHT, W is never
     # read and the scale is 1. With ROUND_RSTD the row is scaled by rstd rounded to X's dtype (RSTD keeps fp32).
-    # With HAS_GATE (liger::gated_rms_norm) RES holds the gate z instead, and the row normalised is x * silu(z).
+    # With GATE (liger::gated_rms_norm) RES holds the gate z instead: GATE_BEFORE_SILU normalises x * silu(z);
+    # GATE_AFTER_SIGMOID / GATE_AFTER_SILU multiply the scaled row by sigmoid(z) / silu(z) before the cast.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -72,7 +74,7 @@ def _rms_norm_fwd_kernel(
         s = (x + r).to(S.dtype.element_ty)
         tl.store(S + rows64 * s_row_stride + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
-    if HAS_GATE:
+    if GATE == 1:
         z = tl.load(RES + rows64 * res_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         x = x * (z * tl.sigmoid(z))
     n, rstd = normalise(x, n_cols, eps)
@@ -85,6 +87,12 @@ def _rms_norm_fwd_kernel(
         y = n * w[None, :]
     else:
         y = n
+    if GATE >= 2:
+        z = tl.load(RES + rows64 * res_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if GATE == 2:
+            y = y * tl.sigmoid(z)
+        else:
+            y = y * (z * tl.sigmoid(z))
     tl.store(Y + rows64 * y_row_stride + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -110,7 +118,7 @@ def _rms_norm_bwd_kernel(
     dy_row_stride, x_row_stride, dx_row_stride, ds_row_stride, dg_row_stride, n_rows, n_cols,
     OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr, HAS_DS: tl.constexpr, PREFETCH: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    ROUND_RSTD: tl.constexpr, HAS_GATE: tl.constexpr,
+    ROUND_RSTD: tl.constexpr, GATE: tl.constexpr,
 ):
     # Program p owns rows [p * ROWS_PER_PROGRAM, (p + 1) * ROWS_PER_PROGRAM), walks them ROWS at a time, and writes
     # its fp32 partial dweight into DW_PARTIAL[p, :] (summed by the launcher). With HAS_DS, DS is a gradient that
@@ -118,9 +126,10 @@ def _rms_norm_bwd_kernel(
     # With PREFETCH the next step's rows are loaded before this step's math, so each program has two steps' loads
     # in flight (a whole row per step takes most of a program's registers, which caps the programs per SM).
     # Without HAS_WEIGHT the scale is 1, W is never read and no partial dweight is written. With ROUND_RSTD (the
-    # forward scaled x by rstd rounded to X's dtype) the direct term of dx takes the rounded rstd too. With HAS_GATE
-    # DS holds the gate z (read through the same prefetched loads), the norm's input h = x * silu(z) is recomputed,
-    # and its gradient dh gives dx = dh * silu(z) and the gate's gradient dz = dh * x * silu'(z), stored into DG.
+    # forward scaled x by rstd rounded to X's dtype) the direct term of dx takes the rounded rstd too. With GATE,
+    # DS holds the gate z (read through the same prefetched loads) and its gradient is stored into DG. Before the
+    # norm: h = x * silu(z) is recomputed, its gradient dh gives dx = dh * silu(z) and dz = dh * x * silu'(z). After
+    # it: dz = dy * (n * w) * act'(z), and the norm's gradient is taken of dy * act(z).
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -133,15 +142,15 @@ def _rms_norm_bwd_kernel(
     row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, n_rows)
     if PREFETCH:
         x_next, dy_next, ds_next = _bwd_loads(X, DY, DS, row_start, row_end, cols, col_mask, x_row_stride,
-                                              dy_row_stride, ds_row_stride, ROWS, HAS_DS or HAS_GATE)
+                                              dy_row_stride, ds_row_stride, ROWS, HAS_DS or GATE != 0)
     for r in range(row_start, row_end, ROWS):
         if PREFETCH:
             x, dy, ds = x_next, dy_next, ds_next
             x_next, dy_next, ds_next = _bwd_loads(X, DY, DS, r + ROWS, row_end, cols, col_mask, x_row_stride,
-                                                  dy_row_stride, ds_row_stride, ROWS, HAS_DS or HAS_GATE)
+                                                  dy_row_stride, ds_row_stride, ROWS, HAS_DS or GATE != 0)
         else:
             x, dy, ds = _bwd_loads(X, DY, DS, r, row_end, cols, col_mask, x_row_stride, dy_row_stride,
-                                   ds_row_stride, ROWS, HAS_DS or HAS_GATE)
+                                   ds_row_stride, ROWS, HAS_DS or GATE != 0)
         rows = r + tl.arange(0, ROWS)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
@@ -149,7 +158,7 @@ def _rms_norm_bwd_kernel(
         dy = dy.to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
         rows64 = rows.to(tl.int64)[:, None]
-        if HAS_GATE:
+        if GATE == 1:
             z = ds.to(tl.float32)
             sig = tl.sigmoid(z)
             act = z * sig
@@ -158,6 +167,18 @@ def _rms_norm_bwd_kernel(
             tl.store(DG + rows64 * dg_row_stride + cols[None, :], dz.to(DG.dtype.element_ty), mask=mask)
             dx = dh * act
         else:
+            if GATE >= 2:
+                z = ds.to(tl.float32)
+                sig = tl.sigmoid(z)
+                if GATE == 2:
+                    act = sig
+                    d_act = sig * (1.0 - sig)
+                else:
+                    act = z * sig
+                    d_act = sig + act * (1.0 - sig)
+                dz = dy * (x * rstd[:, None] * w[None, :]) * d_act
+                tl.store(DG + rows64 * dg_row_stride + cols[None, :], dz.to(DG.dtype.element_ty), mask=mask)
+                dy = dy * act  # dweight below reads the gated dy too
             dx, n = normalise_backward(x, dy, w, rstd, n_cols)
         if ROUND_RSTD:
             rounded = rstd.to(X.dtype.element_ty).to(tl.float32)
@@ -208,9 +229,9 @@ def _configs(entries):
 
 
 _fwd_tuned = {False: triton.autotune(_configs(FWD_NARROW),
-                                     key=["n_cols", "HAS_RESIDUAL", "HAS_WEIGHT", "ROUND_RSTD", "HAS_GATE"])(
+                                     key=["n_cols", "HAS_RESIDUAL", "HAS_WEIGHT", "ROUND_RSTD", "GATE"])(
     _rms_norm_fwd_kernel)}
-_bwd_tuned = {False: triton.autotune(_configs(BWD_NARROW), key=["n_cols", "HAS_WEIGHT", "ROUND_RSTD", "HAS_GATE"])(
+_bwd_tuned = {False: triton.autotune(_configs(BWD_NARROW), key=["n_cols", "HAS_WEIGHT", "ROUND_RSTD", "GATE"])(
     _rms_norm_bwd_kernel)}
 
 
@@ -229,11 +250,16 @@ def out_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], cast_before_weigh
     return torch.promote_types(x.dtype, weight.dtype) if cast_before_weight and weight is not None else x.dtype
 
 
+# liger::gated_rms_norm's forms (the kernels' GATE): (activation, gate applied after the norm) -> mode
+GATE_BEFORE_SILU, GATE_AFTER_SIGMOID, GATE_AFTER_SILU = 1, 2, 3
+GATE_FORMS = {("silu", False): GATE_BEFORE_SILU, ("sigmoid", True): GATE_AFTER_SIGMOID, ("silu", True): GATE_AFTER_SILU}
+
+
 def launch_forward(x, weight, eps, offset, cast_before_weight, rstd_in_input_dtype=False, config=None, residual=None,
-                   gate=None):
+                   gate=None, gate_form=GATE_BEFORE_SILU):
     """Runs the Triton forward on any device Triton can reach (CUDA, or CPU under TRITON_INTERPRET=1) -> (y, rstd),
-    or with `residual` -> (y, rstd, x + residual) (liger::add_rms_norm); with `gate`, x * silu(gate) is the row
-    normalised (liger::gated_rms_norm). `config` fixes the tile shape; without it CUDA autotunes narrow rows and
+    or with `residual` -> (y, rstd, x + residual) (liger::add_rms_norm); with `gate`, gated as `gate_form` says
+    (liger::gated_rms_norm). `config` fixes the tile shape; without it CUDA autotunes narrow rows and
     everything else takes fwd_config()."""
     x2 = as_rows(x)
     n_rows, n_cols = x2.shape
@@ -242,14 +268,14 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, rstd_in_input_dty
     y = torch.empty(x.shape, dtype=out_dtype(x, weight, cast_before_weight), device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     second = residual if residual is not None else gate
-    r2 = as_rows(second) if second is not None else x2  # never read without HAS_RESIDUAL or HAS_GATE
+    r2 = as_rows(second) if second is not None else x2  # never read without HAS_RESIDUAL or GATE
     s = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else x
     y2, s2 = y.view(n_rows, n_cols), s.view(n_rows, n_cols) if residual is not None else x2
     args = (x2, weight if weight is not None else x2, y2, rstd.view(n_rows), r2, s2, x2.stride(0), y2.stride(0),
             r2.stride(0), s2.stride(0), n_rows, n_cols, eps)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
                   HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, ROUND_RSTD=rstd_in_input_dtype,
-                  HAS_GATE=gate is not None)
+                  GATE=gate_form if gate is not None else 0)
     if config is None and x.device.type == "cuda" and not _wide(n_cols):
         wrap_triton(_fwd_tuned[False])[lambda meta: (triton.cdiv(n_rows, meta["ROWS"]),)](*args, **consts)
     else:
@@ -260,17 +286,17 @@ def launch_forward(x, weight, eps, offset, cast_before_weight, rstd_in_input_dty
 
 
 def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, rstd_in_input_dtype=False, config=None,
-                    d_sum=None, gate=None):
+                    d_sum=None, gate=None, gate_form=GATE_BEFORE_SILU):
     """-> (dx, dweight), or with `gate` (liger::gated_rms_norm) -> (dx, dweight, dgate). d_sum, when given, is
     another gradient of x, added into dx in the same pass. Without a weight, dweight is an empty tensor (an op's
     outputs cannot be None)."""
     x2, dy2 = as_rows(x), as_rows(dy)
     third = d_sum if d_sum is not None else gate
-    ds2 = as_rows(third) if third is not None else dy2  # never read without HAS_DS or HAS_GATE
+    ds2 = as_rows(third) if third is not None else dy2  # never read without HAS_DS or GATE
     n_rows, n_cols = x2.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=x.device) if gate is not None else None
-    dg2 = dgate.view(n_rows, n_cols) if gate is not None else dx.view(n_rows, n_cols)  # written only with HAS_GATE
+    dg2 = dgate.view(n_rows, n_cols) if gate is not None else dx.view(n_rows, n_cols)  # written only with GATE
     wide = _wide(n_cols)
     rpp = (config or {}).get("ROWS_PER_PROGRAM", rows_per_program(n_rows, wide))
     n_programs = triton.cdiv(n_rows, rpp)
@@ -278,7 +304,7 @@ def launch_backward(dy, x, weight, rstd, offset, cast_before_weight, rstd_in_inp
     dw_partial = torch.empty((n_programs, n_cols) if has_weight else (0,), dtype=torch.float32, device=x.device)
     consts = dict(OFFSET=float(offset), CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_N=triton.next_power_of_2(n_cols),
                   ROWS_PER_PROGRAM=rpp, HAS_DS=d_sum is not None, HAS_WEIGHT=has_weight,
-                  ROUND_RSTD=rstd_in_input_dtype, HAS_GATE=gate is not None)
+                  ROUND_RSTD=rstd_in_input_dtype, GATE=gate_form if gate is not None else 0)
     if config is None and x.device.type == "cuda" and not wide:
         kernel, cfg = _bwd_tuned[False], {}  # its configs carry ROWS, PREFETCH and num_warps
     else:
@@ -364,62 +390,91 @@ rms_norm = declare("rms_norm", launch_forward, reference_forward, setup_context=
 rms_norm_backward = declare("rms_norm_backward", launch_backward, reference_backward, examples=_backward_examples)
 
 
-# --- liger::gated_rms_norm: Mamba2's gated norm, weight * (h * rstd(h)).to(x.dtype) with h = x * silu(gate) (fp32) ---
-def gated_launch_forward(x, gate, weight, eps, config=None):
-    """Triton forward (CUDA, or CPU under TRITON_INTERPRET=1) -> (y, rstd); rstd is that of h = x * silu(gate)."""
-    return launch_forward(x, weight, eps, 0.0, True, config=config, gate=gate)
+# --- liger::gated_rms_norm: an RMSNorm with a gate, before it (Mamba2) or after it (Kimi-Linear, Bailing-Hybrid) ---
+def gated_launch_forward(x, gate, weight, eps, activation="silu", after=False, config=None):
+    """Triton forward (CUDA, or CPU under TRITON_INTERPRET=1) -> (y, rstd); rstd is that of the row normalised."""
+    return launch_forward(x, weight, eps, 0.0, not after, config=config, gate=gate,
+                          gate_form=GATE_FORMS[activation, after])
 
 
-def gated_launch_backward(dy, x, gate, weight, rstd, config=None):
+def gated_launch_backward(dy, x, gate, weight, rstd, activation="silu", after=False, config=None):
     """-> (dx, dgate, dweight)."""
-    dx, dw, dgate = launch_backward(dy, x, weight, rstd, 0.0, True, config=config, gate=gate)
+    dx, dw, dgate = launch_backward(dy, x, weight, rstd, 0.0, not after, config=config, gate=gate,
+                                    gate_form=GATE_FORMS[activation, after])
     return dx, dgate, dw
 
 
+def _activation(z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (act(z), act'(z)) in fp32."""
+    sig = torch.sigmoid(z)
+    if activation == "sigmoid":
+        return sig, sig * (1 - sig)
+    act = z * sig
+    return act, sig + act * (1 - sig)
+
+
 def gated_reference_forward(
-    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "silu",
+    after: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """liger::gated_rms_norm in plain torch (the op off CUDA) -> (y, rstd): the Llama form on h = x * silu(gate),
-    computed in fp32 and cast to x's dtype before the weight."""
-    h = x.float() * torch.nn.functional.silu(gate.float())
+    """liger::gated_rms_norm in plain torch (the op off CUDA) -> (y, rstd). Gate before the norm (Mamba2, silu):
+    the Llama form on h = x * silu(gate) in fp32. After it: (n * w * act(gate)).to(x.dtype), all in fp32."""
+    if (activation, after) not in GATE_FORMS:
+        raise ValueError(f"gated_rms_norm: no {activation} gate {'after' if after else 'before'} the norm")
+    act = _activation(gate.float(), activation)[0]
+    h = x.float() if after else x.float() * act
     rstd = torch.rsqrt(h.pow(2).mean(-1) + eps)
-    return weight * (h * rstd.unsqueeze(-1)).to(x.dtype), rstd
+    n = h * rstd.unsqueeze(-1)
+    if after:
+        return (n * weight.float() * act).to(x.dtype), rstd
+    return weight * n.to(x.dtype), rstd
 
 
 def gated_reference_backward(
-    dy: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+    dy: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    activation: str = "silu", after: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """liger::gated_rms_norm_backward in plain torch -> (dx, dgate, dweight)."""
-    z = gate.float()
-    sig = torch.sigmoid(z)
-    act = z * sig
-    n = x.float() * act * rstd.unsqueeze(-1)  # the normalised h
-    g = dy.float() * weight.float()
+    act, d_act = _activation(gate.float(), activation)
+    dyf = dy.float()
+    if after:
+        n = x.float() * rstd.unsqueeze(-1)
+        dz = dyf * n * weight.float() * d_act
+        dyf = dyf * act
+        n_w = n  # dweight reads the fp32 normalised row
+    else:
+        n = x.float() * act * rstd.unsqueeze(-1)  # the normalised h
+        n_w = n.to(x.dtype).float()
+    g = dyf * weight.float()
     dh = (g - n * (g * n).mean(-1, keepdim=True)) * rstd.unsqueeze(-1)
-    dw = (dy.float() * n.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-    dz = dh * x.float() * (sig + act * (1 - sig))
+    dw = (dyf * n_w).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+    if after:
+        return dh.to(x.dtype), dz.to(gate.dtype), dw
+    dz = dh * x.float() * d_act
     return (dh * act).to(x.dtype), dz.to(gate.dtype), dw
 
 
 def _gated_setup_context(ctx, inputs, output):
-    x, gate, weight, _eps = inputs
+    x, gate, weight, _eps, activation, after = inputs
     ctx.save_for_backward(x, gate, weight, output[1])
+    ctx.activation, ctx.after = activation, after
 
 
 def _gated_backward(ctx, dy, _drstd):
     x, gate, weight, rstd = ctx.saved_tensors
-    dx, dgate, dw = torch.ops.liger.gated_rms_norm_backward(dy, x, gate, weight, rstd)
-    return dx, dgate, dw, None
+    dx, dgate, dw = torch.ops.liger.gated_rms_norm_backward(dy, x, gate, weight, rstd, ctx.activation, ctx.after)
+    return dx, dgate, dw, None, None, None
 
 
 def _gated_forward_examples(device, width):
-    return [(sample(device, 17, width), sample(device, 17, width, seed=3), sample(device, width, seed=1), 1e-6)]
+    x, gate, w = sample(device, 17, width), sample(device, 17, width, seed=3), sample(device, width, seed=1)
+    return [(x, gate, w, 1e-6, activation, after) for activation, after in GATE_FORMS]
 
 
 def _gated_backward_examples(device, width):
-    [(x, gate, w, eps)] = _gated_forward_examples(device, width)
-    rstd = gated_reference_forward(x, gate, w, eps)[1]
-    return [(sample(device, 17, width, seed=2), x, gate, w, rstd)]
+    dy = sample(device, 17, width, seed=2)
+    return [(dy, x, gate, w, gated_reference_forward(x, gate, w, eps, activation, after)[1], activation, after)
+            for x, gate, w, eps, activation, after in _gated_forward_examples(device, width)]
 
 
 gated_rms_norm = declare("gated_rms_norm", gated_launch_forward, gated_reference_forward,

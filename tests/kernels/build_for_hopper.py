@@ -87,7 +87,7 @@ def rotary_mode(in_il: bool, out_il: bool, block_pass: int, has_k: bool, backwar
 
 
 def rms_norm_mode(backward: bool, has_weight: bool, has_residual: bool, n_cols: int, round_rstd: bool = False,
-                  gate: bool = False) -> None:
+                  gate: int = 0) -> None:
     ptrs = dict(X="*bf16", W="*bf16", RSTD="*fp32")
     if backward:
         kernel, cfg = rms_norm._rms_norm_bwd_kernel, rms_norm.bwd_config(n_cols, has_residual)
@@ -101,9 +101,9 @@ def rms_norm_mode(backward: bool, has_weight: bool, has_residual: bool, n_cols: 
                      **{n: "i32" for n in "x_row_stride y_row_stride res_row_stride s_row_stride n_rows n_cols".split()})
         consts = dict(HAS_RESIDUAL=has_residual)
     num_warps = cfg.pop("num_warps")
-    # the gated op normalises in the Llama form (cast before the weight)
-    build(kernel, types, dict(consts, **cfg, OFFSET=0.0, CAST_BEFORE_WEIGHT=gate, HAS_WEIGHT=has_weight,
-                              ROUND_RSTD=round_rstd, HAS_GATE=gate, BLOCK_N=triton.next_power_of_2(n_cols)),
+    # a gate before the norm comes with the Llama form (cast before the weight)
+    build(kernel, types, dict(consts, **cfg, OFFSET=0.0, CAST_BEFORE_WEIGHT=gate == rms_norm.GATE_BEFORE_SILU,
+                              HAS_WEIGHT=has_weight, ROUND_RSTD=round_rstd, GATE=gate, BLOCK_N=triton.next_power_of_2(n_cols)),
           num_warps=num_warps)
 
 
@@ -148,8 +148,12 @@ BUILDS = {
     "rms_norm backward, no weight, + residual, prefetch": lambda: rms_norm_mode(True, False, True, 2048),
     "rms_norm forward, rounded rstd, head dim": lambda: rms_norm_mode(False, False, False, 128, round_rstd=True),
     "rms_norm backward, rounded rstd, prefetch": lambda: rms_norm_mode(True, False, False, 4096, round_rstd=True),
-    "gated rms_norm forward": lambda: rms_norm_mode(False, True, False, 4096, gate=True),
-    "gated rms_norm backward, prefetch": lambda: rms_norm_mode(True, True, False, 2048, gate=True),
+    "gated rms_norm forward": lambda: rms_norm_mode(False, True, False, 4096, gate=rms_norm.GATE_BEFORE_SILU),
+    "gated rms_norm backward, prefetch": lambda: rms_norm_mode(True, True, False, 2048, gate=rms_norm.GATE_BEFORE_SILU),
+    "rms_norm gated after, sigmoid, forward": lambda: rms_norm_mode(False, True, False, 128,
+                                                                    gate=rms_norm.GATE_AFTER_SIGMOID),
+    "rms_norm gated after, silu, backward, prefetch": lambda: rms_norm_mode(True, True, False, 4096,
+                                                                            gate=rms_norm.GATE_AFTER_SILU),
     "layer_norm forward, + residual": lambda: layer_norm_mode(False, True, 4096),
     "layer_norm backward, + sum gradient": lambda: layer_norm_mode(True, True, 4096),
     "layer_norm forward, narrow rows": lambda: layer_norm_mode(False, False, 64),

@@ -194,41 +194,49 @@ def test_rounded_rstd_forward_and_backward(shape, dtype):
     assert dw.numel() == 0
 
 
-# --- liger::gated_rms_norm: Mamba2's weight * rms_norm(x * silu(gate)) -------------------------------------------
-def gated_reference64(x, gate, w, eps):
-    h = x.double() * torch.nn.functional.silu(gate.double())
-    return w.double() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+# --- liger::gated_rms_norm: Mamba2's weight * rms_norm(x * silu(gate)); rms_norm(x) * w * act(gate) (Kimi-Linear) ---
+GATE_FORMS = [("silu", False), ("sigmoid", True), ("silu", True)]
 
 
+def gated_reference64(x, gate, w, eps, activation, after):
+    act = torch.sigmoid(gate.double()) if activation == "sigmoid" else torch.nn.functional.silu(gate.double())
+    h = x.double() if after else x.double() * act
+    y = w.double() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+    return y * act if after else y
+
+
+@pytest.mark.parametrize("activation,after", GATE_FORMS)
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("shape", [(7, 123), (2, 3, 64)])
-def test_gated_forward_and_backward_match_float64(shape, dtype):
+def test_gated_forward_and_backward_match_float64(shape, dtype, activation, after):
     x, w = inputs(shape, dtype, seed=14)
     gate, _ = inputs(shape, dtype, seed=15)
-    y, rstd = rms_norm.gated_launch_forward(x, gate, w, 1e-6)
+    y, rstd = rms_norm.gated_launch_forward(x, gate, w, 1e-6, activation, after)
     atol, rtol = TOL[dtype]
     x64, g64, w64 = (t.double().requires_grad_() for t in (x, gate, w))
-    ref = gated_reference64(x64, g64, w64, 1e-6)
+    ref = gated_reference64(x64, g64, w64, 1e-6, activation, after)
     torch.testing.assert_close(y.double(), ref, atol=atol, rtol=rtol)
-    torch.testing.assert_close(y, rms_norm.gated_reference_forward(x, gate, w, 1e-6)[0], atol=atol, rtol=rtol)
+    y_torch = rms_norm.gated_reference_forward(x, gate, w, 1e-6, activation, after)[0]
+    torch.testing.assert_close(y, y_torch, atol=atol, rtol=rtol)
     dy = torch.randn(shape, generator=torch.Generator().manual_seed(16)).to(DEVICE, y.dtype)
     ref.backward(dy.double())
-    dx, dgate, dw = rms_norm.gated_launch_backward(dy, x, gate, w, rstd)
+    dx, dgate, dw = rms_norm.gated_launch_backward(dy, x, gate, w, rstd, activation, after)
     rows = x.numel() // x.shape[-1]
     torch.testing.assert_close(dx.double(), x64.grad, atol=atol * 2, rtol=rtol)
     torch.testing.assert_close(dgate.double(), g64.grad, atol=atol * 2, rtol=rtol)
     torch.testing.assert_close(dw.double(), w64.grad, atol=atol * rows ** 0.5 * 2, rtol=rtol * 2)
-    for got, want in zip((dx, dgate, dw), rms_norm.gated_reference_backward(dy, x, gate, w, rstd)):
+    for got, want in zip((dx, dgate, dw), rms_norm.gated_reference_backward(dy, x, gate, w, rstd, activation, after)):
         torch.testing.assert_close(got, want, atol=atol * rows ** 0.5, rtol=rtol)
 
 
-def test_gated_backward_prefetch_gives_the_same_result():
+@pytest.mark.parametrize("activation,after", GATE_FORMS)
+def test_gated_backward_prefetch_gives_the_same_result(activation, after):
     """The gate rides the prefetched loads: the same values with and without PREFETCH, over a ragged last block."""
     x, w = inputs((33, 200), torch.float32, seed=17)
     gate, _ = inputs((33, 200), torch.float32, seed=18)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(19)).to(DEVICE)
-    _, rstd = rms_norm.gated_launch_forward(x, gate, w, 1e-6)
-    outs = [rms_norm.gated_launch_backward(dy, x, gate, w, rstd, config=dict(ROWS=2, num_warps=4, ROWS_PER_PROGRAM=3,
-                                                                             PREFETCH=prefetch))
+    _, rstd = rms_norm.gated_launch_forward(x, gate, w, 1e-6, activation, after)
+    outs = [rms_norm.gated_launch_backward(dy, x, gate, w, rstd, activation, after,
+                                           config=dict(ROWS=2, num_warps=4, ROWS_PER_PROGRAM=3, PREFETCH=prefetch))
             for prefetch in (False, True)]
     assert all(torch.equal(a, b) for a, b in zip(*outs))

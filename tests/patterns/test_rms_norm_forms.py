@@ -6,6 +6,8 @@ from transformers.models.deepseek_v4 import modeling_deepseek_v4
 from transformers.models.falcon_mamba import modeling_falcon_mamba
 from transformers.models.gemma3n import modeling_gemma3n
 from transformers.models.inkling2 import modeling_inkling2
+from transformers.models.kimi_linear import modeling_kimi_linear
+from transformers.models.lara_mini import modeling_lara_mini
 from transformers.models.mamba2 import modeling_mamba2
 from transformers.models.nanochat import modeling_nanochat
 
@@ -107,14 +109,22 @@ def test_power_form_near_miss_names_what_differs():
     assert "not the last one" in miss.reason and "pow(-0.5)" in miss.reason, miss.reason
 
 
-class GatedBlock(torch.nn.Module):
-    """Mamba2's mixer end: the gated norm of the scan output, then out_proj."""
+# the gated norms: (module, variant)
+GATED = {
+    "mamba2": (lambda: modeling_mamba2.MambaRMSNormGated(D, D), "gated"),
+    "kimi_linear": (lambda: modeling_kimi_linear.KimiLinearRMSNormGated(D), "gated after, sigmoid"),
+    "lara_mini": (lambda: modeling_lara_mini.LaraMiniRMSNormGated(D), "gated after, silu"),
+}
 
-    def __init__(self, group_size=D):
+
+class GatedBlock(torch.nn.Module):
+    """A mixer's end: the gated norm of its output, then out_proj."""
+
+    def __init__(self, make_norm=GATED["mamba2"][0]):
         super().__init__()
         torch.manual_seed(0)
         self.in_proj = torch.nn.Linear(D, 2 * D)
-        self.norm = modeling_mamba2.MambaRMSNormGated(D, group_size)
+        self.norm = make_norm()
         torch.nn.init.normal_(self.norm.weight, 1.0, 0.3)
         self.out_proj = torch.nn.Linear(D, D)
 
@@ -123,11 +133,13 @@ class GatedBlock(torch.nn.Module):
         return self.out_proj(self.norm(h, gate)).square().mean()
 
 
-def test_mamba2_gated_norm_is_fused_and_matches_eager():
-    module, x = GatedBlock(), torch.randn(2, 5, D)
+@pytest.mark.parametrize("name", list(GATED))
+def test_gated_norm_is_fused_and_matches_eager(name):
+    make_norm, variant = GATED[name]
+    module, x = GatedBlock(make_norm), torch.randn(2, 5, D)
     report = liger_compile.explain(module, x)
-    assert [s.variant for g in report.graphs for s in g.fused if s.pattern == "rms_norm"] == ["gated"], str(report)
-    assert report.counts["swiglu"] == 0  # the gate's x * silu(z) stays inside the norm
+    assert [s.variant for g in report.graphs for s in g.fused if s.pattern == "rms_norm"] == [variant], str(report)
+    assert report.counts["swiglu"] == 0  # the gate's product with silu(z) stays inside the norm
     torch._dynamo.reset()
     ref_loss, ref_grads = _step(module, x)
     loss, grads = _step(module, x, torch.compile(module, backend="liger", options=NO_INDUCTOR))
@@ -137,7 +149,8 @@ def test_mamba2_gated_norm_is_fused_and_matches_eager():
 
 
 def test_mamba2_gated_norm_in_groups_is_a_near_miss():
-    report = liger_compile.explain(GatedBlock(group_size=D // 4), torch.randn(2, 5, D))
+    module = GatedBlock(lambda: modeling_mamba2.MambaRMSNormGated(D, D // 4))
+    report = liger_compile.explain(module, torch.randn(2, 5, D))
     assert report.counts["rms_norm"] == 0
     (miss,) = [m for m in report.near_misses if m.pattern == "rms_norm"]
     assert "groups of 4 channels" in miss.reason, miss.reason
