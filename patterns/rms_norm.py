@@ -243,6 +243,24 @@ def marks_site(node) -> bool:
     return isinstance(exponent, (int, float)) and exponent == -0.5
 
 
+def inverse_rms_only_form(inverse_rms):
+    def inverse_rms_only(x, eps, dim, in_dtype):
+        """HY-V4's unweighted norm: only the inverse RMS, which the caller multiplies into another value."""
+        return inverse_rms(x.to(torch.float32), dim, eps).to(in_dtype)
+
+    return inverse_rms_only
+
+
+def refuse_inverse_rms_only(m: Match) -> str:
+    # tried after every real form, so it explains only sites none of them matched
+    return ("only the inverse RMS is computed here, and it scales another value (e.g. a projection of the input), "
+            "not the input: there is no normalised row for the kernel to write")
+
+
+def _never_fused(*args, **kwargs):
+    raise AssertionError("refused by its check")
+
+
 def spellings():
     """[(variant suffix, inverse_rms)] for every spelling of the inverse RMS; the common one (pow(2), rsqrt) has
     the empty suffix, so its forms keep their bare names."""
@@ -276,6 +294,8 @@ def _variants():
                 elif not residual:
                     patterns.append(Pattern("rms_norm", f"{name}{suffix}", plain[name], fused(name), check,
                                             anchor=marks_site))
+    patterns += [Pattern("rms_norm", f"inverse RMS alone{suffix}", inverse_rms_only_form(inverse_rms), _never_fused,
+                         refuse_inverse_rms_only, anchor=marks_site) for suffix, inverse_rms in spellings()]
     return patterns
 
 

@@ -5,6 +5,7 @@ import torch
 from transformers.models.deepseek_v4 import modeling_deepseek_v4
 from transformers.models.falcon_mamba import modeling_falcon_mamba
 from transformers.models.gemma3n import modeling_gemma3n
+from transformers.models.hy_v4 import modeling_hy_v4
 from transformers.models.inkling2 import modeling_inkling2
 from transformers.models.kimi_linear import modeling_kimi_linear
 from transformers.models.lara_mini import modeling_lara_mini
@@ -154,3 +155,22 @@ def test_mamba2_gated_norm_in_groups_is_a_near_miss():
     assert report.counts["rms_norm"] == 0
     (miss,) = [m for m in report.near_misses if m.pattern == "rms_norm"]
     assert "groups of 4 channels" in miss.reason, miss.reason
+
+
+class InverseRmsScalesProjection(torch.nn.Module):
+    """HY-V4's hyper-connection mix: linear(x) * inverse_rms(x), the norm's output never formed."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = modeling_hy_v4.HYV4UnweightedRMSNorm()
+        self.fn = torch.nn.Parameter(torch.randn(4, D))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.fn) * self.norm(x)
+
+
+def test_inverse_rms_alone_is_a_near_miss_with_reason():
+    report = liger_compile.explain(InverseRmsScalesProjection(), torch.randn(2, 5, D))
+    assert report.counts["rms_norm"] == 0
+    (miss,) = [m for m in report.near_misses if m.pattern == "rms_norm"]
+    assert "only the inverse RMS" in miss.reason, miss.reason
