@@ -75,7 +75,10 @@ _PASS_THROUGH = {"getitem", "chunk", "split", "narrow", "view", "reshape", "cont
 
 
 def _projected(node, depth: int = 4) -> bool:
-    """node is a projection's output, or a slice / view of one (a fused gate_up half)."""
+    """node is a projection's output, or a slice / view of one (a fused gate_up half), or may be one: a graph
+    input (a site cut by a graph split computes its projections in the graph before)."""
+    if isinstance(node, torch.fx.Node) and node.op == "placeholder":
+        return True
     name = op_name(node) if isinstance(node, torch.fx.Node) else None
     if name in _PROJECTIONS:
         return True
@@ -86,12 +89,14 @@ def _projected(node, depth: int = 4) -> bool:
 
 def gated(activation: str):
     """A candidate site for near-miss reports: the activation of a projection multiplied by another projection
-    (a gated MLP), not every activation (a plain GELU MLP, Mamba's gate on its scan output)."""
+    (a gated MLP), or returned by the graph before its product (a site cut by a graph split); not every activation
+    (a plain GELU MLP, Mamba's gate on its scan output)."""
 
     def test(node) -> bool:
         if op_name(node) != activation or not node.args or not _projected(node.args[0]):
             return False
-        return any(op_name(u) == "mul" and any(a is not node and _projected(a) for a in u.args) for u in node.users)
+        return any(u.op == "output" or (op_name(u) == "mul" and any(a is not node and _projected(a) for a in u.args))
+                   for u in node.users)
 
     return test
 
