@@ -22,6 +22,7 @@ from liger_compile.kernels import layer_norm as _op  # noqa: F401  (defines torc
 from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.kernels.layer_norm import MAX_FUSED_COLS
 from liger_compile.matcher import Match, example_value
+from liger_compile.patterns._residual import addends_reason
 from liger_compile.pattern import Pattern
 
 
@@ -130,13 +131,7 @@ def check(m: Match) -> str | None:
 
 
 def check_residual(m: Match) -> str | None:
-    x, r = m.value("x"), m.value("residual")
-    if not isinstance(x, torch.Tensor) or not isinstance(r, torch.Tensor):
-        return "the add feeding the norm has a non-tensor operand"
-    if x.shape != r.shape or x.dtype != r.dtype or x.device != r.device:
-        return (f"the addends differ ({tuple(x.shape)} {x.dtype} and {tuple(r.shape)} {r.dtype}): broadcasting or "
-                "promotion is left to Inductor")
-    return check(m)
+    return addends_reason(m) or check(m)
 
 
 # The residual form first (it takes the add along; the plain forms then fuse every norm not fed by one), then the

@@ -15,6 +15,7 @@ from liger_compile.kernels import rms_norm as _op  # noqa: F401  (defines torch.
 from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.kernels.rms_norm import MAX_FUSED_COLS
 from liger_compile.matcher import Match, op_name
+from liger_compile.patterns._residual import addends_reason
 from liger_compile.pattern import Pattern
 
 
@@ -214,22 +215,12 @@ def check_functional(m: Match) -> str | None:
     return None
 
 
-def _check_addends(m: Match) -> str | None:
-    x, r = m.value("x"), m.value("residual")
-    if not isinstance(x, torch.Tensor) or not isinstance(r, torch.Tensor):
-        return "the add feeding the norm has a non-tensor operand"
-    if x.shape != r.shape or x.dtype != r.dtype or x.device != r.device:
-        return (f"the addends differ ({tuple(x.shape)} {x.dtype} and {tuple(r.shape)} {r.dtype}): broadcasting or "
-                "promotion is left to Inductor")
-    return None
-
-
 def check_residual(m: Match) -> str | None:
-    return _check_addends(m) or check(m)
+    return addends_reason(m) or check(m)
 
 
 def check_functional_residual(m: Match) -> str | None:
-    return _check_addends(m) or check_functional(m)
+    return addends_reason(m) or check_functional(m)
 
 
 def marks_site(node) -> bool:
