@@ -196,13 +196,15 @@ def classify_failure(stderr: str) -> tuple[str, str]:
     return kind, line.replace("|", "/")[:240]
 
 
-def run_variant(argv: list[str], timeout: float) -> dict:
-    """Runs `bench_e2e.py --one ...` (argv after the script) in its own process group, killed with its children
-    (Inductor's compile workers) at `timeout`. Returns the child's RESULT dict, or {"error": ..., "error_kind": ...};
-    with "wall_s" (and "stderr" for the caller to filter) either way."""
+def run_variant(argv: list[str], timeout: float, script: str = __file__, env: dict | None = None) -> dict:
+    """Runs `script --one ...` (argv after the script; bench_e2e.py by default) in its own process group, with `env`
+    added to the environment, killed with its children (Inductor's compile workers) at `timeout`. Returns the
+    child's RESULT dict, or {"error": ..., "error_kind": ...}; with "wall_s" (and "stderr" for the caller to filter)
+    either way."""
     t0 = time.time()
-    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen([sys.executable, os.path.abspath(script), *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, **env} if env else None)
     try:
         out, err = p.communicate(timeout=timeout)
         timed_out = False

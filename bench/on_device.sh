@@ -34,6 +34,8 @@
 #   varlentests  the variable-length attention, run-time mask and training-shape tests on the GPU
 #   masktests  the run-time mask tests, the op-output tests, the norm/down_proj kernel tests and the training shapes
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
+#   compile    compile time at 4x4096, Inductor and ours, each a cold start then a warm restart over fresh caches
+#              (bench/bench_compile.py; COMPILE_MODE sets torch.compile's mode, COMPILE_VARIANTS the list)
 # Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, ABLATION_REPEAT (runs of the list,
 # round robin, medians reported; later runs find the kernels compiled), P32_VARIANTS, CONTEXT_VARIANTS,
 # CONTEXT_START, CONTEXT_MAX, CONTEXT_BUDGET (seconds).
@@ -141,6 +143,9 @@ for stage in "${@:-tests}"; do
              timeout $((b + 20)) python3 bench/bench_context.py --variants "${CONTEXT_VARIANTS:-ours,liger_kernel}" \
                --start "${CONTEXT_START:-65536}" --max "${CONTEXT_MAX:-524288}" --budget-s "$b" \
                --out "$R" > "$R/bench_context.log" 2>&1; tail -12 "$R/bench_context.log" ;;
+    compile) timeout 560 python3 bench/bench_compile.py --variants "${COMPILE_VARIANTS:-inductor,ours}" \
+               ${COMPILE_MODE:+--mode $COMPILE_MODE} --timeout 200 --cache-root /tmp --out "$R" > "$R/bench_compile.log" 2>&1
+             grep -E "^\| |Error|error" "$R/bench_compile.log" | cut -c1-400 | tail -8 ;;
     install) ;;  # nothing more than the install above
     *) echo "unknown stage $stage" ;;
   esac

@@ -1,0 +1,221 @@
+"""Compile time of a training step: where the first step's seconds go, on a cold start and on a warm restart.
+
+    python bench/bench_compile.py --model llama-1b --batch 4 --seq 4096 --variants inductor,ours [--mode MODE]
+
+For each variant two processes run one after the other over one fresh pair of cache directories
+(TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR): the cold start compiles everything, the warm restart (same model,
+shapes and machine) should find all of it cached. Each process trains warmup + steps steps as bench_e2e.py does
+(random init, bf16, AdamW fused) and reports:
+- first step (s) and the steady step (median of the steps after the warm-up), tokens/s;
+- Dynamo's compile-time metrics (`torch._dynamo.utils.compile_times`): tracing, our rewrite (`liger_compile.rewrite`),
+  AOTAutograd, Inductor's lowering, code generation, the wait for its Triton compiles, C++ builds, autotuning;
+- the Triton kernels compiled just in time in the process (our kernels: a launch that missed Triton's in-memory cache)
+  and their seconds, and the compiled kernels (.cubin) and C++ objects (.so) the cache directories gained;
+- graphs, recompiles (each with the guard that failed), FX-graph and AOTAutograd cache hits and misses.
+The metrics are Dynamo's own, summed over graphs and threads: nested phases are each counted (AOTAutograd's time
+holds Inductor's), and C++ builds run in parallel, so the columns are not parts of the first step that add up.
+Writes compile_<model>_<b>x<t>[_<mode>].md/.json/.png into --out.
+
+Hidden, for checking the driver without a GPU: `--device cpu --tiny`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_e2e import build, run_variant, timed_steps  # noqa: E402
+
+# compile_times() keys shown in the table, as (column, key); every key is kept in the JSON
+PHASES = [
+    ("dynamo_s", "bytecode_tracing"),
+    ("rewrite_s", "liger_compile.rewrite"),
+    ("backend_s", "OutputGraph.call_user_compiler"),
+    ("aot_s", "create_aot_dispatcher_function"),
+    ("lowering_s", "GraphLowering.run"),
+    ("codegen_s", "GraphLowering.codegen"),
+    ("triton_wait_s", "async_compile.wait"),
+    ("cpp_s", "compile_file"),
+    ("autotune_s", "CachingAutotuner.benchmark_all_configs"),
+]
+
+
+class JitCompiles:
+    """Counts and times Triton's just-in-time compiles in this process (a launch of a @triton.jit kernel whose
+    specialisation is not in the in-memory cache: compiled, or loaded from the disk cache)."""
+
+    def __init__(self):
+        from triton.runtime.jit import JITFunction  # noqa: PLC0415
+
+        self.calls: dict[str, list[float]] = {}
+        original = JITFunction._do_compile
+
+        def timed(fn, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(fn, *args, **kwargs)
+            finally:
+                self.calls.setdefault(fn.__name__, []).append(time.perf_counter() - t0)
+
+        JITFunction._do_compile = timed
+
+    def summary(self) -> dict:
+        return {"jit_compiles": sum(len(v) for v in self.calls.values()),
+                "jit_s": sum(sum(v) for v in self.calls.values()),
+                "jit_kernels": {k: [len(v), round(sum(v), 3)] for k, v in sorted(self.calls.items())}}
+
+
+def cache_files(dirs: list[str]) -> dict[str, int]:
+    """Compiled artefacts under the cache directories: GPU binaries and C++ shared objects."""
+    n = {"cubin": 0, "so": 0}
+    for d in dirs:
+        for _, _, files in os.walk(d):
+            for f in files:
+                ext = f.rsplit(".", 1)[-1]
+                if ext in n:
+                    n[ext] += 1
+    return n
+
+
+def run_one(args) -> dict:
+    import torch  # noqa: PLC0415
+    from torch._dynamo.utils import compile_times, counters, guard_failures  # noqa: PLC0415
+
+    cuda = args.device == "cuda"
+    dirs = [os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"]]
+    files_before = cache_files(dirs)
+    jit = JitCompiles() if cuda else None
+    model, _ = build(args.model, args.device, args.tiny)
+    model.train()
+    report = None
+    if args.one == "inductor":
+        run = torch.compile(model, mode=args.mode)
+    else:
+        import liger_compile  # noqa: PLC0415
+
+        report = liger_compile.Report()
+        run = torch.compile(model, backend="liger", mode=args.mode, options={"report": report})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    g = torch.Generator(device=args.device).manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device, generator=g)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times, losses = timed_steps(run, opt, ids, args.warmup + args.steps, sync)
+    step = statistics.median(times[args.warmup:]) if args.steps else times[-1]
+    keys, values = compile_times(repr="csv", aggregate=True)
+    metrics = {k: float(v) for k, v in zip(keys, values)}
+    files_after = cache_files(dirs)
+    recompiles = [reason.split("\n")[0][:200] for reasons in guard_failures.values() for reason in reasons]
+    row = {
+        "first_step_s": times[0], "step_ms": step * 1e3, "tokens/s": args.batch * args.seq / step,
+        "first_loss": losses[0].item(),
+        **{col: metrics.get(key, 0.0) for col, key in PHASES},
+        "graphs": counters["stats"]["unique_graphs"], "recompiles": len(recompiles), "recompile_reasons": recompiles,
+        "fx_hit": counters["inductor"].get("fxgraph_cache_hit", 0),
+        "fx_miss": counters["inductor"].get("fxgraph_cache_miss", 0),
+        "fx_bypass": counters["inductor"].get("fxgraph_cache_bypass", 0),
+        "aot_hit": counters["aot_autograd"].get("autograd_cache_hit", 0),
+        "aot_miss": counters["aot_autograd"].get("autograd_cache_miss", 0),
+        "new_cubin": files_after["cubin"] - files_before["cubin"], "new_so": files_after["so"] - files_before["so"],
+        "compile_times": metrics,
+    }
+    if jit is not None:
+        row.update(jit.summary())
+    if report is not None:
+        row["fused"] = report.counts
+    return row
+
+
+def child_argv(args, variant: str) -> list[str]:
+    argv = ["--one", variant, "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+    argv += ["--mode", args.mode] if args.mode else []
+    argv += ["--tiny"] if args.tiny else []
+    return argv
+
+
+def drive(args) -> list[dict]:
+    rows = []
+    for variant in args.variants.split(","):
+        root = tempfile.mkdtemp(prefix=f"compile_{variant}_", dir=args.cache_root)
+        env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),
+               "TRITON_CACHE_DIR": os.path.join(root, "triton"),
+               "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+        for start in ("cold", "warm"):
+            row = run_variant(child_argv(args, variant), args.timeout, script=os.path.abspath(__file__), env=env)
+            stderr = row.pop("stderr")
+            row = {"variant": variant, "start": start, **row}
+            rows.append(row)
+            brief = {k: v for k, v in row.items() if k not in ("compile_times", "jit_kernels", "recompile_reasons")}
+            print(f"{variant} {start}: {brief}", flush=True)
+            if "error" in row:
+                print(stderr[-3000:], flush=True)
+                break
+        shutil.rmtree(root, ignore_errors=True)
+    cold = {r["variant"]: r for r in rows if r["start"] == "cold" and "first_step_s" in r}
+    for r in rows:
+        if "inductor" in cold and "first_step_s" in r:
+            r["first_step_vs_inductor_cold"] = r["first_step_s"] / cold["inductor"]["first_step_s"]
+    return rows
+
+
+def chart(path: str, title: str, rows: list[dict]):
+    from common import bar_chart  # noqa: PLC0415
+
+    ok = [r for r in rows if "first_step_s" in r]
+    groups = [f"{r['variant']} {r['start']}" for r in ok]
+    series = {"first step": [r["first_step_s"] for r in ok],
+              "Dynamo tracing": [r["dynamo_s"] for r in ok],
+              "backend (rewrite + AOT + Inductor)": [r["backend_s"] for r in ok],
+              "Triton JIT in the step": [r.get("jit_s", 0.0) for r in ok]}
+    bar_chart(path, title, groups, series, "seconds")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--mode", default=None, help="torch.compile mode for both variants, e.g. max-autotune")
+    ap.add_argument("--variants", default="inductor,ours")
+    ap.add_argument("--one", default=None)
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per process")
+    ap.add_argument("--cache-root", default=None, help="where the fresh cache directories are made (default: tmp)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args)), flush=True)
+        return
+    rows = drive(args)
+    from common import write_results  # noqa: PLC0415
+
+    name = args.name or f"compile_{args.model}_{args.batch}x{args.seq}" + (f"_{args.mode}" if args.mode else "")
+    cols = ["variant", "start", "first_step_s", "first_step_vs_inductor_cold", "step_ms", "tokens/s"]
+    cols += [c for c, _ in PHASES] + ["jit_compiles", "jit_s", "new_cubin", "new_so", "graphs", "recompiles",
+                                      "fx_hit", "fx_miss", "aot_hit", "aot_miss", "error"]
+    title = f"Compile time, {args.model} shape, {args.batch} x {args.seq}, bf16" + (
+        f", mode={args.mode}" if args.mode else "") + (" (TINY, CPU check)" if args.tiny else "")
+    notes = "\n".join(f"- {r['variant']} {r['start']}: recompiles: {r['recompile_reasons']}"
+                      for r in rows if r.get("recompile_reasons"))
+    notes += "\n" + "\n".join(f"- {r['variant']} {r['start']}: just-in-time Triton compiles (count, s): "
+                              f"{r['jit_kernels']}" for r in rows if r.get("jit_kernels"))
+    print(write_results(args.out, name, title, rows, cols, notes=notes))
+    try:
+        chart(os.path.join(args.out, name + ".png"), title, rows)
+    except Exception as e:  # the chart never costs the results written above
+        print(f"chart not written: {e!r}")
+
+
+if __name__ == "__main__":
+    main()
