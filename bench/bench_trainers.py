@@ -332,6 +332,9 @@ def run_one(args) -> dict:
         "first_logps": {k: v for k, v in trainer.state.log_history[0].items() if k.startswith("logps/")},
         "dtype": ("bf16, bf16=True" if amp else "bf16, bf16=False") if use_bf16 else "fp32",
         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        # every guard failure is a recompile; the first line of each says which guard
+        "recompiles": sum(len(v) for v in torch._dynamo.utils.guard_failures.values()),
+        "recompile_reasons": [r.split("\n")[0][:160] for v in torch._dynamo.utils.guard_failures.values() for r in v],
         "step_times_s": [round(t, 4) for t in timer.times], **timer.profile,
     }
     if variant == "liger":
@@ -451,10 +454,11 @@ def main(argv=None):
              f"{'agree' if agree else 'DISAGREE'}: {first}"]
     notes += [f"fused (liger, summed over graphs): {r['fused']}" for r in ok if "fused" in r]
     cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "gpu_ms", "first_step_s", "first_loss", "last_loss", "graphs",
-            "attention_ms_per_layer", "error"]
+            "recompiles", "attention_ms_per_layer", "error"]
     notes += [f"{r['variant']} attention kernels: {'; '.join(r['attention_kernels'])}" for r in ok
               if r.get("attention_kernels")]
     notes += [f"{r['variant']} graph calls by version: {r['assumed_calls']}" for r in ok if "assumed_calls" in r]
+    notes += [f"{r['variant']} recompiles: {r['recompile_reasons']}" for r in ok if r.get("recompile_reasons")]
     title = f"{kind.upper()}, {model} shape, {args.batch} x {args.seq}" + (
         ", padding_free=True" if args.padding_free else f", {args.padding:.0%} padding" if args.padding else "")
     print(write_results(args.out, name, title, rows, cols, notes="\n\n".join(notes)))
