@@ -109,7 +109,7 @@ def _plain_head(model) -> bool:
     can skip them (logits_to_keep)."""
     config = model.config.get_text_config()
     head = model.get_output_embeddings()
-    return (head is not None and getattr(head, "bias", None) is None
+    return (head is not None and getattr(head, "bias", None) is None and callable(getattr(model, "get_decoder", None))
             and "logits_to_keep" in inspect.signature(model.forward).parameters
             and not any(getattr(config, name, None) not in (None, 1.0) for name in
                         ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
@@ -146,11 +146,11 @@ def _patch_gkd(module) -> bool:
             return original(self, model, inputs, return_outputs, num_items_in_batch)
         try:
             return _fused_gkd_loss(self, model, student, teacher, inputs, num_items_in_batch)
-        except Exception as e:  # a bug of ours must not stop the user's run: TRL's own loss, said once
-            if not getattr(compute_loss, "warned", False):
+        except Exception as e:  # a bug of ours must not stop the user's run: TRL's own loss, said once per trainer
+            if not getattr(self, "_liger_compile_warned", False):
                 log.warning("liger_compile: GKD's fused loss failed (%s: %s); using TRL's own compute_loss",
                             type(e).__name__, str(e)[:300])
-                compute_loss.warned = True
+                self._liger_compile_warned = True
             return original(self, model, inputs, return_outputs, num_items_in_batch)
 
     compute_loss.liger_compile = True
@@ -159,17 +159,33 @@ def _patch_gkd(module) -> bool:
     return True
 
 
+def _last_hidden_state(call, model, kwargs) -> torch.Tensor:
+    """The last hidden state of `model` (called through `call`: the trainer's wrapped or compiled model), caught by a
+    forward hook on its decoder. output_hidden_states=True would give it too, but transformers collects those through
+    hooks it installs per call, which graph-break and recompile under torch.compile."""
+    decoder = model.get_decoder()
+    store = getattr(decoder, "_liger_compile_last_hidden", None)
+    if store is None:  # registered once and kept: adding or removing hooks per call would recompile the graph
+        store = decoder._liger_compile_last_hidden = {}
+
+        def keep(module, args, output):
+            store["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        decoder.register_forward_hook(keep)
+    call(**kwargs)
+    return store.pop("hidden")
+
+
 def _fused_gkd_loss(self, model, student, teacher, inputs, num_items_in_batch):
     """GKD's loss on liger::linear_jsd: both models' last hidden states (no logits), each lm_head's weight."""
     import liger_compile.ops as ops  # noqa: PLC0415
 
     kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                  output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long,
-                                                                        device=inputs["input_ids"].device))
-    student_hidden = model(**kwargs).hidden_states[-1][:, :-1]
+                  logits_to_keep=torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device))
+    student_hidden = _last_hidden_state(model, student, kwargs)[:, :-1]
     self.teacher_model.eval()
     with torch.no_grad():
-        teacher_hidden = self.teacher_model(**kwargs).hidden_states[-1][:, :-1]
+        teacher_hidden = _last_hidden_state(self.teacher_model, teacher, kwargs)[:, :-1]
     device = student_hidden.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     hidden, weights = [], []
