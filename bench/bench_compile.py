@@ -86,7 +86,9 @@ def cache_files(dirs: list[str]) -> dict[str, int]:
 
 def run_one(args) -> dict:
     import torch  # noqa: PLC0415
-    from torch._dynamo.utils import compile_times, counters, guard_failures  # noqa: PLC0415
+    from torch._dynamo.utils import compile_times, counters  # noqa: PLC0415
+
+    from common import recompiles  # noqa: PLC0415
 
     cuda = args.device == "cuda"
     dirs = [os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"]]
@@ -111,12 +113,12 @@ def run_one(args) -> dict:
     keys, values = compile_times(repr="csv", aggregate=True)
     metrics = {k: float(v) for k, v in zip(keys, values)}
     files_after = cache_files(dirs)
-    recompiles = [reason.split("\n")[0][:200] for reasons in guard_failures.values() for reason in reasons]
+    n_recompiles, reasons = recompiles()
     row = {
         "first_step_s": times[0], "step_ms": step * 1e3, "tokens/s": args.batch * args.seq / step,
         "first_loss": losses[0].item(),
         **{col: metrics.get(key, 0.0) for col, key in PHASES},
-        "graphs": counters["stats"]["unique_graphs"], "recompiles": len(recompiles), "recompile_reasons": recompiles,
+        "graphs": counters["stats"]["unique_graphs"], "recompiles": n_recompiles, "recompile_reasons": reasons,
         "fx_hit": counters["inductor"].get("fxgraph_cache_hit", 0),
         "fx_miss": counters["inductor"].get("fxgraph_cache_miss", 0),
         "fx_bypass": counters["inductor"].get("fxgraph_cache_bypass", 0),

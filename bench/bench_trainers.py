@@ -48,6 +48,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_e2e import MODELS  # noqa: E402
+from common import recompiles  # noqa: E402
 
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, use_cache=False)
@@ -332,9 +333,7 @@ def run_one(args) -> dict:
         "first_logps": {k: v for k, v in trainer.state.log_history[0].items() if k.startswith("logps/")},
         "dtype": ("bf16, bf16=True" if amp else "bf16, bf16=False") if use_bf16 else "fp32",
         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
-        # every guard failure is a recompile; the first line of each says which guard
-        "recompiles": sum(len(v) for v in torch._dynamo.utils.guard_failures.values()),
-        "recompile_reasons": [r.split("\n")[0][:160] for v in torch._dynamo.utils.guard_failures.values() for r in v],
+        **dict(zip(("recompiles", "recompile_reasons"), recompiles())),
         "step_times_s": [round(t, 4) for t in timer.times], **timer.profile,
     }
     if variant == "liger":

@@ -28,6 +28,27 @@ def env_info() -> dict:
     return info
 
 
+def recompiles() -> tuple[int, dict[str, int]]:
+    """Dynamo's recompiles in this process so far, and the guards that caused them (first line, with how often).
+    Each recompile of a frame records the failed guard of every version compiled before it ("1/0: ...", "1/1: ..."),
+    so frame f's recompiles are one more than the highest version that failed."""
+    import re  # noqa: PLC0415
+    from collections import Counter  # noqa: PLC0415
+
+    from torch._dynamo.utils import guard_failures  # noqa: PLC0415
+
+    count, reasons = 0, Counter()
+    for failures in guard_failures.values():
+        versions = {}
+        for reason in failures:
+            m = re.match(r"\s*(\d+)/(\d+): (.*)", reason.split("\n")[0])
+            if m:
+                versions.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+                reasons[m.group(3)[:160]] += 1
+        count += sum(max(v) + 1 for v in versions.values())
+    return count, dict(reasons)
+
+
 def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 200, grad_to_none=None) -> float:
     import triton.testing  # noqa: PLC0415
 
