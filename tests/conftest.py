@@ -18,6 +18,22 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def second_versions(monkeypatch):
+    """Records the graphs compiled a second time, without their run-time assumptions (their indices)."""
+    import liger_compile.backend as backend_module
+
+    built = []
+    original = backend_module._without_assumptions
+
+    def counting(*args, **kwargs):
+        built.append(args[-1].index)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "_without_assumptions", counting)
+    return built
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from liger_compile.kernels import add_layer_norm as op
+from models import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-5
 PATHS = {"triton": (op.launch_forward, op.launch_backward), "torch": (op.reference_forward, op.reference_backward)}
 

@@ -4,7 +4,8 @@ import torch
 
 from liger_compile.kernels import add_rms_norm
 from liger_compile.kernels import rms_norm
-from test_kernel_rms_norm import DEVICE, FORMS, TOL, reference64
+from models import DEVICE
+from test_kernel_rms_norm import FORMS, TOL, reference64
 
 SHAPES = [(1, 123), (7, 123), (2, 3, 64), (2, 5, 3, 72), (33, 1000)]
 

@@ -6,7 +6,8 @@ import torch
 
 from liger_compile.kernels import gated_down_proj  # noqa: F401  (defines the op)
 from liger_compile.kernels import gated_mlp
-from test_kernel_gated_mlp import ACTS, DEV, DTYPES, OP_DEVICES, act_f64, inputs
+from models import DEVICE, OP_DEVICES
+from test_kernel_gated_mlp import ACTS, DTYPES, act_f64, inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 HIDDEN = 24
@@ -17,8 +18,8 @@ HIDDEN = 24
 @pytest.mark.parametrize("kind", ["contiguous", "chunked"])
 def test_backward_kernel_recomputes_the_forward_product(dtype, activation, kind):
     torch.manual_seed(0)
-    gate, up = inputs(kind, dtype, DEV)
-    dy = torch.randn(gate.shape, device=DEV).to(dtype)
+    gate, up = inputs(kind, dtype, DEVICE)
+    dy = torch.randn(gate.shape, device=DEVICE).to(dtype)
     dg, du = gated_mlp.launch_backward(dy, gate, up, activation)
     dg2, du2, y = gated_mlp.launch_backward(dy, gate, up, activation, recompute_y=True)
     # the same kernel math as the forward, rounded once: bit-identical to what the forward wrote

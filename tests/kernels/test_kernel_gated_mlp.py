@@ -7,9 +7,7 @@ import torch
 # tests run the real kernels on the GPU.
 
 from liger_compile.kernels import gated_mlp
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton launchers run
-OP_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from models import DEVICE, OP_DEVICES, assert_close_f64
 
 # dtype -> (atol, rtol). The kernels round once from fp32; bf16/fp16 allow a couple of output ulps.
 TOL = {
@@ -57,8 +55,7 @@ def inputs(kind, dtype, device):
 
 
 def assert_close(actual, expected, dtype):
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol)
+    assert_close_f64(actual, expected, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -66,7 +63,7 @@ def assert_close(actual, expected, dtype):
 @pytest.mark.parametrize("kind", ["contiguous", "contiguous_3d", "chunked"])
 def test_launchers(dtype, activation, kind):
     torch.manual_seed(0)
-    gate, up = inputs(kind, dtype, DEV)
+    gate, up = inputs(kind, dtype, DEVICE)
     y = gated_mlp.launch_forward(gate, up, activation)
     dy = torch.randn_like(y)
     ry, rdg, rdu = ref_f64(gate, up, activation, dy)
@@ -85,16 +82,16 @@ def test_launchers_many_programs(activation):
     dtype = torch.float32
     for kind, cfg in (("contiguous", dict(BLOCK=128, num_warps=1)),
                       ("chunked", dict(ROWS=4, BLOCK_C=32, num_warps=1))):
-        gate, up = inputs(kind, dtype, DEV)
-        dy = torch.randn(gate.shape, device=DEV)
+        gate, up = inputs(kind, dtype, DEVICE)
+        dy = torch.randn(gate.shape, device=DEVICE)
         ry, rdg, rdu = ref_f64(gate, up, activation, dy)
         assert_close(gated_mlp.launch_forward(gate, up, activation, config=cfg), ry, dtype)
         dg, du = gated_mlp.launch_backward(dy, gate, up, activation, config=cfg)
         assert_close(dg, rdg, dtype)
         assert_close(du, rdu, dtype)
     # contiguous gate/up with a strided dy (e.g. a transposed grad) take the 2-D backward
-    gate, up = inputs("contiguous", dtype, DEV)
-    dy = torch.randn(COLS, ROWS, device=DEV).t()
+    gate, up = inputs("contiguous", dtype, DEVICE)
+    dy = torch.randn(COLS, ROWS, device=DEVICE).t()
     _, rdg, rdu = ref_f64(gate, up, activation, dy)
     dg, du = gated_mlp.launch_backward(dy, gate, up, activation)
     assert_close(dg, rdg, dtype)

@@ -12,13 +12,12 @@ a checking one; and every module-level Triton function named *_kernel must be la
 import sys
 
 import pytest
-import torch
 import triton
 from triton.runtime.autotuner import Autotuner
 
 from liger_compile.kernels._op import all_ops
+from models import DEVICE
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 OPS = all_ops()
 LAUNCH_POINTS = ("wrap_triton", "direct_launch")
 
@@ -64,7 +63,7 @@ def test_every_op_gives_examples():
 def test_every_launch_passes_every_parameter(checked_launches, cols):
     silent = []
     for name, op in OPS.items():
-        for args in op.examples(DEV, cols):
+        for args in op.examples(DEVICE, cols):
             before = len(checked_launches)
             op.launcher(*args)
             if len(checked_launches) == before:

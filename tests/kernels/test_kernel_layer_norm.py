@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from liger_compile.kernels import layer_norm
+from models import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # dtype -> (atol, rtol) against float64 math; bf16/fp16 include rounding the output to the input dtype (and the
 # interpreter's fp32 -> bf16 store truncates instead of rounding)
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}

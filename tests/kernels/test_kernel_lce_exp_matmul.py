@@ -12,24 +12,24 @@ import triton
 
 from liger_compile.kernels import linear_cross_entropy as lce
 from liger_compile.kernels.linear_cross_entropy import exp_matmul as lce_exp_matmul
+from models import DEVICE
 
 IGNORE = -100
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-N = 300 if DEV == "cuda" else 37  # several 128-row (GPU) or 16-row (CPU) tiles, the last one ragged
+N = 300 if DEVICE == "cuda" else 37  # several 128-row (GPU) or 16-row (CPU) tiles, the last one ragged
 H, V = 48, 203  # a vocabulary no multiple of any tile
 
 
 @pytest.fixture(autouse=True)
 def interpreted_or_cuda():
-    if DEV == "cpu" and isinstance(lce_exp_matmul.exp_matmul_kernel, triton.runtime.jit.JITFunction):
+    if DEVICE == "cpu" and isinstance(lce_exp_matmul.exp_matmul_kernel, triton.runtime.jit.JITFunction):
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment (or conftest)")
 
 
 @pytest.fixture
 def several_chunks(monkeypatch):
     """Workspace for one row tile per chunk: N rows go in several chunks, so dW accumulates across them."""
-    bm = lce_exp_matmul.config(DEV)["BM"]
-    tiles = triton.cdiv(V, lce_exp_matmul.config(DEV)["BN"])
+    bm = lce_exp_matmul.config(DEVICE)["BM"]
+    tiles = triton.cdiv(V, lce_exp_matmul.config(DEVICE)["BN"])
     monkeypatch.setattr(lce.exp_epilogue, "EXP_MATMUL_WORKSPACE_BYTES",
                         bm * (triton.cdiv(V, 8) * 8 * 2 + tiles * 4 + 24))
     assert len(lce.exp_matmul_chunks(N, V, bm, tiles)) == triton.cdiv(N, bm)
@@ -45,8 +45,9 @@ def make(seed=0, scale=2.0, n=N):
 
 
 def exp_path(x, w, y, num_items=None, softcap=0.0, reduction="mean"):
-    out = lce.launch_forward(x.to(DEV), w.to(DEV), None, y.to(DEV), None if num_items is None else num_items.to(DEV),
-                             IGNORE, 0.0, softcap, reduction, True, path="exp_matmul")
+    out = lce.launch_forward(x.to(DEVICE), w.to(DEVICE), None, y.to(DEVICE),
+                             None if num_items is None else num_items.to(DEVICE), IGNORE, 0.0, softcap, reduction, True,
+                             path="exp_matmul")
     return [t.cpu() for t in out[:3]]
 
 
@@ -153,7 +154,7 @@ def test_exp_matmul_applies_only_where_it_is_exact_and_measured_faster():
     hid = lce.EXP_MATMUL_MIN_HIDDEN
     x, w = torch.randn(4, hid).bfloat16(), torch.randn(8, hid).bfloat16()
     assert not lce.exp_matmul_applies(x, w, None, 0.0, False)  # CPU
-    if DEV == "cuda":
+    if DEVICE == "cuda":
         xc, wc = x.cuda(), w.cuda()
         assert lce.exp_matmul_applies(xc, wc, None, 0.0, False) == (torch.cuda.get_device_capability() >= (9, 0))
         assert not lce.exp_matmul_applies(xc.float(), wc.float(), None, 0.0, False)
@@ -174,19 +175,19 @@ def test_launches_keep_nothing_alive(path):
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
     x, w, y = make(n=20)
-    args = (x.to(DEV), w.to(DEV), None, y.to(DEV), None, IGNORE, 0.0, 0.0, "mean", True)
+    args = (x.to(DEVICE), w.to(DEVICE), None, y.to(DEVICE), None, IGNORE, 0.0, 0.0, "mean", True)
     lce.launch_forward(*args, path=path)
     entries = len(kernel_side_table.constant_args)
-    allocated = torch.cuda.memory_allocated() if DEV == "cuda" else 0
+    allocated = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
     for _ in range(3):
         lce.launch_forward(*args, path=path)
     assert len(kernel_side_table.constant_args) == entries
-    if DEV == "cuda":
+    if DEVICE == "cuda":
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() == allocated
 
 
-@pytest.mark.skipif(DEV != "cuda", reason="Llama-3's full vocabulary: too large for the interpreter")
+@pytest.mark.skipif(DEVICE != "cuda", reason="Llama-3's full vocabulary: too large for the interpreter")
 def test_exp_path_full_vocab_bf16_vs_float64():
     """V = 128256, 2048 tokens in two chunks: loss and gradients at least as close to float64 as eager bf16's (x2)."""
     n, hid, v = 2048, 1024, 128256
@@ -211,15 +212,16 @@ def test_exp_path_refuses_what_it_would_get_wrong():
     for case in cases:
         xx, ww = (x.float(), w.float()) if case.get("dtype") else (x, w)
         with pytest.raises(ValueError, match="exp_matmul path"):
-            lce.launch_forward(xx.to(DEV), ww.to(DEV), None if "bias" not in case else b.to(DEV), y.to(DEV), None,
-                               IGNORE, case.get("ls", 0.0), 0.0, "mean", True, keep_logits=case.get("keep", False),
-                               path="exp_matmul")
+            lce.launch_forward(xx.to(DEVICE), ww.to(DEVICE), None if "bias" not in case else b.to(DEVICE),
+                               y.to(DEVICE), None, IGNORE, case.get("ls", 0.0), 0.0, "mean", True,
+                               keep_logits=case.get("keep", False), path="exp_matmul")
 
 
 def test_environment_pin_never_takes_the_exp_path_where_it_is_inexact(monkeypatch):
     monkeypatch.setattr(lce.paths, "FORCED_PATH", "exp_matmul")
     x, w, y = make(n=4)
-    args = (x.to(DEV), w.to(DEV), torch.zeros(V).bfloat16().to(DEV), y.to(DEV), None, IGNORE, 0.0, 0.0, "mean", True)
+    args = (x.to(DEVICE), w.to(DEVICE), torch.zeros(V).bfloat16().to(DEVICE), y.to(DEVICE), None, IGNORE, 0.0, 0.0,
+            "mean", True)
     called = []
     monkeypatch.setattr(lce.exp_epilogue, "forward", lambda *a, **k: called.append(1))
     lce.launch_forward(*args)  # a bias: the row-kernel path, whatever the pin

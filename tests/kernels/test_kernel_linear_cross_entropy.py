@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import triton
 
 from liger_compile.kernels import linear_cross_entropy as lce
+from models import DEVICE
 
 # Without a GPU, tests/conftest.py has Triton's interpreter run the kernel on CPU tensors; with one, the same kernel
 # tests run the real kernel on the GPU.
@@ -15,7 +16,6 @@ from liger_compile.kernels import linear_cross_entropy as lce
 N, H, V = 10, 123, 317  # odd hidden size, vocabulary no multiple of any block
 SMALL_TILE = dict(BLOCK_V=128, num_warps=1)  # V=317 -> three tiles, the last one ragged
 IGNORE = -100
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton launchers run
 CHUNK_ROWS = lce.chunk_rows  # the real one; the autouse fixture below replaces it for the other tests
 
 
@@ -30,7 +30,7 @@ def interpreted():
     """The Triton kernel runs on CPU tensors only in the interpreter, which Triton picks when it is first imported
     (its own tl.sum, tl.max, ... are @triton.jit functions too). If something imported triton before this module
     set TRITON_INTERPRET=1, the kernel cannot run here: skip, saying why, rather than fail."""
-    if DEV == "cpu" and isinstance(lce.row_kernel._lce_chunk_kernel, triton.runtime.jit.JITFunction):
+    if DEVICE == "cpu" and isinstance(lce.row_kernel._lce_chunk_kernel, triton.runtime.jit.JITFunction):
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment (or conftest)")
 
 
@@ -43,9 +43,9 @@ def chunk_fn(use_kernel, request):
 
 
 def run_chunk(fn, logits, labels, inv_denom, ls=0.0, softcap=0.0):
-    """One chunk through fn on DEV; returns (d loss / d logits, per-row losses) on CPU."""
-    z, losses = logits.to(DEV, copy=True), torch.full(labels.shape, -1.0, device=DEV)  # fn overwrites z
-    fn(z, labels.to(DEV), losses, torch.tensor([inv_denom], device=DEV), IGNORE, ls, softcap, config=SMALL_TILE)
+    """One chunk through fn on DEVICE; returns (d loss / d logits, per-row losses) on CPU."""
+    z, losses = logits.to(DEVICE, copy=True), torch.full(labels.shape, -1.0, device=DEVICE)  # fn overwrites z
+    fn(z, labels.to(DEVICE), losses, torch.tensor([inv_denom], device=DEVICE), IGNORE, ls, softcap, config=SMALL_TILE)
     return z.cpu(), losses.cpu()
 
 
@@ -101,11 +101,16 @@ CASES = {
 }
 
 
+def case_args(case, dtype):
+    """CASES[case] as the arguments of run_op and run_eager, on inputs of dtype."""
+    reduction, num_items, ls, softcap, bias, scale = CASES[case]
+    hidden, weight, b, labels = make_inputs(dtype, bias=bias)
+    return hidden, weight, b, labels, num_items, ls, softcap, reduction, scale
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_op_fp32_matches_fp64(case):
-    reduction, num_items, ls, softcap, bias, scale = CASES[case]
-    hidden, weight, b, labels = make_inputs(torch.float32, bias=bias)
-    args = (hidden, weight, b, labels, num_items, ls, softcap, reduction, scale)
+    args = case_args(case, torch.float32)
     ours = run_op(*args)
     ref = run_eager(*args, dtype=torch.float64)
     assert ours[0].dtype == torch.float32
@@ -119,9 +124,7 @@ def test_op_fp32_matches_fp64(case):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_op_bf16_no_worse_than_eager(case):
-    reduction, num_items, ls, softcap, bias, scale = CASES[case]
-    hidden, weight, b, labels = make_inputs(torch.bfloat16, bias=bias)
-    args = (hidden, weight, b, labels, num_items, ls, softcap, reduction, scale)
+    args = case_args(case, torch.bfloat16)
     ours = run_op(*args)
     eager = run_eager(*args)
     ref = run_eager(*args, dtype=torch.float64)
@@ -197,7 +200,7 @@ def test_forward_with_kernel_matches_fp64(interpreted, case):
     """The whole chunked algorithm with the Triton kernel (as on CUDA), run on CPU through the interpreter."""
     reduction, num_items, ls, softcap, bias, _ = CASES[case]
     hidden, weight, b, labels = make_inputs(torch.float32, bias=bias)
-    on_dev = [t.to(DEV) if t is not None else None for t in (hidden, weight, b, labels, num_items)]
+    on_dev = [t.to(DEVICE) if t is not None else None for t in (hidden, weight, b, labels, num_items)]
     got = lce.launch_forward(*on_dev, IGNORE, ls, softcap, reduction, use_kernel=True, config=SMALL_TILE)
     got = [t.cpu() for t in got]
     plain = lce.launch_forward(hidden, weight, b, labels, num_items, IGNORE, ls, softcap, reduction, use_kernel=False)
@@ -304,8 +307,8 @@ def test_chunk_kernel_rows_shared_by_fewer_programs(interpreted, programs):
     labels = torch.randint(0, V, (N,), generator=g)
     labels[1::3] = IGNORE
     z_one, l_one = run_chunk(lce.launch_chunk_kernel, logits, labels, 1 / 7.0, 0.1, 0.0)
-    z, losses = logits.to(DEV, copy=True), torch.full(labels.shape, -1.0, device=DEV)
-    lce.launch_chunk_kernel(z, labels.to(DEV), losses, torch.tensor([1 / 7.0], device=DEV), IGNORE, 0.1, 0.0,
+    z, losses = logits.to(DEVICE, copy=True), torch.full(labels.shape, -1.0, device=DEVICE)
+    lce.launch_chunk_kernel(z, labels.to(DEVICE), losses, torch.tensor([1 / 7.0], device=DEVICE), IGNORE, 0.1, 0.0,
                             config=dict(SMALL_TILE, PROGRAMS=programs))
     assert torch.equal(z.cpu(), z_one) and torch.equal(losses.cpu(), l_one)
 

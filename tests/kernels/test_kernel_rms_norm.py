@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from liger_compile.kernels import rms_norm
+from models import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # dtype -> (atol, rtol) against float64 math; bf16/fp16 include rounding the output (and, in the Llama form,
 # the normalised value) to the input dtype, as eager does
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}

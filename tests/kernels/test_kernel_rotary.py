@@ -6,9 +6,7 @@ import torch
 # tests run the real kernels on the GPU.
 
 from liger_compile.kernels import rotary
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton launcher runs
-OP_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+from models import DEVICE, OP_DEVICES, assert_close_f64
 
 # dtype -> (atol, rtol). The kernel rounds once from fp32; bf16/fp16 allow a couple of output ulps.
 TOL = {
@@ -78,8 +76,7 @@ def make_qk(unsqueeze_dim, dtype, device, layout="hf"):
 
 
 def assert_close(actual, expected, dtype):
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol)
+    assert_close_f64(actual, expected, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -87,8 +84,8 @@ def assert_close(actual, expected, dtype):
 @pytest.mark.parametrize("cos_batch", [1, B])
 def test_launcher_forward_backward(dtype, unsqueeze_dim, cos_batch):
     torch.manual_seed(0)
-    q, k = make_qk(unsqueeze_dim, dtype, DEV)
-    cos, sin = cos_sin(cos_batch, dtype, DEV)
+    q, k = make_qk(unsqueeze_dim, dtype, DEVICE)
+    cos, sin = cos_sin(cos_batch, dtype, DEVICE)
     qo, ko = rotary.launch(q, k, cos, sin, unsqueeze_dim)
     rq, rk = hf_rotary_f64(q, k, cos, sin, unsqueeze_dim)
     assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
@@ -109,15 +106,15 @@ def test_launcher_any_strides_and_tables(layout, unsqueeze_dim):
     # Random cos/sin (sin halves differ), non-contiguous grads, small head tiles so the head loop runs twice.
     torch.manual_seed(1)
     dtype = torch.float32
-    q, k = make_qk(2 if unsqueeze_dim == -2 else 1, dtype, DEV, layout)
-    cos, sin = cos_sin(B, dtype, DEV, random_tables=True)
+    q, k = make_qk(2 if unsqueeze_dim == -2 else 1, dtype, DEVICE, layout)
+    cos, sin = cos_sin(B, dtype, DEVICE, random_tables=True)
     cfg = dict(BLOCK_H=2, BLOCK_HALF=64, num_warps=1)
     qo, ko = rotary.launch(q, k, cos, sin, unsqueeze_dim, config=cfg)
     rq, rk = hf_rotary_f64(q, k, cos, sin, unsqueeze_dim)
     assert_close(qo, rq, dtype)
     assert_close(ko, rk, dtype)
-    dq_out = torch.randn(*reversed(q.shape), device=DEV).permute(3, 2, 1, 0)  # grads with odd strides too
-    dk_out = torch.randn(*k.shape[:-1], 1, device=DEV).expand(k.shape)  # a zero inner stride
+    dq_out = torch.randn(*reversed(q.shape), device=DEVICE).permute(3, 2, 1, 0)  # grads with odd strides too
+    dk_out = torch.randn(*k.shape[:-1], 1, device=DEVICE).expand(k.shape)  # a zero inner stride
     dq, dk = rotary.launch(dq_out, dk_out, cos, sin, unsqueeze_dim, backward=True, config=cfg)
     rdq, rdk = hf_rotary_grads_f64(q, k, cos, sin, unsqueeze_dim, dq_out, dk_out)
     assert_close(dq, rdq, dtype)
@@ -227,8 +224,8 @@ def test_launcher_forms_forward_backward(form, dtype):
     pairs, start, rdim, frac = form
     unsqueeze_dim = 1 if dtype == torch.float32 else 2
     torch.manual_seed(4)
-    q, k = make_qk(unsqueeze_dim, dtype, DEV)
-    cos, sin = form_tables(rdim, frac, dtype, DEV)
+    q, k = make_qk(unsqueeze_dim, dtype, DEVICE)
+    cos, sin = form_tables(rdim, frac, dtype, DEVICE)
     qo, ko = rotary.launch(q, k, cos, sin, unsqueeze_dim, pairs, start, rdim)
     assert qo.shape == q.shape and qo.is_contiguous() and qo.dtype == dtype
     assert_close(qo, hf_forms_f64(q, cos, sin, unsqueeze_dim, pairs, start, rdim), dtype)

@@ -7,8 +7,8 @@ import torch
 import triton
 
 from liger_compile.kernels import token_logprobs as tlp
+from models import DEVICE
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 N, H, V = 11, 24, 333  # the vocabulary no multiple of a tile; four rows per chunk below: chunks of 4, 4, 3
 IGNORE = -100
 SETTINGS = [  # (bias, temperature, softcap, logit_scale)
@@ -25,7 +25,7 @@ def small_chunks(monkeypatch):
 
 @pytest.fixture
 def interpreted():
-    if DEV == "cpu" and isinstance(tlp._forward_kernel, triton.runtime.jit.JITFunction):
+    if DEVICE == "cpu" and isinstance(tlp._forward_kernel, triton.runtime.jit.JITFunction):
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it in the environment (or conftest)")
 
 
@@ -46,12 +46,12 @@ def full_logits(h, w, b, labels, temperature, softcap, scale):
 
 def make(dtype, bias, seed=0, ignore_every=4):
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, H, generator=g).to(DEV, dtype)
-    w = (torch.randn(V, H, generator=g) / math.sqrt(H) * 3).to(DEV, dtype)
-    b = (torch.randn(V, generator=g) * 0.5).to(DEV, dtype) if bias else None
+    h = torch.randn(N, H, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(V, H, generator=g) / math.sqrt(H) * 3).to(DEVICE, dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(DEVICE, dtype) if bias else None
     labels = torch.randint(0, V, (N,), generator=g)
     labels[::ignore_every] = IGNORE
-    return h, w, b, labels.to(DEV)
+    return h, w, b, labels.to(DEVICE)
 
 
 def grads_of(outs, inputs, g_lp, g_ent):
@@ -75,7 +75,7 @@ def test_outputs_and_gradients_match_full_logits(use_kernel, bias, temperature, 
     assert torch.equal(outs[4].cpu(), expected[4].cpu())
 
     g = torch.Generator().manual_seed(5)
-    g_lp, g_ent = torch.randn(N, generator=g).to(DEV), torch.randn(N, generator=g).to(DEV)
+    g_lp, g_ent = torch.randn(N, generator=g).to(DEVICE), torch.randn(N, generator=g).to(DEVICE)
     want = grads_of(expected, params, g_lp.double(), g_ent.double())
     got = backward(g_lp, g_ent, h, w, b, labels, outs[0], outs[1], outs[5], *settings, True, True, bias)
     for got_g, want_g in zip([t for t in got if t.numel()], want):
@@ -87,7 +87,7 @@ def test_autograd_through_the_op_matches_full_logits():
     params = [t.requires_grad_() for t in (h, w, b)]
     outs = torch.ops.liger.token_logprobs(h, w, b, labels, IGNORE, 0.8, 0.0, 1.0)
     expected = full_logits(h, w, b, labels, 0.8, 0.0, 1.0)
-    g_lp, g_ent = torch.linspace(-1, 1, N, dtype=torch.float64, device=DEV), torch.full((N,), 0.3, device=DEV)
+    g_lp, g_ent = torch.linspace(-1, 1, N, dtype=torch.float64, device=DEVICE), torch.full((N,), 0.3, device=DEVICE)
     for got_g, want_g in zip(grads_of(outs, params, g_lp, g_ent.double()), grads_of(expected, params, g_lp,
                                                                                      g_ent.double())):
         torch.testing.assert_close(got_g.double().cpu(), want_g.double().cpu(), atol=2e-6, rtol=1e-5)
@@ -100,10 +100,13 @@ def test_confident_rows_keep_their_small_values():
     w = torch.zeros(7, 4)
     w[3, 0] = 30.0  # label 3 has logit 30, every other 0: log p_3 = -6 e^-30 ~ -5.6e-13
     labels = torch.tensor([3, 3])
-    out = tlp.reference(h.to(DEV), w.to(DEV), None, labels.to(DEV))
-    want = -math.log1p(6 * math.exp(-30.0))
-    assert out[0][0].item() == pytest.approx(want, rel=1e-4)
-    assert out[1][0].item() > 0  # the entropy too
+    out = tlp.reference(h.to(DEVICE), w.to(DEVICE), None, labels.to(DEVICE))
+    log_p3 = -math.log1p(6 * math.exp(-30.0))
+    assert out[0][0].item() == pytest.approx(log_p3, rel=1e-4)
+    # the entropy too: -p_3 log p_3 - 6 q log q with q = e^-30 p_3, ~1.7e-11
+    p3 = math.exp(log_p3)
+    entropy = -p3 * log_p3 - 6 * math.exp(-30.0) * p3 * (log_p3 - 30.0)
+    assert out[1][0].item() == pytest.approx(entropy, rel=1e-4)
 
 
 @pytest.mark.parametrize("use_kernel", [False, True], ids=["torch", "triton"])
@@ -170,6 +173,6 @@ def test_bad_arguments_raise_clear_errors(bad, message):
     h, w, _, labels = make(torch.float32, False)
     args = dict(hidden=h, weight=w, bias=None, labels=labels, ignore_index=IGNORE, temperature=1.0, softcap=0.0,
                 logit_scale=1.0)
-    args.update({k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in bad.items()})
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in bad.items()})
     with pytest.raises(ValueError, match=message):
         torch.ops.liger.token_logprobs(*args.values())

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from liger_compile.kernels import add_rms_norm, gated_down_proj, gated_mlp, rms_norm, rotary, varlen_attention  # noqa: F401
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
+from models import DEVICE
 
 
 def _t(*shape, grad=True):
     g = torch.Generator().manual_seed(sum(shape))
-    return torch.randn(*shape, generator=g).to(DEV).requires_grad_(grad)
+    return torch.randn(*shape, generator=g).to(DEVICE).requires_grad_(grad)
 
 
 # name -> (op, sample inputs, Triton launch of the forward, the output a model is handed to modify: add_rms_norm's
@@ -34,7 +33,7 @@ CASES = {
     "varlen_attention": (torch.ops.liger.varlen_attention, lambda: (
         _t(2, 4, 4, 8), _t(2, 4, 2, 8), _t(2, 4, 2, 8),
         (torch.ones(4, 4, dtype=torch.bool).tril() & torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)[
-            :, None, :]).to(DEV)[:, None], None), None, None),
+            :, None, :]).to(DEVICE)[:, None], None), None, None),
 }
 
 

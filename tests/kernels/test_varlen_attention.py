@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from liger_compile.kernels import varlen_attention as op
+from models import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 B, T, H, HKV, D = 3, 16, 4, 2, 16
 
