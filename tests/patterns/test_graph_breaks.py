@@ -10,13 +10,11 @@ import pytest
 import torch
 
 import liger_compile
-import liger_compile.backend as backend_module
 from liger_compile import facts
-from models import batch, loss_and_grads, tiny
+from models import DEVICE, assert_step_matches_eager, batch, tiny
 
 # On a GPU machine the same tests run on CUDA (the run-time check synchronises with the GPU; the second version of a
 # graph is compiled for CUDA inputs); the tolerance then allows for TF32-free but differently ordered reductions.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def test_a_fact_belongs_to_one_tensor_at_one_version():
@@ -69,29 +67,9 @@ def layers_in_graphs_of_their_own(model):
     return model
 
 
-@pytest.fixture
-def second_versions(monkeypatch):
-    """Counts the graphs compiled a second time, without their assumptions."""
-    built = []
-    original = backend_module._without_assumptions
-
-    def counting(*args, **kwargs):
-        built.append(args[-1].index)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(backend_module, "_without_assumptions", counting)
-    return built
-
-
 def compare(model, compiled, inputs):
-    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
-    ref_loss, ref_grads = loss_and_grads(model, inputs)
-    loss, grads = loss_and_grads(model, inputs, run=compiled)
     tol = dict(rtol=1e-5, atol=1e-6) if DEVICE == "cpu" else dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(loss, ref_loss, **tol)
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **tol, msg=name)
+    assert_step_matches_eager(model, compiled, {k: v.to(DEVICE) for k, v in inputs.items()}, **tol)
 
 
 @pytest.mark.parametrize("inductor", [False, True])

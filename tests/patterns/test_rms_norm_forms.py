@@ -60,6 +60,16 @@ def _step(module, x, run=None):
     return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
+def assert_step_matches_eager(module, x, rtol=1e-5, atol=1e-5):
+    """The loss and every parameter gradient of the rewritten module (our ops run eagerly) equal eager's."""
+    ref_loss, ref_grads = _step(module, x)
+    loss, grads = _step(module, x, torch.compile(module, backend="liger", options=NO_INDUCTOR))
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("name", list(NORMS))
 def test_form_is_fused_and_matches_eager(name):
     make_norm, variant, *fed_by_add = NORMS[name]
@@ -70,23 +80,14 @@ def test_form_is_fused_and_matches_eager(name):
     assert variants == sorted([variant, fed_by_add or variant]), str(report)
     assert not [m for m in report.near_misses if m.pattern == "rms_norm"], str(report)
     torch._dynamo.reset()
-    ref_loss, ref_grads = _step(module, x)
-    loss, grads = _step(module, x, torch.compile(module, backend="liger", options=NO_INDUCTOR))
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    assert grads.keys() == ref_grads.keys()
-    for n in ref_grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    assert_step_matches_eager(module, x)
 
 
 @pytest.mark.parametrize("name", ["nanochat", "nn.RMSNorm", "nn.RMSNorm without affine", "deepseek_v4 unweighted"])
 def test_form_in_bf16_matches_eager(name):
     module = Block(NORMS[name][0]).to(torch.bfloat16)
     x = torch.randn(2, 5, D).to(torch.bfloat16)
-    ref_loss, ref_grads = _step(module, x)
-    loss, grads = _step(module, x, torch.compile(module, backend="liger", options=NO_INDUCTOR))
-    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
-    for n in ref_grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], rtol=2e-2, atol=2e-2, msg=lambda m: f"{n}: {m}")
+    assert_step_matches_eager(module, x, rtol=2e-2, atol=2e-2)
 
 
 def test_nanochat_has_every_norm_fused():
@@ -142,11 +143,7 @@ def test_gated_norm_is_fused_and_matches_eager(name):
     assert [s.variant for g in report.graphs for s in g.fused if s.pattern == "rms_norm"] == [variant], str(report)
     assert report.counts["swiglu"] == 0  # the gate's product with silu(z) stays inside the norm
     torch._dynamo.reset()
-    ref_loss, ref_grads = _step(module, x)
-    loss, grads = _step(module, x, torch.compile(module, backend="liger", options=NO_INDUCTOR))
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    for n in ref_grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    assert_step_matches_eager(module, x)
 
 
 def test_mamba2_gated_norm_in_groups_is_a_near_miss():

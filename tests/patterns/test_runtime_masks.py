@@ -16,8 +16,7 @@ from torch._dynamo.utils import counters
 import liger_compile
 import liger_compile.backend as backend_module
 from liger_compile import facts
-from models import batch, tiny
-from test_graph_breaks import DEVICE, second_versions  # noqa: F401  (a fixture)
+from models import DEVICE, batch, tiny
 from test_graph_breaks import compare as assert_step_matches_eager
 
 B, T = 2, 8
