@@ -63,13 +63,20 @@ def test_every_site_the_model_runs_is_fused(subset, model_type):
 
 def test_model_sites_are_counted(subset):
     """The sweep's own count of what the model runs: Llama (2 layers) runs 2 norms per layer and the final one,
-    rotary and a SwiGLU MLP per layer, and each is one fused site of its module."""
+    rotary and a SwiGLU MLP per layer, and each is one fused site of its module; so are GLM's and DeepSeek-V3's
+    rotary calls."""
     r = subset["llama"]
     assert {k: r["model"][k] for k in ("rms_norm", "rotary", "swiglu", "gated_mlp", "layer_norm")} == {
         "rms_norm": 5, "rotary": 2, "swiglu": 2, "gated_mlp": 2, "layer_norm": 0}
     assert {k: r["fused"][k] for k in ("rms_norm", "rotary", "swiglu")} == {"rms_norm": 5, "rotary": 2, "swiglu": 2}
     assert r["unfused"] == {"rms_norm": [], "layer_norm": [], "gated_mlp": []}
     assert subset["stablelm"]["model"]["layer_norm"] == 5 and subset["stablelm"]["model"]["rms_norm"] == 0
+    # two rotary forms of tests/patterns/test_rotary_forms.py in whole models: GLM's interleaved rotated slice,
+    # DeepSeek-V3's MLA (interleaved to halves); one call per layer, each one fused site, no rotary near miss
+    for model_type in ("glm", "deepseek_v3"):
+        r = subset[model_type]
+        assert r["model"]["rotary"] == r["fused"]["rotary"] == 2, (model_type, r["model"], r["fused"])
+        assert not [m for m in r["near_misses"] if m["pattern"] == "rotary"], (model_type, r["near_misses"])
 
 
 def test_compare_catches_a_wrong_gradient():

@@ -5,39 +5,13 @@ import torch
 import liger_compile
 from liger_compile.matcher import try_match
 from liger_compile.pattern import all_patterns
-from models import assert_matches_eager, batch, tiny
 
-LAYERS = 2
+# In real models (tiny Llama, Qwen3, Gemma, OLMo2: which norms take the add, at fixed and dynamic lengths, fp32
+# and bf16) these sites are checked by test_rms_norm_fusion.py; here, the add's other users on a single block.
 
 
 def norm_variants(report):
     return [s.variant for g in report.graphs for s in g.fused if s.pattern == "rms_norm"]
-
-
-def test_tiny_llama_fuses_every_norm_fed_by_an_add_and_matches_eager():
-    model = tiny("llama", layers=LAYERS)
-    report = liger_compile.explain(model, **batch())
-    variants = norm_variants(report)
-    # per layer: the post-attention norm, and the next layer's input norm (the final norm for the last layer)
-    assert variants.count("llama, + residual") == 2 * LAYERS, str(report)
-    assert variants.count("llama") == 1, str(report)  # the first layer's input norm reads the embeddings
-    assert "llama, + residual" in str(report)
-    assert report.counts["rms_norm"] == 2 * LAYERS + 1 and not report.near_misses, str(report)
-    torch._dynamo.reset()
-    # fp32: loss and every gradient (the residual stream's included) as eager's
-    assert_matches_eager(model, batch(), rtol=1e-5, atol=1e-5)
-
-
-def test_tiny_llama_bf16_and_dynamic_shapes():
-    model = tiny("llama", layers=LAYERS).to(torch.bfloat16)
-    assert_matches_eager(model, batch(), rtol=2e-2, atol=2e-2)
-    torch._dynamo.reset()
-    model = tiny("llama", layers=LAYERS)
-    report = liger_compile.Report()
-    compiled = torch.compile(model, backend="liger", dynamic=True, options={"report": report})
-    for t in (8, 11):
-        torch.testing.assert_close(compiled(**batch(t=t)).loss, model(**batch(t=t)).loss, rtol=1e-5, atol=1e-5)
-    assert norm_variants(report).count("llama, + residual") == 2 * LAYERS
 
 
 class Block(torch.nn.Module):
