@@ -41,14 +41,21 @@ def train(family: str, backend: str, **compile_kwargs):
     return torch.stack(losses), {n: p.detach() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+# family -> fused sites of the 2-layer model: norms (Llama 2 per layer, Qwen3 + q/k norms, Gemma2 4 per layer, and the
+# final one), the gated MLP per layer (SwiGLU, GeGLU for Gemma2)
+FUSED = {
+    "llama": dict(rms_norm=5, rotary=2, swiglu=2, geglu=0, linear_cross_entropy=1),
+    "qwen3": dict(rms_norm=9, rotary=2, swiglu=2, geglu=0, linear_cross_entropy=1),
+    "gemma2": dict(rms_norm=9, rotary=2, swiglu=0, geglu=2, linear_cross_entropy=1),
+}
+
+
+@pytest.mark.parametrize("family", list(FUSED))
 def test_liger_follows_inductor_for_32_adamw_steps(family):
     report = liger_compile.Report()
     losses, params = train(family, "liger", options={"report": report})
     assert len(report.graphs) == 1 and not report.fallbacks, str(report)
-    counts = report.counts
-    assert counts["rms_norm"] > 0 and counts["rotary"] == 2 and counts["linear_cross_entropy"] == 1, str(report)
-    assert counts["swiglu"] + counts["geglu"] == 2, str(report)
+    assert {p: report.counts[p] for p in FUSED[family]} == FUSED[family], str(report)
     ref_losses, ref_params = train(family, "inductor")
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
     assert losses[-4:].mean() < losses[:4].mean() - 0.15, losses  # it does learn the stream
