@@ -21,6 +21,8 @@ Hidden, for checking the driver without a GPU: `--device cpu --tiny`.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -55,7 +57,9 @@ class JitCompiles:
         from triton.runtime.jit import JITFunction  # noqa: PLC0415
 
         self.calls: dict[str, list[float]] = {}
+        self.keys: dict[str, list[dict]] = {}
         original = JITFunction._do_compile
+        names = list(inspect.signature(original).parameters)[1:]  # key, signature, device, constexprs, ...
 
         def timed(fn, *args, **kwargs):
             t0 = time.perf_counter()
@@ -63,11 +67,22 @@ class JitCompiles:
                 return original(fn, *args, **kwargs)
             finally:
                 self.calls.setdefault(fn.__name__, []).append(time.perf_counter() - t0)
+                # what goes into Triton's cache key, by part: a warm restart that compiles again differs in one
+                parts = {**dict(zip(names, args)), **kwargs, "source": getattr(fn, "cache_key", None)}
+                self.keys.setdefault(fn.__name__, []).append(
+                    {k: hashlib.sha1(repr(v).encode()).hexdigest()[:10] for k, v in parts.items() if k != "device"})
 
         JITFunction._do_compile = timed
 
     def summary(self) -> dict:
-        return {"jit_compiles": sum(len(v) for v in self.calls.values()),
+        try:
+            from triton._C.libtriton import get_cache_invalidating_env_vars  # noqa: PLC0415
+
+            env = get_cache_invalidating_env_vars()
+        except Exception as e:
+            env = repr(e)
+        return {"jit_cache_key_parts": self.keys, "jit_env": env,
+                "jit_compiles": sum(len(v) for v in self.calls.values()),
                 "jit_s": sum(sum(v) for v in self.calls.values()),
                 "jit_kernels": {k: [len(v), round(sum(v), 3)] for k, v in sorted(self.calls.items())}}
 
@@ -167,6 +182,21 @@ def drive(args) -> list[dict]:
     return rows
 
 
+def key_differences(rows: list[dict]) -> list[str]:
+    """For each kernel compiled just in time in both the cold and the warm process of a variant: the parts of
+    Triton's cache key whose values differ between the two (the reason a warm restart compiled it again)."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        runs = {r["start"]: r.get("jit_cache_key_parts") for r in rows if r["variant"] == variant}
+        cold, warm = runs.get("cold") or {}, runs.get("warm") or {}
+        for kernel in sorted(set(cold) & set(warm)):
+            differ = sorted({part for a in cold[kernel] for b in warm[kernel] for part in a if a[part] != b.get(part)}
+                            if not any(a == b for a in cold[kernel] for b in warm[kernel]) else set())
+            out.append(f"- {variant} {kernel}: " + (f"cache key differs cold vs warm in {differ}" if differ
+                                                      else "a compile of the cold process has the same key"))
+    return out
+
+
 def chart(path: str, title: str, rows: list[dict]):
     from common import bar_chart  # noqa: PLC0415
 
@@ -212,6 +242,7 @@ def main(argv=None):
                       for r in rows if r.get("recompile_reasons"))
     notes += "\n" + "\n".join(f"- {r['variant']} {r['start']}: just-in-time Triton compiles (count, s): "
                               f"{r['jit_kernels']}" for r in rows if r.get("jit_kernels"))
+    notes += "\n" + "\n".join(key_differences(rows))
     print(write_results(args.out, name, title, rows, cols, notes=notes))
     try:
         chart(os.path.join(args.out, name + ".png"), title, rows)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import logging
 import os
@@ -107,28 +106,9 @@ def _without_assumptions(gm: GraphModule, inputs, opts: _options.Options, report
         return _finish(fb_plan.gm.forward, fb_plan)
 
 
-@functools.cache
-def _triton_toolchain_as_inductor() -> None:
-    """Points Triton at the ptxas (and libdevice) Inductor uses, as Inductor does when it compiles a kernel in this
-    process and not when it loads its kernels from its cache. Our kernels compile in this process too, and the
-    toolchain is part of Triton's cache key: without this they missed Triton's cache on a warm restart and compiled
-    again."""
-    try:
-        from torch._inductor.runtime.compile_tasks import (  # noqa: PLC0415 - private: best effort
-            _set_triton_libdevice_path,
-            _set_triton_ptxas_path,
-        )
-
-        _set_triton_ptxas_path()
-        _set_triton_libdevice_path()
-    except Exception as e:  # another torch: the cache may miss on a restart, nothing worse
-        log.debug("liger_compile: could not align Triton's toolchain with Inductor's: %s", e)
-
-
 def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """`torch.compile(model, backend="liger", mode=..., options=...)` lands here."""
     opts = _options.parse(mode, options)
-    _triton_toolchain_as_inductor()
     with _timed("liger_compile.rewrite"):  # listed by torch._dynamo.utils.compile_times() beside Inductor's phases
         plan, report = rewrite_graph(gm, opts)
     if not plan.assumptions:
