@@ -312,8 +312,13 @@ class _Matcher:
             orders = [gargs]
             if pname in COMMUTATIVE and len(gargs) == 2:
                 orders.append([gargs[1], gargs[0]])
+            # Each order starts from the progress made so far, so that the order which got further explains the
+            # failure (counting on from the first order's failure, the second would always win, however early it
+            # stopped); a tie goes to the order the graph wrote.
+            start = self.progress
             last: MatchFailure | None = None
             for order in orders:
+                self.progress = start
                 trial = st.copy()
                 try:
                     for pa, ga in zip(pargs, order):
@@ -322,7 +327,8 @@ class _Matcher:
                         trial = self.match(pkw[k], gkw[k], trial)
                     return trial
                 except MatchFailure as e:
-                    last = e if last is None or e.progress >= last.progress else last
+                    last = e if last is None or e.progress > last.progress else last
+            self.progress = last.progress
             raise last
         if isinstance(p, (list, tuple)):
             if not isinstance(g, (list, tuple)) or len(p) != len(g):

@@ -8,6 +8,18 @@ from dataclasses import dataclass, field
 from torch.fx import Node
 
 
+def module_path(node: Node) -> str:
+    """The path of the module the node's op ran in, as Dynamo recorded it ("" for none)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", str(path))
+    # the local the compiled frame reached the module from: L['self'], L['args'][0], L['fn'], or a value a
+    # resumed frame carries over a graph break (L['__resume_frame_values'][2]); the path is relative to it
+    return re.sub(r"^L\[[^\]]+\](\[[^\]]+\])*\.?", "", path)
+
+
 def where(node: Node) -> str:
     """Source line and module path, as Dynamo recorded them on the node."""
     text = ""
@@ -16,11 +28,8 @@ def where(node: Node) -> str:
     if frames:
         path, line, fn = frames[-1]
         text = f"{path.rsplit('/', 1)[-1]}:{line} in {fn}"
-    stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        path = list(stack.values())[-1][0]
-        path = re.sub(r"^L\['self'\]\.?|^L\['args'\]\[0\]\.?|^L\['fn'\]\.?", "", str(path))
-        path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    if node.meta.get("nn_module_stack"):
+        path = module_path(node)
         text = f"{path} ({text})" if text else path
     return text or node.name
 
@@ -29,7 +38,9 @@ def where(node: Node) -> str:
 class Site:
     pattern: str
     variant: str
-    where: str
+    where: str  # the site's output
+    # every module an op of the site ran in (a norm module's call with the casts its caller put around it)
+    modules: tuple[str, ...] = ()
 
 
 @dataclass

@@ -24,7 +24,7 @@ from .facts import Assumption
 from .lazy import LazyOutput, extract
 from .matcher import DtypeOf, Match, MatchFailure, example_value, is_output_cast, op_name, pattern_root, try_match
 from .pattern import Assume, OutputCheck, Pattern
-from .report import GraphReport, NearMiss, Site, where
+from .report import GraphReport, NearMiss, Site, module_path, where
 
 
 @dataclass
@@ -91,6 +91,7 @@ class _Attempt:
     reason: str
     visited: set[Node]  # the graph nodes the matcher looked at
     progress: int | None  # pattern nodes matched before the match stopped; None: matched in full, then refused
+    root: Node | None = None  # where the match started (the site's output)
 
 
 def _closeness(a: _Attempt) -> tuple[bool, int]:
@@ -120,13 +121,13 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
     attempts: list[_Attempt] = []
 
     for pattern in patterns:
-        for m, failure, visited in _candidates(graph, pattern, covered, scope):
+        for m, failure, visited, root in _candidates(graph, pattern, covered, scope):
             if m is None:
-                attempts.append(_Attempt(pattern, failure.reason, visited, failure.progress))
+                attempts.append(_Attempt(pattern, failure.reason, visited, failure.progress, root))
                 continue
             verdict = _verdict(m, pattern, covered, scope)
             if isinstance(verdict, Refuse):
-                attempts.append(_Attempt(pattern, verdict.reason, visited, progress=None))
+                attempts.append(_Attempt(pattern, verdict.reason, visited, None, m.root))
                 continue
             covered.update(m.nodes)
             report.fused.append(_apply(graph, m, pattern, verdict, plan))
@@ -138,7 +139,7 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
             inner_plan, inner = rewrite(sub, patterns, index, skip_logits, nested=True,
                                         outer=_inputs_from_enclosing(gm, name, sub, scope.outer), assume=assume,
                                         top=scope.top)
-            report.fused += [Site(s.pattern, s.variant, f"{s.where} [in {name}]") for s in inner.fused]
+            report.fused += [Site(s.pattern, s.variant, f"{s.where} [in {name}]", s.modules) for s in inner.fused]
             plan.assumptions += [a for a in inner_plan.assumptions if a not in plan.assumptions]
             report.near_misses += inner.near_misses
             report.nodes_before += inner.nodes_before
@@ -152,10 +153,10 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
 
 # --- candidates ----------------------------------------------------------------------------------------------------
 def _candidates(graph: Graph, pattern: Pattern, covered: set[Node], scope: _Scope
-                ) -> Iterator[tuple[Match | None, MatchFailure | None, set[Node]]]:
+                ) -> Iterator[tuple[Match | None, MatchFailure | None, set[Node], Node]]:
     """The pattern tried at each node carrying its output op, in graph order: (match or None, failure or None,
-    graph nodes looked at). Lazily: each site fused changes the graph the next tries see (its nodes are gone, its
-    users read the fused op)."""
+    graph nodes looked at, the node tried). Lazily: each site fused changes the graph the next tries see (its
+    nodes are gone, its users read the fused op)."""
     root_op = op_name(pattern_root(pattern.graph))
     for node in list(graph.nodes):
         if node in covered or node.graph is not graph or op_name(node) != root_op:
@@ -163,7 +164,7 @@ def _candidates(graph: Graph, pattern: Pattern, covered: set[Node], scope: _Scop
         m, failure, visited = try_match(pattern.graph, node, allow_returned=pattern.returned_ok and not scope.nested)
         if m is not None:
             m.outer = scope.outer
-        yield m, failure, visited
+        yield m, failure, visited, node
 
 
 # --- verdict -------------------------------------------------------------------------------------------------------
@@ -234,7 +235,8 @@ def _providing_returned(m: Match, pattern: Pattern, skip_logits: bool, assuming:
 def _apply(graph: Graph, m: Match, pattern: Pattern, verdict: Fuse, plan: Plan) -> Site:
     """Replaces the match by the fused op; what the compiled graph must do at run time goes into `plan`."""
     m.pattern = pattern
-    site = Site(pattern.name, _variant(pattern, verdict), where(m.root))
+    modules = tuple(dict.fromkeys(p for p in map(module_path, m.nodes) if p))
+    site = Site(pattern.name, _variant(pattern, verdict), where(m.root), modules)
     if verdict.assuming is not None and verdict.assuming not in plan.assumptions:
         plan.assumptions.append(verdict.assuming)
     if verdict.returned is Returned.LAZY:
@@ -350,25 +352,34 @@ def _make_lazy(graph: Graph, m: Match, lazy: list[LazyOutput]) -> None:
 
 # --- near misses ---------------------------------------------------------------------------------------------------
 def _anchors(graph: Graph, patterns: list[Pattern]) -> dict[str, list[tuple[Node, str]]]:
-    """Per pattern name, the nodes carrying its anchor op and where they are in the source: taken before the
-    rewrite erases any."""
-    ops = {p.name: p.anchor for p in patterns if p.anchor}
+    """Per pattern name, the nodes carrying the anchor of any of its variants (a variant that only explains a
+    near miss marks its own kind of site) and where they are in the source: taken before the rewrite erases any."""
+    ops: dict[str, list] = {}
+    for p in patterns:
+        if p.anchor and p.anchor not in ops.setdefault(p.name, []):
+            ops[p.name].append(p.anchor)
 
     def marks(anchor, node):
         return op_name(node) == anchor if isinstance(anchor, str) else anchor(node)
 
-    return {name: [(n, where(n)) for n in graph.nodes if marks(op, n)] for name, op in ops.items()}
+    return {name: [(n, where(n)) for n in graph.nodes if any(marks(op, n) for op in anchors)]
+            for name, anchors in ops.items()}
 
 
 def _near_misses(anchors: dict[str, list[tuple[Node, str]]], covered: set[Node], attempts: list[_Attempt]
                  ) -> list[NearMiss]:
-    """Each anchor left unfused, with the reason of the attempt that came closest to fusing it."""
+    """Each anchor left unfused, with the reason of the attempt that came closest to fusing it: of those that
+    looked at the anchor, else of those tried at a node a few ops after it (the site's output: a form whose
+    table or cast differs stops there before it reaches the anchor)."""
     misses = []
     for name, nodes in anchors.items():
         for a, place in nodes:
             if a in covered:
                 continue
             tried = [t for t in attempts if t.pattern.name == name and a in t.visited]
+            if not tried:
+                after = _downstream(a)
+                tried = [t for t in attempts if t.pattern.name == name and t.root in after]
             if tried:
                 best = max(tried, key=_closeness)
                 reason = f"[{best.pattern.variant}] {best.reason}"
@@ -379,6 +390,15 @@ def _near_misses(anchors: dict[str, list[tuple[Node, str]]], covered: set[Node],
                                "the next graph (a graph break, or a DDP bucket boundary under compiled DDP)")
             misses.append(NearMiss(name, place, reason))
     return misses
+
+
+def _downstream(node: Node, steps: int = 4) -> set[Node]:
+    """The nodes at most `steps` uses after `node` (not node itself)."""
+    found, frontier = set(), {node}
+    for _ in range(steps):
+        frontier = {u for n in frontier for u in n.users if u.op != "output"} - found
+        found |= frontier
+    return found
 
 
 def _returned_soon(node: Node, steps: int = 3) -> bool:

@@ -6,7 +6,9 @@ Matched by the math, not by module class:
   `F.layer_norm(x, (H,), weight, bias, eps)` call;
 - `upcast`: the same call on `x.to(torch.float32)`, cast back to x's dtype (OLMo's weightless LayerNorm). The op
   reads x as it is and writes the result in its dtype, computing in fp32 in between, as eager does;
-- `mean_variance`: the hand-written form of Cohere and Cohere2 (weight only, in fp32, cast back at the end).
+- `mean_variance`: the hand-written form of Cohere and Cohere2 (weight only, in fp32, cast back at the end);
+- `mean_var`: the same with `var(unbiased=False)` and no weight, over the head dimension of a 4-D tensor (the
+  model scales the merged heads after it).
 Weight and bias may each be absent; a weight of another shape than [H] (Cohere's q/k norms: [heads, head_dim]) is
 refused, and so is a normalised shape of more than the last dimension.
 
@@ -21,7 +23,8 @@ from liger_compile.kernels import add_layer_norm as _add_op  # noqa: F401  (defi
 from liger_compile.kernels import layer_norm as _op  # noqa: F401  (defines torch.ops.liger.layer_norm)
 from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.kernels.layer_norm import MAX_FUSED_COLS
-from liger_compile.matcher import Match, example_value
+from liger_compile.matcher import Match, example_value, op_name
+from liger_compile.patterns._centred import centred
 from liger_compile.patterns._residual import addends_reason
 from liger_compile.pattern import Pattern
 
@@ -47,6 +50,14 @@ def mean_variance(x, weight, eps, dim, in_dtype):
     return h.to(in_dtype)
 
 
+def mean_var(x, eps, dim, in_dtype, unbiased):
+    """Mean and variance by hand in fp32 with `var` (its `unbiased` read by the check), no weight (a weight over
+    another shape may follow: the op writes the normalised row, the model's scale stays), cast at the end."""
+    h = x.to(torch.float32)
+    y = (h - h.mean(dim, keepdim=True)) * torch.rsqrt(h.var(dim, keepdim=True, unbiased=unbiased) + eps)
+    return y.to(in_dtype)
+
+
 def functional_residual(x, residual, normalized_shape, weight, bias, eps):
     """The residual add feeding nn.LayerNorm; the sum is a second output (its other users, the next residual add,
     read it)."""
@@ -60,9 +71,9 @@ def _scalar(v):
     return float(v) if isinstance(v, (int, float)) else v
 
 
-def fused(x, weight, eps, bias=None, **_):
+def fused(x, eps, weight=None, bias=None, **_):
     """Every form's replacement; what the op does not take (the normalised shape, dim, in_dtype) the check has read.
-    The hand-written form has no bias."""
+    The hand-written forms have no bias, `mean_var` no weight either."""
     return torch.ops.liger.layer_norm(x, weight, bias, _scalar(eps))[0]
 
 
@@ -110,6 +121,8 @@ def check(m: Match) -> str | None:
                     "the last dimension only")
     if "dim" in m.bindings and m["dim"] not in (-1, x.dim() - 1):
         return f"reduces over dim {m['dim']}, not the last one"
+    if m.bindings.get("unbiased", False) is not False:
+        return f"the variance is unbiased={m['unbiased']!r} (divides by n - 1): LayerNorm's divides by n"
     for name in ("weight", "bias"):
         why = _parameter(m, name, cols, x)
         if why:
@@ -134,14 +147,20 @@ def check_residual(m: Match) -> str | None:
     return addends_reason(m) or check(m)
 
 
+def centred_rsqrt(node) -> bool:
+    """What marks a hand-written LayerNorm in near-miss reports: an inverse square root multiplied into a centred
+    value, `(x - mean) * rsqrt(...)`."""
+    return op_name(node) == "rsqrt" and centred(node)
+
+
 # The residual form first (it takes the add along; the plain forms then fuse every norm not fed by one), then the
-# upcast form: it takes OLMo's casts along, which `functional` would leave around the call. The anchor
-# (near misses) is the F.layer_norm call: the report keys anchors by pattern name, one op per name, so a refused
-# hand-written form (mean_variance) is left to Inductor without a near-miss line.
+# upcast form: it takes OLMo's casts along, which `functional` would leave around the call. Near misses are anchored
+# on the F.layer_norm call and on a hand-written form's centred inverse square root.
 PATTERNS = [
     Pattern("layer_norm", "functional, + residual", functional_residual, fused_residual, check_residual,
             anchor="layer_norm"),
     Pattern("layer_norm", "upcast", upcast, fused, check, anchor="layer_norm"),
-    Pattern("layer_norm", "mean_variance", mean_variance, fused, check, anchor="layer_norm"),
+    Pattern("layer_norm", "mean_variance", mean_variance, fused, check, anchor=centred_rsqrt),
+    Pattern("layer_norm", "mean_var", mean_var, fused, check, anchor=centred_rsqrt),
     Pattern("layer_norm", "functional", functional, fused, check, anchor="layer_norm"),
 ]

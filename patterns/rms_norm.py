@@ -15,6 +15,7 @@ from liger_compile.kernels import rms_norm as _op  # noqa: F401  (defines torch.
 from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.kernels.rms_norm import MAX_FUSED_COLS
 from liger_compile.matcher import Match, op_name
+from liger_compile.patterns._centred import centred
 from liger_compile.patterns._residual import addends_reason
 from liger_compile.pattern import Pattern
 
@@ -224,14 +225,17 @@ def check_functional_residual(m: Match) -> str | None:
 
 
 def marks_site(node) -> bool:
-    """What marks a candidate site in near-miss reports: an rsqrt, a power -0.5, or torch.rms_norm."""
+    """What marks a candidate site in near-miss reports: an rsqrt, a power -0.5, or torch.rms_norm; not an inverse
+    square root multiplied into a centred value (a LayerNorm's, reported by that pattern)."""
     name = op_name(node)
-    if name in ("rsqrt", "rms_norm"):
+    if name == "rms_norm":
         return True
+    if name == "rsqrt":
+        return not centred(node)
     if name != "pow" or len(node.args) < 2 and "exponent" not in node.kwargs:
         return False
     exponent = node.args[1] if len(node.args) >= 2 else node.kwargs["exponent"]
-    return isinstance(exponent, (int, float)) and exponent == -0.5
+    return isinstance(exponent, (int, float)) and exponent == -0.5 and not centred(node)
 
 
 def inverse_rms_only_form(inverse_rms):
