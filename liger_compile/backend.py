@@ -90,7 +90,7 @@ def _without_assumptions(gm: GraphModule, inputs, opts: _options.Options, report
     fb_plan, fb_report = rewrite_graph(gm, opts, assume=False, index=report.index, record=False)
     report.near_misses += [m for m in fb_report.near_misses if m not in report.near_misses]
     first = {(s.pattern, s.where) for s in report.fused}
-    report.fused += [Site(s.pattern, f"{s.variant}, for inputs the assumptions do not hold for", s.where)
+    report.fused += [Site(s.pattern, f"{s.variant}, for inputs the assumptions do not hold for", s.where, s.modules)
                      for s in fb_report.fused if (s.pattern, s.where) not in first]
     log.info("liger_compile: graph %d received inputs its fusions' run-time assumptions do not hold for; its "
              "version without them is compiled for such inputs", report.index)
