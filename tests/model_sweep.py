@@ -6,9 +6,13 @@ For each type of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`: a tiny config from one gen
 the model (SDPA attention where it is accepted; random init, fp32), an eager forward and backward on a 2 x 8 batch
 (labels = input ids), then the same step through `torch.compile(model, backend="liger", options={"inductor": False,
 "report": report})`. The loss and every parameter gradient must match eager's (rtol/atol 1e-4). Beside the report's
-fused counts stand the sites the model itself ran in the eager step (`ModelSites`): calls of modules whose class name
-ends in RMSNorm or LayerNorm, calls of functions named `apply_*rotary*` / `apply_*rope*` in the model's modules, and
-calls of MLP modules with gate/up/down projections.
+fused counts stand the sites the model itself ran in the forward pass of the eager step (`ModelSites`): calls of
+modules whose class name ends in RMSNorm or LayerNorm (a norm module calling another one, a gated wrapper, counts as
+the norm inside it; calls while autograd runs a backward pass, a reversible layer recomputing its forward, do not
+count), calls of functions and methods named `apply_*rotary*` / `apply_*rope*` in the model's modules and classes,
+and calls of MLP modules with gate/up/down projections. A fused site counts as often as its compiled graph ran (one
+graph may serve every layer of a model whose layers break the graph). Calls that ran outside every compiled graph in
+the compiled step (a frame Dynamo ran eagerly) are counted apart (`outside_graphs`): the backend never saw them.
 
 Each type runs in a process of its own, forked from a server that imported torch and transformers once, under a
 memory cap (RLIMIT_AS) and a time limit: a type whose config or model cannot be built, whose eager step fails or is
@@ -343,13 +347,21 @@ ROTARY_FN = re.compile(r"^apply_\w*(rotary|rope)", re.I)
 class ModelSites:
     """Counts, during one eager step, the norm, rotary and gated-MLP sites the model runs: forward hooks on modules
     whose class name says RMSNorm / LayerNorm and on MLP modules with gate/up/down projections; the functions
-    `apply_*rotary*` / `apply_*rope*` of the model's modules wrapped. `with ModelSites(model) as sites: step()`."""
+    `apply_*rotary*` / `apply_*rope*` of the model's modules wrapped, and methods of that name of the model's module
+    classes. `with ModelSites(model) as sites: step()`.
+
+    A call is a site of the forward pass the compiled model runs: calls made while autograd runs a backward pass
+    (a reversible layer recomputing its forward, activation checkpointing) are not counted, nor is a rotary
+    function called inside a counted one. A norm module whose call runs another norm module (a gated norm
+    wrapping a plain one) is a wrapper: the norm it calls is the site, the wrapper is not counted."""
 
     def __init__(self, model):
         self.model = model
         self.calls: Counter = Counter()
-        self.called: set[tuple[str, str]] = set()  # (kind, module path) of the norm and MLP modules that ran
+        self.called: Counter = Counter()  # (kind, module path) of the norm and MLP modules that ran -> calls
         self._undo = []
+        self._norms: list[list] = []  # the norm modules being called, innermost last: [path, holds a norm]
+        self._rotary_depth = 0
 
     NORM_CLASS = re.compile(r"(rms_?norm|layer_?norm)(gated)?$", re.I)  # LlamaRMSNorm, T5LayerNorm, RMSNormGated
 
@@ -387,29 +399,70 @@ class ModelSites:
             return "geglu"
         return "gated_other"
 
-    def __enter__(self):
-        config = self.model.config
-        for path, module in self.model.named_modules():
-            kind = self.norm_kind(module) or self.mlp_kind(module, getattr(config, "text_config", None) or config)
+    @classmethod
+    def site_modules(cls, model) -> list[tuple[str, object, str]]:
+        """(path, module, kind) of the model's norm and MLP modules."""
+        config = getattr(model.config, "text_config", None) or model.config
+        found = []
+        for path, module in model.named_modules():
+            kind = cls.norm_kind(module) or cls.mlp_kind(module, config)
             if kind is not None:
-                self._undo.append(module.register_forward_hook(functools.partial(self._hook, kind, path)).remove)
-        modules = {sys.modules[type(m).__module__] for m in self.model.modules()}
-        for mod in modules:
+                found.append((path, module, kind))
+        return found
+
+    @staticmethod
+    def rotary_functions(model):
+        """(owner, name, attribute, function) of the rotary functions the model's modules define, and of the
+        rotary methods (a static one too) of its module classes."""
+        for mod in {sys.modules[type(m).__module__] for m in model.modules()}:
             for name, fn in list(vars(mod).items()):
                 if callable(fn) and not isinstance(fn, type) and ROTARY_FN.match(name):
-                    setattr(mod, name, self._counted(fn))
-                    self._undo.append(functools.partial(setattr, mod, name, fn))
+                    yield mod, name, fn, fn
+        for cls in {type(m) for m in model.modules()}:
+            for name, attr in list(vars(cls).items()):
+                fn = attr.__func__ if isinstance(attr, staticmethod) else attr
+                if ROTARY_FN.match(name) and callable(fn) and not isinstance(fn, (type, classmethod)):
+                    yield cls, name, attr, fn
+
+    def __enter__(self):
+        for path, module, kind in self.site_modules(self.model):
+            if kind in NORMS:
+                pre = module.register_forward_pre_hook(functools.partial(self._norm_starts, path))
+                self._undo.append(pre.remove)
+            self._undo.append(module.register_forward_hook(functools.partial(self._hook, kind, path)).remove)
+        for owner, name, attr, fn in list(self.rotary_functions(self.model)):
+            counted = self._counted(fn)
+            setattr(owner, name, staticmethod(counted) if isinstance(attr, staticmethod) else counted)
+            self._undo.append(functools.partial(setattr, owner, name, attr))
         return self
 
+    def _norm_starts(self, path, module, args):
+        if _in_backward():
+            return
+        for frame in self._norms:  # every norm module around this one is a wrapper
+            frame[1] = True
+        self._norms.append([path, False])
+
     def _hook(self, kind, path, module, args, output):
+        if _in_backward():
+            return
+        if kind in NORMS:
+            _, wraps_a_norm = self._norms.pop()
+            if wraps_a_norm:
+                return
         self.calls[kind] += 1
-        self.called.add(("gated_mlp" if kind in ("swiglu", "geglu", "gated_other") else kind, path))
+        self.called[_group(kind), path] += 1
 
     def _counted(self, fn):
         @functools.wraps(fn)
         def counted(*args, **kwargs):
-            self.calls["rotary"] += 1
-            return fn(*args, **kwargs)
+            if not self._rotary_depth and not _in_backward():
+                self.calls["rotary"] += 1
+            self._rotary_depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._rotary_depth -= 1
 
         return counted
 
@@ -423,6 +476,72 @@ class ModelSites:
                                                "gated_experts")}
         c["gated_mlp"] = c["swiglu"] + c["geglu"] + c["gated_other"]
         return c
+
+
+def _in_backward() -> bool:
+    import torch  # noqa: PLC0415
+
+    return torch._C._current_graph_task_id() != -1
+
+
+def _group(kind: str) -> str:
+    return "gated_mlp" if kind in ("swiglu", "geglu", "gated_other") else kind
+
+
+class OutsideGraphs(ModelSites):
+    """Counts, around the compiled step, the calls of the same sites that ran outside every compiled graph: a frame
+    Dynamo gave up on and ran eagerly (a loop around a data-dependent graph break). The backend never saw them.
+
+    Dynamo runs a frame it compiled as its own code object, one it gave up on as the original: a call of a site's
+    original code is one no graph holds. Read with sys.setprofile, off while Dynamo compiles (it runs much Python);
+    hooks or wrappers would be traced by Dynamo and change the graphs being measured. A norm module holding another
+    one (a wrapper) is not counted."""
+
+    def __enter__(self):
+        import torch  # noqa: PLC0415
+
+        self._codes, self._modules = {}, {}
+        norms = [(p, m) for p, m, k in self.site_modules(self.model) if k in NORMS]
+        for path, module, kind in self.site_modules(self.model):
+            if kind in NORMS and any(q.startswith(path + ".") for q, _ in norms):
+                continue
+            code = getattr(type(module).forward, "__code__", None)
+            if code is not None:
+                self._codes[code] = "module"
+                self._modules[id(module)] = (kind, path)
+        for *_, fn in self.rotary_functions(self.model):
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                self._codes[code] = "rotary"
+        handler = torch._dynamo.callback.callback_handler
+        self._off = handler.register_start_callback(lambda _: sys.setprofile(None))
+        self._on = handler.register_end_callback(lambda _: sys.setprofile(self._profile))
+        sys.setprofile(self._profile)
+        return self
+
+    def _profile(self, frame, event, arg):
+        if event != "call":
+            return
+        what = self._codes.get(frame.f_code)
+        if what is None or _in_backward():
+            return
+        if what == "rotary":
+            self.calls["rotary"] += 1
+            return
+        site = self._modules.get(id(frame.f_locals.get("self")))
+        if site is not None:
+            kind, path = site
+            self.calls[kind] += 1
+            self.called[_group(kind), path] += 1
+
+    def __exit__(self, *exc):
+        import torch  # noqa: PLC0415
+
+        sys.setprofile(None)
+        handler = torch._dynamo.callback.callback_handler
+        for callbacks, fn in ((handler.start_callbacks, self._off), (handler.end_callbacks, self._on)):
+            if fn in callbacks:  # (a torch._dynamo.reset() in between has dropped them)
+                callbacks.remove(fn)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -460,20 +579,42 @@ def compare(ref, got) -> dict:
     return out
 
 
-def compiled_step(model, inputs, report=None, options=None, backend="liger"):
+def compiled_step(model, inputs, report=None, options=None, backend="liger", runs=None, outside=None):
     """Loss and gradients of one step through torch.compile: backend="liger" with our ops run eagerly (no
-    Inductor), collecting into `report` (it keeps what was compiled before a crash), or another backend."""
+    Inductor), collecting into `report` (it keeps what was compiled before a crash), or another backend.
+    `runs` (a Counter) gets, per graph of the report (by id), how many times its compiled function ran: a graph
+    Dynamo compiled once may serve several calls (each layer of a model whose layers break the graph).
+    `outside`: an OutsideGraphs to count the sites run outside the compiled graphs with."""
+    import contextlib  # noqa: PLC0415
+
     import torch  # noqa: PLC0415
 
     import liger_compile  # noqa: PLC0415
 
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # (also drops Dynamo's compile callbacks: `outside` registers its own after it)
     if backend == "liger":
-        opts = {"inductor": False, "report": liger_compile.Report() if report is None else report, **(options or {})}
-        compiled = torch.compile(model, backend="liger", options=opts)
+        report = liger_compile.Report() if report is None else report
+        opts = {"inductor": False, "report": report, **(options or {})}
+        runs = Counter() if runs is None else runs
+
+        def counting(gm, example_inputs):
+            before = len(report.graphs)
+            fn = liger_compile.liger_backend(gm, example_inputs, options=opts)
+            if len(report.graphs) == before:
+                return fn
+            key = id(report.graphs[-1])
+
+            def run(*args):
+                runs[key] += 1
+                return fn(*args)
+
+            return run
+
+        compiled = torch.compile(model, backend=counting)
     else:
         compiled = torch.compile(model, backend=backend)
-    return loss_and_grads(model, inputs, run=compiled)
+    with outside if outside is not None else contextlib.nullcontext():
+        return loss_and_grads(model, inputs, run=compiled)
 
 
 def _first_line(e: BaseException, n: int = 300) -> str:
@@ -547,9 +688,10 @@ def run_type(model_type: str, send=lambda *msg: None, diagnose: bool = True) -> 
 
     phase("liger")
     start = time.perf_counter()
-    report = liger_compile.Report()
+    report, runs = liger_compile.Report(), Counter()
+    outside = OutsideGraphs(model)
     try:
-        got = compiled_step(model, inputs, report)
+        got = compiled_step(model, inputs, report, runs=runs, outside=outside)
         res["diff"] = compare(ref, got)
         res["status"] = "ok" if res["diff"]["close"] else "mismatch"
         if res["status"] == "mismatch":
@@ -564,7 +706,8 @@ def run_type(model_type: str, send=lambda *msg: None, diagnose: bool = True) -> 
                          else _first_line(e, 400))
         res["traceback"] = _short_tb(e)
     took("liger", start)
-    _add_report(res, report, called)
+    res["outside_graphs"] = outside.counts()
+    _add_report(res, report, called - outside.called, runs)
     res["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     if res["status"] != "ok" and diagnose:
         send("partial", res)
@@ -574,40 +717,64 @@ def run_type(model_type: str, send=lambda *msg: None, diagnose: bool = True) -> 
     return res
 
 
-def _add_report(res: dict, report, called: set) -> None:
+def _add_report(res: dict, report, called, runs: Counter | None = None) -> None:
+    """The report's sites against the model's: `called`, the (kind, module path) of the norm and MLP modules that
+    ran in the compiled graphs; `runs`, how often each graph ran."""
     fused = report.counts
     res["fused"] = fused
     res["graphs"] = len(report.graphs)
     res["fallbacks"] = [f.splitlines()[0][:500] for f in report.fallbacks]
     res["near_misses"] = [{"pattern": m.pattern, "reason": m.reason, "where": m.where} for m in report.near_misses]
-    model = res["model"]
-    sites = {kind: [s for g in report.graphs for s in g.fused if s.pattern in pats]
+    # the sites the compiled graphs ran: those the backend saw
+    outside = res.get("outside_graphs", {})
+    model = {k: n - outside.get(k, 0) for k, n in res["model"].items()}
+    # A site runs as often as its graph: the report lists each compiled graph once, and a graph compiled once may
+    # serve several calls (every layer of a model that breaks the graph inside its layers)
+    ran = {id(g): 1 if runs is None else runs.get(id(g), 0) for g in report.graphs}
+    sites = {kind: [(s, ran[id(g)]) for g in report.graphs for s in g.fused if s.pattern in pats]
              for kind, pats in PATTERN_KINDS.items()}
-    sites["norm"] = sites["rms_norm"] + sites["layer_norm"]
+    res["fused_calls"] = {p: sum(n for g in report.graphs for s in g.fused if s.pattern == p for n in [ran[id(g)]])
+                          for p in fused}
+    norm_sites = sites["rms_norm"] + sites["layer_norm"]
     # The model's norm and MLP modules that ran and hold no fused site. The report names a site by its module
-    # path, relative to the module Dynamo compiled (the model, or a layer after a graph break), or by its source
-    # line alone where the site is in no module of its graph: those are matched by count.
+    # paths (its output's and its ops'), relative to the module Dynamo compiled (the model, or a layer after a graph
+    # break), or by its source line alone where the site is in no module of its graph: those are matched by count.
     res["unfused"], res["all_fused"] = {}, {}
-    # A kind is all fused when no module of it is left without a site and there are as many fused sites as calls
-    # (a module called twice needs two); norms count together, as a norm module may hold either kind of site.
+    # A kind is all fused when no module of it is left without a site and its sites ran as often as its modules
+    # were called. A norm module may hold either kind of fused norm (a T5-style "LayerNorm" is an RMSNorm): a
+    # norm kind's sites are the fused norms inside its modules, and the norms in no module.
     for kind in (*NORMS, "gated_mlp"):
-        pool = sites["norm"] if kind in NORMS else sites[kind]
-        calls = model["rms_norm"] + model["layer_norm"] if kind in NORMS else model[kind]
-        paths = [s.where.split(" (")[0] for s in pool]
-        unpathed = sum(1 for p in paths if re.match(r"^\S+\.py:\d+", p))
-        res["unfused"][kind] = sorted(p for k, p in called if k == kind and not _covered(p, paths))
-        res["all_fused"][kind] = not model[kind] or (len(res["unfused"][kind]) <= unpathed and len(pool) >= calls)
+        modules = [p for k, p in called if k == kind]
+        pool = sites[kind] if kind == "gated_mlp" else [
+            (s, n) for s, n in norm_sites if _unpathed(s) or any(_covered(p, _paths(s)) for p in modules)]
+        unpathed = sum(n for s, n in pool if _unpathed(s))
+        res["unfused"][kind] = sorted(p for p in modules if not _covered(p, [w for s, _ in pool for w in _paths(s)]))
+        res["all_fused"][kind] = not model[kind] or (
+            len(res["unfused"][kind]) <= unpathed and sum(n for _, n in pool) >= model[kind])
     if "layer_norm" not in fused:  # no LayerNorm pattern in this backend: those sites are not ours to fuse
         del res["all_fused"]["layer_norm"]
     # rotary sites are calls of a function, not modules: by count (one fused site rotates q and k together)
-    res["all_fused"]["rotary"] = len(sites["rotary"]) >= model["rotary"]
+    res["all_fused"]["rotary"] = sum(n for _, n in sites["rotary"]) >= model["rotary"]
+
+
+def _paths(site) -> list[str]:
+    """The module paths of a site: the module of its output, and every module one of its ops ran in (a norm
+    module called with casts around it: the output is the caller's)."""
+    where = site.where.split(" (")[0]
+    return ([] if _unpathed(site) else [where]) + list(getattr(site, "modules", ()))
+
+
+def _unpathed(site) -> bool:
+    """A site in no module of its graph (a norm's own forward compiled as a frame): named by its source line."""
+    return bool(re.match(r"^\S+\.py:\d+", site.where.split(" (")[0])) and not getattr(site, "modules", ())
 
 
 def _covered(path: str, wheres: list[str]) -> bool:
     """Whether a fused site lies in module `path`: its module path is `path` or inside it, the site's path read
-    relative to any enclosing module (a tail of `path` of two or more parts, or all of it)."""
+    relative to any enclosing module (any tail of `path`: a graph compiled on a module names its submodules
+    from there, `layernorm` for `transformer.layernorm`)."""
     parts = path.split(".")
-    tails = [".".join(parts[i:]) for i in range(len(parts)) if len(parts) - i >= 2 or i == 0]
+    tails = [".".join(parts[i:]) for i in range(len(parts))]
     return any(w == t or w.startswith(t + ".") for w in wheres for t in tails)
 
 
@@ -824,12 +991,14 @@ def _skip_group(reason: str) -> str:
 
 
 def _cell(r: dict, kind: str) -> str:
-    """fused/model for one kind; ✗ where a site the model ran is not fused."""
+    """fused/model for one kind, model counting the calls in compiled graphs (+ those Dynamo ran eagerly); ✗ where
+    a site the model ran in a graph is not fused."""
     if "fused" not in r:
         return ""
-    f = sum(r["fused"].get(p, 0) for p in PATTERN_KINDS[kind])
-    m = r["model"][kind]
-    return f"{f}/{m}" + ("" if r["all_fused"].get(kind, True) else " ✗")
+    f = sum(r.get("fused_calls", r["fused"]).get(p, 0) for p in PATTERN_KINDS[kind])
+    eager = r.get("outside_graphs", {}).get(kind, 0)
+    m = r["model"][kind] - eager
+    return f"{f}/{m}" + (f" (+{eager} eager)" if eager else "") + ("" if r["all_fused"].get(kind, True) else " ✗")
 
 
 def _md(text) -> str:
@@ -862,13 +1031,19 @@ def markdown(results: dict[str, dict], meta: dict) -> str:
         f"counting LayerNorm sites too, {cov_all['every_site_fused']} "
         f"({cov_all['types_calling_one_every_site_fused']} of {cov_all['types_calling_one']}).",
         "",
-        "Columns *fused/model*: the sites the report fused over the sites the model ran in its eager step; ✗ where "
-        "one the model ran holds no fused site. rms_norm / LN: calls of modules whose class name ends in RMSNorm / "
-        "LayerNorm (and `nn.LayerNorm`), matched to the fused sites by module path (a norm module holding either "
-        "kind of fused norm counts as fused); rotary: calls of functions named `apply_*rotary*` / `apply_*rope*`, by "
-        "count; gated MLP: calls of modules with gate/up/down projections, fused as swiglu or geglu, by module path "
-        "(MoE experts held as 3-d parameters are not counted on the model's side, so fused can exceed it). lce: "
-        "fused lm_head + cross-entropy; causal: attention masks rewritten to is_causal.",
+        "Columns *fused/model*: the calls of fused sites over the sites the model ran in the forward pass of its "
+        "eager step; ✗ where one the model ran holds no fused site. A fused site counts once per run of its graph "
+        "(a graph Dynamo compiled once may serve every layer of a model whose layers break the graph). Calls that "
+        "ran outside every compiled graph under torch.compile (a frame Dynamo gave up on and ran eagerly) are not "
+        "the backend's to fuse: shown as *(+n eager)* and left out of the model's count. rms_norm / "
+        "LN: calls of modules whose class name ends in RMSNorm / LayerNorm (and `nn.LayerNorm`), matched to the "
+        "fused sites by module path (a norm module holding either kind of fused norm counts as fused; a norm module "
+        "that calls another one, a gated wrapper, is not a site of its own: the norm inside is; calls during the "
+        "backward pass, a reversible layer recomputing its forward, are not counted); rotary: calls of functions "
+        "and methods named `apply_*rotary*` / `apply_*rope*`, by count; gated MLP: calls of modules with "
+        "gate/up/down projections, fused as swiglu or geglu, by module path (MoE experts held as 3-d parameters are "
+        "not counted on the model's side, so fused can exceed it). lce: fused lm_head + cross-entropy; causal: "
+        "attention masks rewritten to is_causal (both as the report counts them, once per compiled graph).",
         "",
         "| kind | types that run it | every site fused |",
         "|---|---|---|",
