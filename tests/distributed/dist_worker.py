@@ -9,7 +9,6 @@ global batch, which every rank computes for itself. Each rank writes rank{RANK}.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 import liger_compile  # noqa: E402
 import liger_compile.backend as backend_module  # noqa: E402
-from dist_exit import leave  # noqa: E402
+from dist_exit import finish  # noqa: E402
 
 VOCAB, HIDDEN, SEQ, PER_RANK_BATCH, STEPS, LR = 128, 32, 8, 2, 3, 0.5
 RTOL, ATOL = 1e-5, 1e-6
@@ -245,23 +244,14 @@ def main() -> int:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     spec = SCENARIOS[scenario]
     result: dict = {"scenario": scenario, "rank": rank, "world": world}
-    code = 0
     try:
         fn = run_sequence_parallel if spec["wrap"] == "sp" else run_lm
         result.update(fn(spec, rank, world))
     except Exception:
         result["error"] = traceback.format_exc()
-        code = 1
     result["seen"] = SEEN
     result["seconds"] = time.perf_counter() - start
-    path = os.path.join(out_dir, f"rank{rank}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
-    if code:
-        print(result["error"], file=sys.stderr, flush=True)
-    leave(out_dir, rank, world, ok=code == 0)
-    return code
+    return finish(out_dir, rank, world, result)
 
 
 if __name__ == "__main__":

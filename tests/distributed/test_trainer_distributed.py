@@ -77,7 +77,8 @@ def test_fsdp2_through_accelerate(tmp_path, reference):
         (lce,) = misses(r, "linear_cross_entropy")
         assert "placeholder" in lce, lce  # the logits: an input of the loss's graph
         assert not misses(r, "causal_mask"), r["text"]
-        assert r["layer_calls"].get("assumed", 0) > 0 and not r["layer_calls"].get("fallback"), r["layer_calls"]
+        # every layer call of every step (2 layers, STEPS=3 in trainer_dist_worker.py) ran the causal version
+        assert r["layer_calls"].get("assumed") == 2 * 3 and not r["layer_calls"].get("fallback"), r["layer_calls"]
     assert_parity(results, params, reference)
 
 
@@ -98,6 +99,11 @@ def test_deepspeed_zero(stage, tmp_path, reference):
         assert_counts(results, dict(rms_norm=5, rotary=2, swiglu=2, linear_cross_entropy=1, causal_mask=2))
         assert all(r["graphs"] == 1 and not r["near_misses"] for r in results)
     else:
-        assert_counts(results, dict(rms_norm=1))
-        assert all(r["graphs"] > 10 and r["near_misses"] for r in results)
+        # the graph piece with the attention fuses it as the variable-length op; the rotary halves, the MLP and
+        # lm_head + cross-entropy are cut apart by the hooks' graph breaks (near misses)
+        assert_counts(results, dict(rms_norm=1, varlen_attention=1))
+        for r in results:
+            assert r["graphs"] == 20, r["text"]
+            assert sorted(m[0] for m in r["near_misses"]) == ["linear_cross_entropy", "rotary", "rotary", "swiglu"], \
+                r["text"]
     assert_parity(results, params, reference)

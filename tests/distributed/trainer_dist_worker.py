@@ -19,7 +19,6 @@ norms) and rank 0 also params.pt (every parameter after training, gathered whole
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ if not torch.cuda.is_available():  # as tests/conftest.py: Triton's interpreter,
 
 import liger_compile  # noqa: E402
 import liger_compile.backend as backend_module  # noqa: E402
-from dist_exit import leave  # noqa: E402
+from dist_exit import finish  # noqa: E402
 
 WORLD = 2
 VOCAB, SEQ, SAMPLES, PER_RANK_BATCH, STEPS, LR = 64, 10, 12, 2, 3, 0.1
@@ -183,21 +182,12 @@ def main() -> int:
     torch.set_num_threads(1)
     start = time.perf_counter()
     result: dict = {"scenario": scenario, "rank": rank}
-    code = 0
     try:
         result.update(run(spec, out_dir, rank))
     except Exception:
         result["error"] = traceback.format_exc()
-        code = 1
     result["seconds"] = time.perf_counter() - start
-    path = os.path.join(out_dir, f"rank{rank}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
-    if code:
-        print(result["error"], file=sys.stderr, flush=True)
-    leave(out_dir, rank, int(os.environ.get("WORLD_SIZE", 1)) if spec["world"] > 1 else 1, ok=code == 0)
-    return code
+    return finish(out_dir, rank, int(os.environ.get("WORLD_SIZE", 1)) if spec["world"] > 1 else 1, result)
 
 
 if __name__ == "__main__":
