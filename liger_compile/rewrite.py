@@ -370,7 +370,8 @@ def _near_misses(anchors: dict[str, list[tuple[Node, str]]], covered: set[Node],
                  ) -> list[NearMiss]:
     """Each anchor left unfused, with the reason of the attempt that came closest to fusing it: of those that
     looked at the anchor, else of those tried at a node a few ops after it (the site's output: a form whose
-    table or cast differs stops there before it reaches the anchor)."""
+    table or cast differs stops there before it reaches the anchor) that matched more than that node's op (any
+    product matches a pattern's final product, which says nothing of the site)."""
     misses = []
     for name, nodes in anchors.items():
         for a, place in nodes:
@@ -379,7 +380,8 @@ def _near_misses(anchors: dict[str, list[tuple[Node, str]]], covered: set[Node],
             tried = [t for t in attempts if t.pattern.name == name and a in t.visited]
             if not tried:
                 after = _downstream(a)
-                tried = [t for t in attempts if t.pattern.name == name and t.root in after]
+                tried = [t for t in attempts if t.pattern.name == name and t.root in after
+                         and (t.progress is None or t.progress > 1)]
             if tried:
                 best = max(tried, key=_closeness)
                 reason = f"[{best.pattern.variant}] {best.reason}"

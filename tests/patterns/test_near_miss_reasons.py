@@ -170,3 +170,16 @@ def test_a_hand_written_layer_norm_left_unfused_is_a_layer_norm_near_miss():
     (miss,) = _misses(report, "layer_norm")
     assert "unbiased" in miss.reason, str(report)
     assert not _misses(report, "rms_norm"), str(report)  # its rsqrt is a LayerNorm's
+
+
+class L2Norm(torch.nn.Module):
+    """x / ||x||: the rsqrt of a sum of squares. Only the final product x * rsqrt(...) looks like a norm's."""
+
+    def forward(self, x):
+        return (x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)).square().mean()
+
+
+def test_an_attempt_that_matched_only_the_final_product_explains_nothing():
+    report = liger_compile.explain(L2Norm(), torch.randn(2, 5, D))
+    (miss,) = _misses(report, "rms_norm")
+    assert miss.reason.startswith("no variant of this pattern matches"), str(report)
