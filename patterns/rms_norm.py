@@ -252,6 +252,16 @@ def refuse_inverse_rms_only(m: Match) -> str:
             "not the input: there is no normalised row for the kernel to write")
 
 
+def l2_norm(x, eps, dim):
+    """Qwen3-Next's, OLMo-Hybrid's l2norm (as FLA writes it): x scaled by the rsqrt of its sum of squares."""
+    return x * torch.rsqrt((x * x).sum(dim, keepdim=True) + eps)
+
+
+def refuse_l2_norm(m: Match) -> str:
+    return ("an L2 norm: the squares are summed, not averaged (x / ||x||, where RMSNorm divides by the root of "
+            "their mean); not fused")
+
+
 def _never_fused(*args, **kwargs):
     raise AssertionError("refused by its check")
 
@@ -291,6 +301,7 @@ def _variants():
                                             anchor=marks_site))
     patterns += [Pattern("rms_norm", f"inverse RMS alone{suffix}", inverse_rms_only_form(inverse_rms), _never_fused,
                          refuse_inverse_rms_only, anchor=marks_site) for suffix, inverse_rms in spellings()]
+    patterns.append(Pattern("rms_norm", "L2 norm", l2_norm, _never_fused, refuse_l2_norm, anchor=marks_site))
     return patterns
 
 

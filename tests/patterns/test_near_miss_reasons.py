@@ -173,13 +173,26 @@ def test_a_hand_written_layer_norm_left_unfused_is_a_layer_norm_near_miss():
 
 
 class L2Norm(torch.nn.Module):
-    """x / ||x||: the rsqrt of a sum of squares. Only the final product x * rsqrt(...) looks like a norm's."""
+    """x / ||x||, as Qwen3-Next's l2norm writes it: the rsqrt of a sum of squares."""
 
     def forward(self, x):
         return (x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)).square().mean()
 
 
-def test_an_attempt_that_matched_only_the_final_product_explains_nothing():
+class SquaredSum(torch.nn.Module):
+    """The rsqrt of one value's sum of squares scaling another value: no norm of either."""
+
+    def forward(self, x, y):
+        return (y * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)).square().mean()
+
+
+def test_an_l2_norm_is_a_near_miss_saying_it_sums():
     report = liger_compile.explain(L2Norm(), torch.randn(2, 5, D))
     (miss,) = _misses(report, "rms_norm")
-    assert miss.reason.startswith("no variant of this pattern matches"), str(report)
+    assert miss.reason.startswith("[L2 norm] an L2 norm: the squares are summed, not averaged"), str(report)
+
+
+def test_an_inverse_norm_scaling_another_value_is_a_near_miss_saying_so():
+    report = liger_compile.explain(SquaredSum(), torch.randn(2, 5, D), torch.randn(2, 5, D))
+    (miss,) = _misses(report, "rms_norm")
+    assert miss.reason == "[L2 norm] `x` must be the same value in both places it is used", str(report)
