@@ -34,6 +34,9 @@
 #   varlentests  the variable-length attention, run-time mask and training-shape tests on the GPU
 #   masktests  the run-time mask tests, the op-output tests, the norm/down_proj kernel tests and the training shapes
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
+#   hgemm      q/k/v and gate/up projections as one matmul or three, fwd+bwd (bench/investigations/bench_horizontal_gemm.py)
+#   sdpa       causal attention through cuDNN, FlashAttention-2, memory-efficient SDPA and FlexAttention, head dim 64
+#              and 128, 4x4096 and 1x32768 (bench/investigations/bench_sdpa_backends.py)
 #   compile    compile time at 4x4096, Inductor and ours, each a cold start then a warm restart over fresh caches
 #              (bench/bench_compile.py; COMPILE_MODE sets torch.compile's mode, COMPILE_VARIANTS the list)
 # Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, ABLATION_REPEAT (runs of the list,
@@ -143,6 +146,10 @@ for stage in "${@:-tests}"; do
              timeout $((b + 20)) python3 bench/bench_context.py --variants "${CONTEXT_VARIANTS:-ours,liger_kernel}" \
                --start "${CONTEXT_START:-65536}" --max "${CONTEXT_MAX:-524288}" --budget-s "$b" \
                --out "$R" > "$R/bench_context.log" 2>&1; tail -12 "$R/bench_context.log" ;;
+    hgemm) timeout 200 python3 bench/investigations/bench_horizontal_gemm.py --out "$R" > "$R/bench_horizontal_gemm.log" 2>&1
+           grep -E "^\| |Error|error" "$R/bench_horizontal_gemm.log" | tail -16 ;;
+    sdpa) timeout 300 python3 bench/investigations/bench_sdpa_backends.py --out "$R" > "$R/bench_sdpa_backends.log" 2>&1
+          grep -E "^\| |Error|error" "$R/bench_sdpa_backends.log" | cut -c1-300 | tail -20 ;;
     compile) timeout 560 python3 bench/bench_compile.py --variants "${COMPILE_VARIANTS:-inductor,ours}" \
                ${COMPILE_MODE:+--mode $COMPILE_MODE} --timeout 200 --cache-root /tmp --out "$R" > "$R/bench_compile.log" 2>&1
              grep -E "^\| |Error|error" "$R/bench_compile.log" | cut -c1-400 | tail -8 ;;
