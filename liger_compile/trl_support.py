@@ -191,8 +191,7 @@ def _fused_gkd_loss(self, model, student, teacher, inputs, num_items_in_batch):
     hidden, weights = [], []
     for h, m in ((student_hidden, student), (teacher_hidden, teacher)):
         w = m.get_output_embeddings().weight
-        # each lm_head matmul in the dtype eager's runs in: autocast's, else the weight's (accelerate hands the
-        # hidden states back upcast to fp32 from a bf16 model; casting them back is exact)
+        # each lm_head matmul in the dtype eager's runs in: autocast's, else the weight's
         dtype = autocast or w.dtype
         hidden.append(h.to(dtype))
         weights.append(w.to(dtype))

@@ -16,6 +16,7 @@ import torch
 from liger_compile.kernels import rms_norm as _op  # noqa: F401  (defines torch.ops.liger.gated_rms_norm)
 from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
+from liger_compile.patterns._residual import operands_reason
 from liger_compile.patterns.rms_norm import _scalar, check, marks_site, spellings
 
 # before gated_mlp (default 10): its `x * silu(gate)` would take the gate's product out of the norm
@@ -59,13 +60,7 @@ def fused_gated_after(activation: str):
 
 
 def _check_gate(m: Match) -> str | None:
-    x, z = m.value("x"), m.value("gate")
-    if not isinstance(z, torch.Tensor) or not isinstance(x, torch.Tensor):
-        return "input or gate is not a tensor"
-    if z.shape != x.shape or z.dtype != x.dtype or z.device != x.device:
-        return (f"the gate differs from the input ({tuple(z.shape)} {z.dtype} against {tuple(x.shape)} {x.dtype}): "
-                "broadcasting or promotion is left to Inductor")
-    return None
+    return operands_reason(m.value("x"), m.value("gate"), "the gated norm")
 
 
 def check_gated_after(m: Match) -> str | None:
