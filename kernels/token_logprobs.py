@@ -15,7 +15,10 @@ Per chunk of C tokens (C as lm_head + cross-entropy picks it: one [C, V] buffer 
     backward  the logits again, a Triton program per row overwrites them with d/dlogits, dh_c = dz @ W,
               dW += dz^T @ h_c, db += sum(dz)
 That is four matmuls, as many as a gradient needs when its per-token weights are not known in forward (DPO's, KTO's
-and GRPO's are not). Rows with ignored labels (prompts, padding) are left out of the matmuls when at least
+and GRPO's are not). Where the caller expects gradients (expect_hidden_grad / expect_weight_grad) and an earlier
+backward for the same weight received the same gradient on every scored token (SFT's loss), the forward also runs
+the backward's row kernel and its two matmuls with that gradient, and the backward rescales what it kept instead of
+recomputing: three matmuls (kernels/_uniform_grad.py says when it falls back). Rows with ignored labels (prompts, padding) are left out of the matmuls when at least
 SKIP_FRACTION of them are ignored; counting them costs one host synchronisation per call, so where that cannot
 happen (tracing, CUDA-graph capture) every row is scored.
 """
@@ -25,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _uniform_grad
 from ._math import expm1 as _expm1
 from ._math import log1p as _log1p
 from ._math import tanh as _tanh
@@ -230,7 +234,8 @@ def _check(hidden, weight, bias, labels, temperature, softcap):
                          f"and {softcap}")
 
 
-def _forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, use_kernel):
+def _forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, expect_hidden_grad,
+             expect_weight_grad, use_kernel):
     _check(hidden, weight, bias, labels, temperature, softcap)
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
     n, v = h.shape[0], weight.shape[0]
@@ -241,6 +246,12 @@ def _forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, l
     if rows is not None:
         h, y = h.index_select(0, rows), y.index_select(0, rows)
     scored = outs if rows is None else [o.new_empty(rows.shape) for o in outs]
+    expected = (expect_hidden_grad or expect_weight_grad) and is_eager(labels)
+    guessed = _uniform_grad.guess(weight) if expected else None
+    if guessed is not None:
+        grads = _Grads(h, weight, bias, rows, n, expect_hidden_grad, expect_weight_grad,
+                       expect_weight_grad and bias is not None)
+        g_lp, g_ent = torch.full((h.shape[0],), guessed, device=h.device), torch.zeros(h.shape[0], device=h.device)
     size = chunk_rows(max(1, h.shape[0]), v, h.dtype)
     buffer = torch.empty((min(size, h.shape[0]), v), dtype=h.dtype, device=h.device)
     for start in range(0, h.shape[0], size):
@@ -254,66 +265,102 @@ def _forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, l
                 logit_scale, softcap, 1.0 / temperature, HAS_SOFTCAP=softcap > 0, **kernel_config(v))
         else:
             _fold_torch(tile, y[start:end], chunk_outs, ignore_index, logit_scale, softcap, temperature)
+        if guessed is not None:
+            grads.add_chunk(tile, start, end, y, (chunk_outs[0], chunk_outs[1], chunk_outs[5], g_lp[start:end],
+                                                  g_ent[start:end]), ignore_index, temperature, softcap,
+                            logit_scale, use_kernel)
     if rows is not None:
         for out, part in zip(outs, scored):
             out.index_copy_(0, rows, part)
+    if guessed is not None:
+        _uniform_grad.keep(weight, outs[5], guessed, grads.finish(hidden, weight, bias))
     return tuple(o.view(labels.shape) for o in outs)
 
 
-def _backward(grad_log_probs, grad_entropy, hidden, weight, bias, labels, log_probs, entropy, log_z, ignore_index,
-              temperature, softcap, logit_scale, hidden_grad, weight_grad, bias_grad, use_kernel):
-    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
-    saved = [t.reshape(-1) for t in (log_probs, entropy, log_z, grad_log_probs, grad_entropy)]
-    v = weight.shape[0]
-    grad_h = torch.zeros(h.shape, dtype=h.dtype, device=h.device) if hidden_grad else h.new_empty(0)
-    grad_w = torch.zeros(weight.shape, dtype=GRAD_WEIGHT_ACC_DTYPE.get(weight.dtype, weight.dtype),
-                         device=h.device) if weight_grad else h.new_empty(0)
-    grad_b = torch.zeros(v, dtype=torch.float32, device=h.device) if bias_grad else h.new_empty(0)
-    rows = _scored_rows(y, ignore_index)
-    if rows is not None:
-        h, y = h.index_select(0, rows), y.index_select(0, rows)
-        saved = [t.index_select(0, rows) for t in saved]
-    log_p, ent, lz, g_lp, g_ent = [t.float().contiguous() for t in saved]
-    part_h = grad_h if rows is None or not hidden_grad else torch.empty((h.shape[0], h.shape[1]), dtype=h.dtype,
-                                                                        device=h.device)
-    size = chunk_rows(max(1, h.shape[0]), v, h.dtype)
-    buffer = torch.empty((min(size, h.shape[0]), v), dtype=h.dtype, device=h.device)
-    for start in range(0, h.shape[0], size):
-        end = min(start + size, h.shape[0])
-        h_c = h[start:end]
-        dz = _logits(buffer, h_c, weight, bias)
-        args = [t[start:end] for t in (log_p, ent, lz, g_lp, g_ent)]
+class _Grads:
+    """The three gradients summed over the chunks: the scored rows' d hidden, d weight and d bias."""
+
+    def __init__(self, h, weight, bias, rows, n, hidden_grad, weight_grad, bias_grad):
+        self.h, self.weight, self.rows = h, weight, rows
+        self.hidden_grad, self.weight_grad, self.bias_grad = hidden_grad, weight_grad, bias_grad
+        self.grad_h = torch.zeros((n, h.shape[1]), dtype=h.dtype, device=h.device) if hidden_grad else None
+        self.part_h = self.grad_h if rows is None or not hidden_grad else torch.empty_like(h)
+        self.grad_w = torch.empty(weight.shape, dtype=GRAD_WEIGHT_ACC_DTYPE.get(weight.dtype, weight.dtype),
+                                  device=h.device) if weight_grad else None
+        self.grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if bias_grad else None
+
+    def add_chunk(self, dz, start, end, y, args, ignore_index, temperature, softcap, logit_scale, use_kernel):
+        """Overwrites the chunk's logits dz with d loss / d logits (args: the chunk's log-probs, entropies, log Z and
+        the gradients of the first two) and adds the chunk's part of each gradient."""
+        v = self.weight.shape[0]
         if use_kernel:
             direct_launch(_backward_kernel)[(end - start,)](
                 dz, y[start:end], *args, dz.stride(0), v, ignore_index, logit_scale, softcap, 1.0 / temperature,
                 HAS_SOFTCAP=softcap > 0, **kernel_config(v))
         else:
             _grad_torch(dz, y[start:end], *args, ignore_index, logit_scale, softcap, temperature)
-        if hidden_grad:
-            torch.mm(dz, weight, out=part_h[start:end])
-        if weight_grad:
-            accumulate_grad_weight(grad_w, dz.t(), h_c, first=start == 0)
-        if bias_grad:
-            grad_b += dz.sum(0, dtype=torch.float32)
-    if rows is not None and hidden_grad:
-        grad_h.index_copy_(0, rows, part_h)
-    grad_w = grad_w.to(weight.dtype) if weight_grad else grad_w
-    grad_b = grad_b.to(bias.dtype) if bias_grad else grad_b
-    return grad_h.view(hidden.shape) if hidden_grad else grad_h, grad_w, grad_b
+        if self.hidden_grad:
+            torch.mm(dz, self.weight, out=self.part_h[start:end])
+        if self.weight_grad:
+            accumulate_grad_weight(self.grad_w, dz.t(), self.h[start:end], first=start == 0)
+        if self.bias_grad:
+            self.grad_b += dz.sum(0, dtype=torch.float32)
+
+    def finish(self, hidden, weight, bias):
+        """(d hidden in hidden's shape, d weight, d bias) in the inputs' dtypes, None where not asked for."""
+        if self.rows is not None and self.hidden_grad:
+            self.grad_h.index_copy_(0, self.rows, self.part_h)
+        if self.weight_grad and self.h.shape[0] == 0:
+            self.grad_w.zero_()  # no chunk wrote it
+        return (self.grad_h.view(hidden.shape) if self.hidden_grad else None,
+                self.grad_w.to(weight.dtype) if self.weight_grad else None,
+                self.grad_b.to(bias.dtype) if self.bias_grad else None)
 
 
-def launch(hidden, weight, bias, labels, ignore_index=-100, temperature=1.0, softcap=0.0, logit_scale=1.0):
+def _backward(grad_log_probs, grad_entropy, hidden, weight, bias, labels, log_probs, entropy, log_z, ignore_index,
+              temperature, softcap, logit_scale, hidden_grad, weight_grad, bias_grad, use_kernel):
+    kept = _uniform_grad.kept_gradients(grad_log_probs, grad_entropy, weight, labels, log_z, ignore_index,
+                                        (hidden_grad, weight_grad, bias_grad)) if is_eager(labels) else None
+    if kept is None:
+        h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
+        saved = [t.reshape(-1) for t in (log_probs, entropy, log_z, grad_log_probs, grad_entropy)]
+        rows = _scored_rows(y, ignore_index)
+        if rows is not None:
+            h, y = h.index_select(0, rows), y.index_select(0, rows)
+            saved = [t.index_select(0, rows) for t in saved]
+        saved = [t.float().contiguous() for t in saved]
+        grads = _Grads(h, weight, bias, rows, labels.numel(), hidden_grad, weight_grad, bias_grad)
+        v = weight.shape[0]
+        size = chunk_rows(max(1, h.shape[0]), v, h.dtype)
+        buffer = torch.empty((min(size, h.shape[0]), v), dtype=h.dtype, device=h.device)
+        for start in range(0, h.shape[0], size):
+            end = min(start + size, h.shape[0])
+            dz = _logits(buffer, h[start:end], weight, bias)
+            grads.add_chunk(dz, start, end, y, [t[start:end] for t in saved], ignore_index, temperature, softcap,
+                            logit_scale, use_kernel)
+        kept = grads.finish(hidden, weight, bias)
+    return tuple(g if need and g is not None else hidden.new_empty(0)  # empties apart: outputs may not alias
+                 for g, need in zip(kept, (hidden_grad, weight_grad, bias_grad)))
+
+
+def launch(hidden, weight, bias, labels, ignore_index=-100, temperature=1.0, softcap=0.0, logit_scale=1.0,
+           expect_hidden_grad=False, expect_weight_grad=False):
     """The op with the Triton row kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
-    return _forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, use_kernel=True)
+    return _forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, expect_hidden_grad,
+                    expect_weight_grad, use_kernel=True)
 
 
 def reference(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     ignore_index: int = -100, temperature: float = 1.0, softcap: float = 0.0, logit_scale: float = 1.0,
+    expect_hidden_grad: bool = False, expect_weight_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """liger::token_logprobs off CUDA: the same chunks, the row kernel's math in torch. Returns (log_probs,
-    entropy, log_sum_sq_probs, mean_logits, is_top1, log_z), fp32 (is_top1 bool), each of the labels' shape."""
-    return _forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, use_kernel=False)
+    entropy, log_sum_sq_probs, mean_logits, is_top1, log_z), fp32 (is_top1 bool), each of the labels' shape.
+    expect_*_grad: the caller will differentiate with respect to hidden / weight (and bias), so the forward may
+    compute those gradients when it can tell them in advance (the module docstring)."""
+    return _forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, expect_hidden_grad,
+                    expect_weight_grad, use_kernel=False)
 
 
 def launch_backward(grad_log_probs, grad_entropy, hidden, weight, bias, labels, log_probs, entropy, log_z,
@@ -333,7 +380,8 @@ def reference_backward(
                      ignore_index, temperature, softcap, logit_scale, hidden_grad, weight_grad, bias_grad, False)
 
 
-def _fake(hidden, weight, bias, labels, ignore_index=-100, temperature=1.0, softcap=0.0, logit_scale=1.0):
+def _fake(hidden, weight, bias, labels, ignore_index=-100, temperature=1.0, softcap=0.0, logit_scale=1.0,
+          expect_hidden_grad=False, expect_weight_grad=False):
     values = [labels.new_empty(labels.shape, dtype=torch.float32) for _ in range(4)]
     return (*values, labels.new_empty(labels.shape, dtype=torch.bool),
             labels.new_empty(labels.shape, dtype=torch.float32))
@@ -347,7 +395,7 @@ def _fake_backward(grad_log_probs, grad_entropy, hidden, weight, bias, labels, l
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale = inputs
+    hidden, weight, bias, labels, ignore_index, temperature, softcap, logit_scale, *_expected = inputs
     log_probs, entropy, log_sum_sq, mean, top1, log_z = output
     ctx.save_for_backward(hidden, weight, bias, labels, log_probs, entropy, log_z)
     ctx.settings = (ignore_index, temperature, softcap, logit_scale)
@@ -364,7 +412,7 @@ def _autograd_backward(ctx, grad_log_probs, grad_entropy, *_no_grad):
         grad_log_probs, grad_entropy, hidden, weight, bias, labels, log_probs, entropy, log_z, *ctx.settings,
         needs[0], needs[1], bias is not None and needs[2])
     return (dh if needs[0] else None, dw if needs[1] else None, db if bias is not None and needs[2] else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 def _examples(device, width):

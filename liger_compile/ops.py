@@ -35,8 +35,10 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     Gradients flow from log_probs and entropy. hidden [..., H] and labels [...]; see kernels/token_logprobs.py."""
     import liger_compile.kernels.token_logprobs  # noqa: F401, PLC0415 - declares the op
 
+    grad = torch.is_grad_enabled()
     out = torch.ops.liger.token_logprobs(hidden, weight, bias, labels, int(ignore_index), float(temperature),
-                                         float(softcap or 0.0), float(logit_scale))
+                                         float(softcap or 0.0), float(logit_scale), grad and hidden.requires_grad,
+                                         grad and weight.requires_grad)
     return TokenLogprobs(*out[:5])
 
 

@@ -66,10 +66,12 @@ class _CompiledHead:
         device = hidden.device.type
         # TRL multiplies in autocast's dtype when autocast is on; the op takes one dtype for all three
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        grad = torch.is_grad_enabled()
         with torch.autocast(device, enabled=False):
             values = torch.ops.liger.token_logprobs(
                 hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), targets, IGNORE_INDEX,
-                float(temperature), float(final_logit_softcapping or 0.0), float(logit_scale))
+                float(temperature), float(final_logit_softcapping or 0.0), float(logit_scale),
+                grad and hidden.requires_grad, grad and weight.requires_grad)
         log_probs, *rest = values[:5]
         return (log_probs, *(value if name in outputs else None for name, value in zip(OPTIONAL_OUTPUTS, rest)))
 

@@ -15,14 +15,14 @@ from liger_compile.matcher import Match, op_name
 from liger_compile.pattern import Pattern
 
 
-def search(hidden, weight, bias, labels, ignore_index, temperature, softcap, scale):
+def search(hidden, weight, bias, labels, ignore_index, temperature, softcap, scale, hidden_grad, weight_grad):
     return torch.ops.liger.token_logprobs(hidden, weight, bias, labels.clamp(min=0).reshape(-1), ignore_index,
-                                          temperature, softcap, scale)
+                                          temperature, softcap, scale, hidden_grad, weight_grad)
 
 
-def replace(hidden, weight, bias, labels, ignore_index, temperature, softcap, scale):
+def replace(hidden, weight, bias, labels, ignore_index, temperature, softcap, scale, hidden_grad, weight_grad):
     return torch.ops.liger.token_logprobs(hidden, weight, bias, labels.reshape(-1), ignore_index, temperature,
-                                          softcap, scale)
+                                          softcap, scale, hidden_grad, weight_grad)
 
 
 def _zeroes_ignored(node, labels, ignore_index) -> bool:
