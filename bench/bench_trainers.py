@@ -108,9 +108,32 @@ def attention_profile(prof, layers: int) -> dict:
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
     attention_us = sum(e.self_device_time_total for e in kernels if is_attention_kernel(e.key))
     top = sorted((e for e in kernels if is_attention_kernel(e.key)), key=lambda e: -e.self_device_time_total)[:4]
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e3
     return {"attention_ms_per_layer": attention_us / 1e3 / layers,
             "gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
+            "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "attention_kernels": [f"{e.key[:80]}: {e.self_device_time_total / 1e3:.1f} ms" for e in top]}
+
+
+def kernel_kind(name: str) -> str:
+    """A profiled kernel's kind, for the step's breakdown: where the GPU time of each variant goes."""
+    from bench_e2e import is_attention_kernel  # noqa: PLC0415
+
+    low = name.lower()
+    if is_attention_kernel(name):
+        return "attention"
+    if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")):
+        return "matmul"
+    if any(k in low for k in ("adam", "multi_tensor", "foreach")):
+        return "optimizer"
+    if low.startswith("triton_"):
+        return "inductor triton"
+    if low.startswith("_"):  # our kernels and Liger-Kernel's are Triton functions named _...
+        return "triton kernels"
+    return "other (copies, reductions, norms in eager)"
 
 
 COMPLETION = 64  # GRPO's completion length (a quarter of the sequence where that is shorter: --tiny)
@@ -340,6 +363,9 @@ def run_one(args) -> dict:
         result["fused"] = fusions.counts()
         # graph calls that ran a version compiled on a run-time assumption (the causal mask), and the others
         result["assumed_calls"] = dict(sys.modules["liger_compile.facts"].stats)
+        # lm_head calls that kept gradients from their forward, and backwards that used them or recomputed
+        uniform = sys.modules.get("liger_compile.kernels._uniform_grad")
+        result["forward_grads"] = dict(uniform.stats) if uniform else {}
         print("\n".join(fusions.lines), file=sys.stderr)
     return result
 
@@ -456,7 +482,11 @@ def main(argv=None):
             "recompiles", "attention_ms_per_layer", "error"]
     notes += [f"{r['variant']} attention kernels: {'; '.join(r['attention_kernels'])}" for r in ok
               if r.get("attention_kernels")]
+    notes += [f"{r['variant']} GPU ms by kernel kind (one profiled step): {r['gpu_ms_by_kind']}" for r in ok
+              if r.get("gpu_ms_by_kind")]
     notes += [f"{r['variant']} graph calls by version: {r['assumed_calls']}" for r in ok if "assumed_calls" in r]
+    notes += [f"{r['variant']} lm_head gradients from the forward (kept / used / recomputed): {r['forward_grads']}"
+              for r in ok if r.get("forward_grads")]
     notes += [f"{r['variant']} recompiles: {r['recompile_reasons']}" for r in ok if r.get("recompile_reasons")]
     title = f"{kind.upper()}, {model} shape, {args.batch} x {args.seq}" + (
         ", padding_free=True" if args.padding_free else f", {args.padding:.0%} padding" if args.padding else "")

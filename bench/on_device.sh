@@ -66,14 +66,15 @@ E2E="python3 bench/bench_e2e.py --out $R"
 for stage in "${@:-tests}"; do
   echo "=== $stage $(date +%T)"
   case "$stage" in
-    tests) timeout 540 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 tests/kernels \
+    tests) timeout 540 python3 -m pytest -v -n 4 -p no:logging --tb=short -rfs --timeout 240 tests/kernels \
              tests/models/test_gpu.py tests/models/test_gpu_families.py tests/models/test_gpu_training_shapes.py \
              tests/patterns/test_graph_breaks.py tests/patterns/test_runtime_masks.py tests/patterns/test_rotary_forms.py \
              tests/trainers/test_trl_head.py \
              > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
     trltests) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 110 \
-                tests/kernels/test_kernel_token_logprobs.py tests/trainers/test_trl_head.py > "$R/gpu_trl_tests.log" 2>&1
+                tests/kernels/test_kernel_token_logprobs.py tests/kernels/test_token_logprobs_uniform_grad.py \
+                tests/trainers/test_trl_head.py > "$R/gpu_trl_tests.log" 2>&1
               grep -E "FAILED|ERROR|passed|failed" "$R/gpu_trl_tests.log" | tail -12; grep -c PASSED "$R/gpu_trl_tests.log" ;;
     retest) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \
               tests/kernels/test_kernel_add_rms_norm.py tests/models/test_gpu_training_shapes.py -k "not padding and not packed" \
@@ -120,18 +121,18 @@ for stage in "${@:-tests}"; do
                    --name profile_llama-1b_1x32768 --no-phases --steps 2 --warmup 2 --timeout 180 2>&1 | tail -6 ;;
     sft) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
            --timeout 200 --out "$R" > "$R/bench_sft.log" 2>&1
-         grep -E "^\| |agree|attention kernels|by version" "$R/bench_sft.log" | cut -c1-300 | tail -14 ;;
+         grep -E "^\| |agree|by version|by kernel kind|from the forward" "$R/bench_sft.log" | cut -c1-300 | tail -14 ;;
     sftpad) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
               --padding 0.25 --timeout 200 --out "$R" > "$R/bench_sft_padded.log" 2>&1
-            grep -E "^\| |agree|attention kernels|by version" "$R/bench_sft_padded.log" | cut -c1-300 | tail -14 ;;
+            grep -E "^\| |agree|by version|by kernel kind|from the forward" "$R/bench_sft_padded.log" | cut -c1-300 | tail -14 ;;
     sftfree) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
                --padding-free --timeout 200 --out "$R" > "$R/bench_sft_padding_free.log" 2>&1
-             grep -E "^\| |agree|attention kernels|by version" "$R/bench_sft_padding_free.log" | cut -c1-300 | tail -14 ;;
+             grep -E "^\| |agree|by version|by kernel kind|from the forward" "$R/bench_sft_padding_free.log" | cut -c1-300 | tail -14 ;;
     dpo|kto|grpo|gkd) timeout 580 python3 bench/bench_trainers.py --trainer "$stage" --batch "${PAIRS:-2}" \
                --variants "${TRAINER_VARIANTS:-plain,liger_kernel,inductor,liger}" --timeout "${TRAINER_TIMEOUT:-200}" \
                --steps "${TRAINER_STEPS:-12}" --out "$R" \
                > "$R/bench_$stage.log" 2>&1
-             grep -E "^\| |agree|attention kernels|by version" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
+             grep -E "^\| |agree|by version|by kernel kind|from the forward" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
     attention) timeout 200 python3 bench/bench_attention.py --out "$R" > "$R/bench_attention.log" 2>&1
                grep -E "^\| |Error|error" "$R/bench_attention.log" | tail -8 ;;
     varlentests) timeout 300 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 \

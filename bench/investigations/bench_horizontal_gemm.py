@@ -64,10 +64,13 @@ def check(hidden, widths, tokens, device, dtype, tol):
     ref = torch.autograd.grad(separate(x, weights), [x, *weights], grads)
     got = torch.autograd.grad(cat_per_step(x, weights), [x, *weights], grads)
     whole_got = torch.autograd.grad(concatenated(x, whole, widths), [x, whole], grads)
+    def close(a, b):  # bf16 rounds each sum in a different order: an error of a few ulps of the largest value
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-    torch.testing.assert_close(whole_got[0], ref[0], rtol=tol, atol=tol)
-    torch.testing.assert_close(whole_got[1], torch.cat(ref[1:]), rtol=tol, atol=tol)
+        close(a, b)
+    close(whole_got[0], ref[0])
+    close(whole_got[1], torch.cat(ref[1:]))
 
 
 def measure(tokens: int) -> list[dict]:

@@ -4,8 +4,9 @@
 
 Forward + backward of causal attention with grouped k/v heads (the layout after our rewrite: `enable_gqa`), bf16,
 through each SDPA backend torch offers (cuDNN, FlashAttention-2, memory-efficient) and FlexAttention compiled by
-Inductor with a causal block mask; head dim 64 and 128, 4 x 4096 and 1 x 32768 tokens. Each backend's output and
-gradients are checked against the memory-efficient one's (bf16 tolerance) before it is timed; a backend that
+Inductor with a causal block mask; head dim 64 and 128, 4 x 4096 and 1 x 32768 tokens. FlashAttention-2 and the
+memory-efficient kernel take no grouped heads, so k/v are repeated for them (timed with it). Each backend's output
+and gradients are checked against the memory-efficient one's (bf16 tolerance) before it is timed; a backend that
 refuses a shape is a row saying so. Writes sdpa_backends.md/.json/.png. `--check` compares FlexAttention's forward
 with the math backend's on CPU (small shapes).
 """
@@ -38,12 +39,16 @@ def inputs(b, t, h, hk, d, device, dtype):
     return q, k, v, dout
 
 
-def sdpa_with(backend):
+def sdpa_with(backend, expand=False):
+    """Causal SDPA on one backend. FlashAttention-2 and the memory-efficient kernel take no grouped k/v heads
+    (enable_gqa): with expand, k and v are repeated to the query heads first, as HF's attention does for them."""
     from torch.nn.attention import sdpa_kernel  # noqa: PLC0415
 
     def attend(q, k, v):
+        if expand:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=not expand)
 
     return attend
 
@@ -66,8 +71,10 @@ def backends(t, device):
 
     if device == "cpu":
         return {"math": sdpa_with(SDPBackend.MATH), "flex (eager)": flex(t, device, compiled=False)}
-    return {"cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION), "flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
-            "efficient": sdpa_with(SDPBackend.EFFICIENT_ATTENTION), "flex (Inductor)": flex(t, device)}
+    return {"cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION),
+            "flash (k/v repeated)": sdpa_with(SDPBackend.FLASH_ATTENTION, expand=True),
+            "efficient (k/v repeated)": sdpa_with(SDPBackend.EFFICIENT_ATTENTION, expand=True),
+            "flex (Inductor)": flex(t, device)}
 
 
 def main(argv=None):
@@ -76,10 +83,14 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="only compare the backends, on CPU, small shapes")
     args = ap.parse_args(argv)
     if args.check:  # CPU: FlexAttention has no backward there, so its forward only
+        from torch.nn.attention import SDPBackend  # noqa: PLC0415
+
         q, k, v, _ = (t.detach() for t in inputs(1, 256, 4, 2, 16, "cpu", torch.float32))
         found = backends(256, "cpu")
         with torch.no_grad():
             torch.testing.assert_close(found["flex (eager)"](q, k, v), found["math"](q, k, v), rtol=1e-4, atol=1e-4)
+            repeated = sdpa_with(SDPBackend.MATH, expand=True)(q, k, v)  # k/v repeated as for flash / efficient
+            torch.testing.assert_close(repeated, found["math"](q, k, v), rtol=1e-5, atol=1e-5)
         print("backends agree")
         return
     from triton.testing import do_bench  # noqa: PLC0415
@@ -90,7 +101,7 @@ def main(argv=None):
     for name, (b, t, h, hk, d) in SHAPES.items():
         q, k, v, dout = inputs(b, t, h, hk, d, "cuda", torch.bfloat16)
         found = backends(t, "cuda")
-        ref = grads(found["efficient"], q, k, v, dout)
+        ref = grads(found["efficient (k/v repeated)"], q, k, v, dout)
         flops = 4 * b * h * t * t * d / 2 * 3.5  # causal half; forward 1 + backward 2.5 matmul passes
         for backend, fn in found.items():
             row = {"shape": name, "backend": backend}
