@@ -1,0 +1,79 @@
+"""A gated MLP whose down_proj carries a LoRA adapter (PEFT's ``base(y) + lora_B(lora_A(dropout(y))) * scaling``,
+dropout 0), fused into ``liger::gated_down_proj_lora``: the product y = act(gate) * up is written again in backward
+instead of being kept for the adapter's gradient.
+
+Tried before the plain gated-MLP forms (gated_mlp.py), which would otherwise take act(gate) * up alone and keep y.
+Every tensor must share one dtype: PEFT keeps adapters in float32 on a bf16 model unless
+``autocast_adapter_dtype=False``, and that site is left as it is, with a near miss saying so.
+"""
+import torch
+import torch.nn.functional as F
+
+from liger_compile.kernels import gated_down_proj_lora as _op  # noqa: F401  (defines the op)
+from liger_compile.kernels._common import FLOAT_DTYPES
+from liger_compile.matcher import Match
+from liger_compile.pattern import Pattern
+
+from .gated_mlp import GELU, SILU, check
+
+PRIORITY = 8  # before gated_mlp
+
+
+def swiglu_down_lora(gate, up, weight, lora_a, lora_b, scaling):
+    y = F.silu(gate) * up
+    return F.linear(y, weight) + F.linear(F.linear(y, lora_a), lora_b) * scaling
+
+
+def geglu_down_lora(gate, up, weight, lora_a, lora_b, scaling, approximate):
+    y = F.gelu(gate, approximate=approximate) * up
+    return F.linear(y, weight) + F.linear(F.linear(y, lora_a), lora_b) * scaling
+
+
+def swiglu_down_lora_cast(gate, up, weight, lora_a, lora_b, scaling, dtype):
+    """The adapter's input cast to the adapter's dtype first (PEFT does so where the two differ)."""
+    y = F.silu(gate) * up
+    return F.linear(y, weight) + F.linear(F.linear(y.to(dtype), lora_a), lora_b) * scaling
+
+
+def make_fused(activation: str):
+    def fused(gate, up, weight, lora_a, lora_b, scaling, **_):
+        return torch.ops.liger.gated_down_proj_lora(gate, up, weight, lora_a, lora_b, scaling, activation)[0]
+
+    return fused
+
+
+def check_lora(m: Match) -> str | None:
+    why = check(m)
+    if why:
+        return why
+    g, w, a, b = (m.value(k) for k in ("gate", "weight", "lora_a", "lora_b"))
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (w, a, b)):
+        return "down_proj's or the adapter's weight is not a matrix"
+    if w.shape[1] != g.shape[-1] or a.shape[1] != g.shape[-1] or b.shape != (w.shape[0], a.shape[0]):
+        return f"down_proj {tuple(w.shape)}, adapter A {tuple(a.shape)} and B {tuple(b.shape)} do not fit together"
+    if "dtype" in m.bindings and m["dtype"] != g.dtype or len({g.dtype, w.dtype, a.dtype, b.dtype}) > 1:
+        return (f"the adapter's weights ({a.dtype}) and down_proj's input and weight ({g.dtype}, {w.dtype}) differ "
+                "in dtype (PEFT: autocast_adapter_dtype=False keeps the adapter in the model's dtype)")
+    if g.dtype not in FLOAT_DTYPES:
+        return f"unsupported dtype {g.dtype}"
+    if not isinstance(m["scaling"], (int, float)):
+        return "the adapter's scaling is not a constant"
+    if torch.is_autocast_enabled(g.device.type) and torch.get_autocast_dtype(g.device.type) != g.dtype:
+        return f"autocast to {torch.get_autocast_dtype(g.device.type)} would change the matmuls' dtype"
+    return None
+
+
+def check_geglu(m: Match) -> str | None:
+    if m["approximate"] != "tanh":
+        return (f"the activation is the exact GELU (approximate={m['approximate']!r}, with erf): the op computes "
+                "the tanh approximation")
+    return check_lora(m)
+
+
+PATTERNS = [
+    Pattern("swiglu", "silu, down_proj with LoRA", swiglu_down_lora, make_fused("silu"), check_lora, anchor=SILU),
+    Pattern("swiglu", "silu, down_proj with LoRA, adapter input cast", swiglu_down_lora_cast, make_fused("silu"),
+            check_lora, anchor=SILU),
+    Pattern("geglu", "gelu_tanh, down_proj with LoRA", geglu_down_lora, make_fused("gelu_tanh"), check_geglu,
+            anchor=GELU),
+]
