@@ -106,8 +106,24 @@ def _without_assumptions(gm: GraphModule, inputs, opts: _options.Options, report
         return _finish(fb_plan.gm.forward, fb_plan)
 
 
+def _pin_triton_cache_dir() -> None:
+    """Inductor points TRITON_CACHE_DIR at its own cache directory when it builds its first Triton kernel of the
+    process, if the variable is unset. The kernels our ops launch themselves read and write Triton's cache wherever
+    the variable points when they first run, so without this which directory they use would depend on what ran
+    first in that process, and a restart could look for them in another directory than the one they were written
+    to. Set to the same value Inductor would set, before anything compiles."""
+    if "TRITON_CACHE_DIR" in os.environ or not torch.cuda.is_available():
+        return
+    try:
+        from torch._inductor.runtime.cache_dir_utils import triton_cache_dir  # noqa: PLC0415
+    except ImportError:  # a torch that keeps it elsewhere: leave the variable to Inductor
+        return
+    os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(torch.cuda.current_device())
+
+
 def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """`torch.compile(model, backend="liger", mode=..., options=...)` lands here."""
+    _pin_triton_cache_dir()
     opts = _options.parse(mode, options)
     with _timed("liger_compile.rewrite"):  # listed by torch._dynamo.utils.compile_times() beside Inductor's phases
         plan, report = rewrite_graph(gm, opts)

@@ -62,3 +62,22 @@ def test_portable_cache_artifacts_warm_an_empty_cache(tmp_path):
     assert graphs == 2 and second["fused"] == first["fused"], (first, second)  # forward and backward compiled
     assert second["inductor"].get("fxgraph_cache_hit") == graphs and not second["inductor"].get("fxgraph_cache_miss")
     assert second["aot"].get("autograd_cache_hit") == 1, second
+
+
+def test_triton_cache_directory_is_inductors_from_the_first_compile(monkeypatch, tmp_path):
+    """On a GPU the backend points TRITON_CACHE_DIR where Inductor would, before anything compiles, so the kernels
+    our ops launch themselves find their cache in the same directory in every process, whatever runs first."""
+    import torch
+    from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+
+    from liger_compile import backend
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    backend._pin_triton_cache_dir()
+    assert os.environ["TRITON_CACHE_DIR"] == triton_cache_dir(0) == os.path.join(str(tmp_path), "triton", "0")
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")  # a user's own setting is left alone
+    backend._pin_triton_cache_dir()
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else"
