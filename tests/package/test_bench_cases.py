@@ -18,3 +18,18 @@ def test_every_kernel_case_is_found_and_names_a_registered_kernel(monkeypatch):
     assert set(bench_kernels.untimed_kernels()) == modules - set(cases)
     assert all(callable(case) for case in cases.values())
     sys.modules.pop("bench_kernels", None)
+
+
+def test_trainer_summary_reads_every_recorded_run(tmp_path, monkeypatch):
+    """bench/summary_trainers.py over the recorded runs: one row per variant of each, ratios to use_liger_kernel."""
+    monkeypatch.syspath_prepend(BENCH)
+    import summary_trainers
+
+    runs = summary_trainers.load(os.path.join(BENCH, "results"))
+    rows = summary_trainers.rows(runs)
+    assert {name.split("_")[0] for name, _ in runs} >= {"sft", "dpo"}
+    assert len(rows) == sum(len(data["rows"]) for _, data in runs)
+    assert all(r["vs use_liger_kernel"] == 1.0 for r in rows if r["variant"] == "use_liger_kernel=True")
+    summary_trainers.main(["--out", str(tmp_path)])
+    assert (tmp_path / "trainers_summary.png").stat().st_size > 0
+    sys.modules.pop("summary_trainers", None)
