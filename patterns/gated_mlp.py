@@ -40,9 +40,17 @@ def geglu_down(gate, up, weight, approximate):
 
 def make_fused_down(activation: str):
     def fused(gate, up, weight, **_):
-        return torch.ops.liger.gated_down_proj(gate, up, weight, activation)
+        # type_as: a no-op for a weight in the activations' dtype; under autocast, the cast autocast's matmul makes
+        return torch.ops.liger.gated_down_proj(gate, up, weight.type_as(gate), activation)
 
     return fused
+
+
+def autocast_to(t: torch.Tensor) -> bool:
+    """A matmul with t runs in t's dtype whatever its weight's dtype: autocast is on for t's device, to t's dtype
+    (a float32 model under the Trainer's bf16=True)."""
+    device = t.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == t.dtype
 
 
 def make_fused(activation: str):
@@ -103,8 +111,8 @@ def check_down(m: Match) -> str | None:
     w, g = m.value("weight"), m.value("gate")
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != g.shape[-1]:
         return "down_proj's weight is not a [hidden, intermediate] matrix"
-    if w.dtype != g.dtype:
-        return f"down_proj weight {w.dtype} and activations {g.dtype} differ in dtype"
+    if w.dtype != g.dtype and not autocast_to(g):
+        return f"down_proj weight {w.dtype} and activations {g.dtype} differ in dtype (and no autocast to {g.dtype})"
     return None
 
 

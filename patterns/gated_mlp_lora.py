@@ -3,8 +3,10 @@ dropout 0), fused into ``liger::gated_down_proj_lora``: the product y = act(gate
 instead of being kept for the adapter's gradient.
 
 Tried before the plain gated-MLP forms (gated_mlp.py), which would otherwise take act(gate) * up alone and keep y.
-Every tensor must share one dtype: PEFT keeps adapters in float32 on a bf16 model unless
-``autocast_adapter_dtype=False``, and that site is left as it is, with a near miss saying so.
+The matmuls must run in one dtype: every weight in the activations' dtype, or autocast on to that dtype (PEFT's
+float32 adapters, and float32 weights, under the Trainer's bf16=True: the op takes the weights cast as autocast
+casts them). Float32 adapters on a bf16 model outside autocast (PEFT's default without mixed precision) mix
+dtypes in their matmuls: that site keeps the plain act(gate) * up fusion.
 """
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
 
-from .gated_mlp import GELU, SILU, check
+from .gated_mlp import GELU, SILU, autocast_to, check
 
 PRIORITY = 8  # before gated_mlp
 
@@ -37,7 +39,10 @@ def swiglu_down_lora_cast(gate, up, weight, lora_a, lora_b, scaling, dtype):
 
 def make_fused(activation: str):
     def fused(gate, up, weight, lora_a, lora_b, scaling, **_):
-        return torch.ops.liger.gated_down_proj_lora(gate, up, weight, lora_a, lora_b, scaling, activation)[0]
+        # type_as: a no-op where the weights are in the activations' dtype; under autocast, the cast autocast's
+        # matmuls make (the check allows no other difference)
+        weights = (t.type_as(gate) for t in (weight, lora_a, lora_b))
+        return torch.ops.liger.gated_down_proj_lora(gate, up, *weights, scaling, activation)[0]
 
     return fused
 
@@ -51,15 +56,19 @@ def check_lora(m: Match) -> str | None:
         return "down_proj's or the adapter's weight is not a matrix"
     if w.shape[1] != g.shape[-1] or a.shape[1] != g.shape[-1] or b.shape != (w.shape[0], a.shape[0]):
         return f"down_proj {tuple(w.shape)}, adapter A {tuple(a.shape)} and B {tuple(b.shape)} do not fit together"
-    if "dtype" in m.bindings and m["dtype"] != g.dtype or len({g.dtype, w.dtype, a.dtype, b.dtype}) > 1:
-        return (f"the adapter's weights ({a.dtype}) and down_proj's input and weight ({g.dtype}, {w.dtype}) differ "
-                "in dtype (PEFT: autocast_adapter_dtype=False keeps the adapter in the model's dtype)")
     if g.dtype not in FLOAT_DTYPES:
         return f"unsupported dtype {g.dtype}"
     if not isinstance(m["scaling"], (int, float)):
         return "the adapter's scaling is not a constant"
-    if torch.is_autocast_enabled(g.device.type) and torch.get_autocast_dtype(g.device.type) != g.dtype:
-        return f"autocast to {torch.get_autocast_dtype(g.device.type)} would change the matmuls' dtype"
+    device = g.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != g.dtype:
+        return f"autocast to {torch.get_autocast_dtype(device)} would change the matmuls' dtype"
+    if a.dtype != b.dtype or ("dtype" in m.bindings and m["dtype"] != a.dtype):
+        return f"the adapter's input and weights differ in dtype ({m.bindings.get('dtype')}, {a.dtype}, {b.dtype})"
+    if len({g.dtype, w.dtype, a.dtype}) > 1 and not autocast_to(g):
+        return (f"the adapter's weights ({a.dtype}) and down_proj's input and weight ({g.dtype}, {w.dtype}) differ "
+                "in dtype outside autocast, so its matmuls mix dtypes (PEFT: autocast_adapter_dtype=False keeps the "
+                "adapter in the model's dtype)")
     return None
 
 
