@@ -217,6 +217,20 @@ class FusionLog(logging.Handler):
         return total
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_config(args):
+    """--lora R: PEFT LoRA of rank R on every projection (alpha 2R, dropout 0), handed to TRL as users do (its
+    peft_config); PEFT's defaults otherwise (float32 adapters on a bf16 model)."""
+    if not args.lora:
+        return None
+    import peft  # noqa: PLC0415
+
+    return peft.LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                           task_type="CAUSAL_LM")
+
+
 def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench_trainers_"), max_steps=steps, per_device_train_batch_size=args.batch,
@@ -275,8 +289,8 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
         config = trl.SFTConfig(**common, max_length=None if args.padding_free else args.seq, packing=False,
                                padding_free=args.padding_free, **pad)
         trainer = trl.SFTTrainer(model=model, args=config, train_dataset=in_memory_dataset({"input_ids": rows}),
-                                 processing_class=tokenizer(), callbacks=callbacks)
-        return trainer, f"trl.SFTTrainer {trl.__version__}"
+                                 processing_class=tokenizer(), callbacks=callbacks, peft_config=lora_config(args))
+        return trainer, f"trl.SFTTrainer {trl.__version__}" + (f", LoRA r={args.lora}" if args.lora else "")
     import transformers  # noqa: PLC0415
 
     trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**common),
@@ -376,7 +390,7 @@ def drive(args) -> list[dict]:
         cmd = [sys.executable, __file__, "--one", v, "--model", args.model, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--trainer", args.trainer, "--padding", str(args.padding)]
-        cmd += ["--padding-free"] * args.padding_free
+        cmd += ["--padding-free"] * args.padding_free + (["--lora", str(args.lora)] if args.lora else [])
         cmd += ["--tiny"] * args.tiny + ["--checkpointing"] * args.checkpointing + ["--cpu-bf16"] * args.cpu_bf16
         cmd += ["--pure-bf16"] * args.pure_bf16 + ["--profile" if args.profile else "--no-profile"]
         t0 = time.time()
@@ -440,6 +454,8 @@ def main(argv=None):
     ap.add_argument("--trainer", default="auto", choices=["auto", "sft", "trl", "hf", "dpo", "kto", "grpo", "gkd"],
                     help="auto: TRL's SFT if trl imports, else transformers' Trainer; trl: the same as sft")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (TRL's default)")
+    ap.add_argument("--lora", type=int, default=0, help="TRL SFT with a PEFT LoRA adapter of this rank on every "
+                                                          "projection (0: full fine-tuning)")
     ap.add_argument("--padding", type=float, default=0.0,
                     help="fraction of each batch that is padding (rows of random lengths, TRL only), e.g. 0.25")
     ap.add_argument("--padding-free", action="store_true",
@@ -467,7 +483,8 @@ def main(argv=None):
     kind = args.trainer if args.trainer in ("dpo", "kto", "grpo", "gkd", "hf") else "sft"
     name = f"{kind}_{model}_{args.batch}x{args.seq}" + ("_pure-bf16" if args.pure_bf16 else "") + (
         f"_padded{round(args.padding * 100)}" if args.padding and not args.padding_free else "") + (
-        "_padding-free" if args.padding_free else "")
+        "_padding-free" if args.padding_free else "") + (f"_lora{args.lora}" if args.lora else "") + (
+        "_checkpointing" if args.checkpointing else "")
     ok = [r for r in rows if "error" not in r]
     compared = "logps/chosen" if all("logps/chosen" in r.get("first_logps", {}) for r in ok) and ok else "loss"
     first = {r["variant"]: r["first_logps"][compared] if compared != "loss" else r["first_loss"] for r in ok}

@@ -26,6 +26,8 @@
 #   sft        TRL SFT (or the HF Trainer) on the Llama-3.2-1B shape, 4x2048: no compile, use_liger_kernel=True,
 #              Inductor and backend "liger" (SFT_VARIANTS narrows the list); sftpad the same with 25% padding;
 #              sftfree the same with padding_free=True (each batch one row of four documents)
+#   lora       TRL SFT with a PEFT LoRA adapter (rank LORA_RANK, default 16) on every projection, 4x2048, the same
+#              four variants (SFT_VARIANTS); loracheckpoint the same with gradient checkpointing on
 #   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
 #              (TRAINER_VARIANTS, TRAINER_TIMEOUT seconds per variant, TRAINER_STEPS)
 #   grpo, gkd  TRL GRPO (PAIRS rows: prompt groups of 2 completions of 64 tokens) / GKD (PAIRS rows, a teacher of the
@@ -125,6 +127,10 @@ for stage in "${@:-tests}"; do
     sftpad) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
               --padding 0.25 --timeout 200 --out "$R" > "$R/bench_sft_padded.log" 2>&1
             grep -E "^\| |agree|by version|by kernel kind|from the forward" "$R/bench_sft_padded.log" | cut -c1-300 | tail -14 ;;
+    lora|loracheckpoint) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
+               --lora "${LORA_RANK:-16}" $([ "$stage" = loracheckpoint ] && echo --checkpointing) --timeout 200 \
+               --out "$R" > "$R/bench_$stage.log" 2>&1
+             grep -E "^\| |agree|by version|by kernel kind|from the forward" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
     sftfree) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
                --padding-free --timeout 200 --out "$R" > "$R/bench_sft_padding_free.log" 2>&1
              grep -E "^\| |agree|by version|by kernel kind|from the forward" "$R/bench_sft_padding_free.log" | cut -c1-300 | tail -14 ;;
