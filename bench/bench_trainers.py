@@ -7,6 +7,7 @@ and no compile at all, one process each.
     python bench/bench_trainers.py --trainer grpo        # TRL GRPO: prompts of seq - 64 tokens, 64-token completions
     python bench/bench_trainers.py --trainer gkd         # TRL GKD (trl.experimental.gkd): a teacher of the same shape
     python bench/bench_trainers.py --trainer hf          # transformers' Trainer
+    python bench/bench_trainers.py --lora 16             # TRL SFT with a PEFT LoRA adapter on every projection
     python bench/bench_trainers.py --tiny ...            # tiny Llama, a few steps: runs on CPU (checks the script)
     python bench/bench_trainers.py ... --one VARIANT     (what the driver runs: one process per variant)
 
