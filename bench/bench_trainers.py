@@ -8,6 +8,7 @@ and no compile at all, one process each.
     python bench/bench_trainers.py --trainer gkd         # TRL GKD (trl.experimental.gkd): a teacher of the same shape
     python bench/bench_trainers.py --trainer hf          # transformers' Trainer
     python bench/bench_trainers.py --lora 16             # TRL SFT with a PEFT LoRA adapter on every projection
+    python bench/bench_trainers.py --lora 16 --variants unsloth   # the same through Unsloth (CUDA, unsloth installed)
     python bench/bench_trainers.py --tiny ...            # tiny Llama, a few steps: runs on CPU (checks the script)
     python bench/bench_trainers.py ... --one VARIANT     (what the driver runs: one process per variant)
 
@@ -55,8 +56,8 @@ TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_l
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, use_cache=False)
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # the tokenizer's only tokens; data ids start after them
 # plain: no compile; liger_kernel: use_liger_kernel=True (Liger-Kernel's patches, no compile); inductor / liger:
-# torch_compile=True with that torch_compile_backend
-VARIANTS = ["plain", "liger_kernel", "inductor", "liger"]
+# torch_compile=True with that torch_compile_backend; unsloth (with --lora only): Unsloth's FastLanguageModel, no compile
+VARIANTS = ["plain", "liger_kernel", "inductor", "liger", "unsloth"]
 
 
 def tokenizer(words: int = 0):
@@ -232,6 +233,24 @@ def lora_config(args):
                            task_type="CAUSAL_LM")
 
 
+def unsloth_model(args, model):
+    """--lora with variant unsloth: the same random-init model saved to a local directory and loaded back through
+    Unsloth's FastLanguageModel (bf16, no 4-bit), with its LoRA of the same rank on every projection and, with
+    --checkpointing, its own offloaded checkpointing. Needs CUDA and the unsloth package."""
+    if not args.lora or args.trainer not in ("auto", "trl", "sft"):
+        sys.exit("bench_trainers: the unsloth variant is TRL SFT with --lora")
+    from unsloth import FastLanguageModel  # noqa: PLC0415
+
+    directory = tempfile.mkdtemp(prefix="bench_trainers_unsloth_")
+    model.save_pretrained(directory)
+    tokenizer().save_pretrained(directory)
+    loaded, _ = FastLanguageModel.from_pretrained(directory, max_seq_length=args.seq, dtype=torch.bfloat16,
+                                                  load_in_4bit=False)
+    return FastLanguageModel.get_peft_model(
+        loaded, r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none",
+        use_gradient_checkpointing="unsloth" if args.checkpointing else False, random_state=0)
+
+
 def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench_trainers_"), max_steps=steps, per_device_train_batch_size=args.batch,
@@ -242,7 +261,9 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
     )
     if variant == "liger_kernel":
         common["use_liger_kernel"] = True
-    elif variant != "plain":
+    elif variant == "unsloth":  # its model checkpoints itself (get_peft_model's use_gradient_checkpointing)
+        common["gradient_checkpointing"] = False
+    elif variant in ("inductor", "liger"):
         common.update(torch_compile=True, torch_compile_backend=variant)
     if args.trainer == "grpo":
         import trl  # noqa: PLC0415
@@ -289,8 +310,9 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
         # padding_free without packing: the rows are already at most seq long (TRL asks for max_length=None then)
         config = trl.SFTConfig(**common, max_length=None if args.padding_free else args.seq, packing=False,
                                padding_free=args.padding_free, **pad)
+        peft_config = None if variant == "unsloth" else lora_config(args)  # Unsloth's model carries its adapter
         trainer = trl.SFTTrainer(model=model, args=config, train_dataset=in_memory_dataset({"input_ids": rows}),
-                                 processing_class=tokenizer(), callbacks=callbacks, peft_config=lora_config(args))
+                                 processing_class=tokenizer(), callbacks=callbacks, peft_config=peft_config)
         return trainer, f"trl.SFTTrainer {trl.__version__}" + (f", LoRA r={args.lora}" if args.lora else "")
     import transformers  # noqa: PLC0415
 
@@ -313,6 +335,8 @@ def run_one(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     use_bf16 = device == "cuda" or args.cpu_bf16
     model = build(args, device, torch.bfloat16 if use_bf16 else torch.float32)
+    if variant == "unsloth":
+        model = unsloth_model(args, model)
     model.train()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -467,7 +491,7 @@ def main(argv=None):
                          "model's outputs (the logits) to fp32")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                     help="one more step under torch.profiler: attention ms per layer (default on a GPU)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS[:4]), help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--one", default=None)
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
