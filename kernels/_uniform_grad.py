@@ -7,20 +7,20 @@ backward of the op has seen such a gradient for a weight, later forwards for tha
 d/dweight and d/dbias with that number as the guess (three matmuls); their backward checks that the gradient it
 receives is uniform again and rescales the kept gradients by received / guessed (exactly 1 while the token count
 stays the same). Any other gradient (DPO's, KTO's and GRPO's per-sequence weights, an entropy bonus) takes the
-recomputing backward, as without this, and ends the guessing for that weight. Deciding costs one host
-synchronisation per backward (none once a weight's guessing has ended); inside a CUDA-graph capture nothing is
+recomputing backward, as without this, and ends the guessing for weights of that shape. Deciding costs one host
+synchronisation per backward (none once guessing has ended for the shape); inside a CUDA-graph capture nothing is
 guessed or checked.
 
-At most one forward per weight keeps gradients: a second forward of the same weight before the first one's
-backward replaces them, and that first backward recomputes (correct, only slower).
+At most one forward per weight shape keeps gradients: a second forward before the first one's backward replaces
+them, and that first backward recomputes (correct, only slower).
 """
 import dataclasses
 from typing import Optional
 
 import torch
 
-_UNDECIDED = "undecided"  # a weight whose forwards expect gradients, before its first backward
-_OFF = "off"  # a weight whose gradients were seen to be non-uniform
+_UNDECIDED = "undecided"  # a weight shape whose forwards expect gradients, before its first backward
+_OFF = "off"  # a weight shape whose gradients were seen to be non-uniform
 
 
 @dataclasses.dataclass
