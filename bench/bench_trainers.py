@@ -56,7 +56,8 @@ TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_l
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, use_cache=False)
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # the tokenizer's only tokens; data ids start after them
 # plain: no compile; liger_kernel: use_liger_kernel=True (Liger-Kernel's patches, no compile); inductor / liger:
-# torch_compile=True with that torch_compile_backend; unsloth (with --lora only): Unsloth's FastLanguageModel, no compile
+# torch_compile=True with that torch_compile_backend; unsloth (with --lora only): Unsloth's FastLanguageModel, no
+# compile
 VARIANTS = ["plain", "liger_kernel", "inductor", "liger", "unsloth"]
 
 

@@ -12,6 +12,9 @@ import glob
 import json
 import os
 import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 TRAINERS = ("sft", "dpo", "kto", "grpo", "gkd")
 VARIANTS = {"plain": "no compile", "liger_kernel": "use_liger_kernel=True", "inductor": "Inductor",
@@ -53,18 +56,13 @@ def rows(runs) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
+    from common import markdown_table  # noqa: PLC0415
+
     cols = ["run", "date", "variant", "tokens/s", "vs use_liger_kernel", "peak_GiB", "target met", "error"]
-
-    def fmt(v):
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:,.0f}" if v > 100 else f"{v:.2f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in summary]
-    return "\n".join(lines)
+    shown = [{**r, "tokens/s": "" if r["tokens/s"] is None else f"{r['tokens/s']:,.0f}",
+              "vs use_liger_kernel": "" if r["vs use_liger_kernel"] is None else f"{r['vs use_liger_kernel']:.2f}",
+              "peak_GiB": "" if r["peak_GiB"] is None else f"{r['peak_GiB']:.2f}"} for r in summary]
+    return markdown_table(shown, cols)
 
 
 def chart(path: str, summary: list[dict]) -> None:

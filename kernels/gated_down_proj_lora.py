@@ -30,7 +30,8 @@ def _check(gate, up, weight, lora_a, lora_b):
     f = gate.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != f:
         raise ValueError(f"gated_down_proj_lora: weight {tuple(weight.shape)} does not take inputs of width {f}")
-    if lora_a.dim() != 2 or lora_a.shape[1] != f or lora_b.dim() != 2 or lora_b.shape != (weight.shape[0], lora_a.shape[0]):
+    if (lora_a.dim() != 2 or lora_a.shape[1] != f or lora_b.dim() != 2
+            or lora_b.shape != (weight.shape[0], lora_a.shape[0])):
         raise ValueError(f"gated_down_proj_lora: adapter A {tuple(lora_a.shape)} and B {tuple(lora_b.shape)} do not "
                          f"fit down_proj {tuple(weight.shape)}")
 

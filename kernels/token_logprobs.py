@@ -18,9 +18,9 @@ That is four matmuls, as many as a gradient needs when its per-token weights are
 and GRPO's are not). Where the caller expects gradients (expect_hidden_grad / expect_weight_grad) and an earlier
 backward for the same weight received the same gradient on every scored token (SFT's loss), the forward also runs
 the backward's row kernel and its two matmuls with that gradient, and the backward rescales what it kept instead of
-recomputing: three matmuls (kernels/_uniform_grad.py says when it falls back). Rows with ignored labels (prompts, padding) are left out of the matmuls when at least
-SKIP_FRACTION of them are ignored; counting them costs one host synchronisation per call, so where that cannot
-happen (tracing, CUDA-graph capture) every row is scored.
+recomputing: three matmuls (kernels/_uniform_grad.py says when it falls back). Rows with ignored labels (prompts,
+padding) are left out of the matmuls when at least SKIP_FRACTION of them are ignored; counting them costs one host
+synchronisation per call, so where that cannot happen (tracing, CUDA-graph capture) every row is scored.
 """
 from typing import Optional
 

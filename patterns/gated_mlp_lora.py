@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from liger_compile.kernels import gated_down_proj_lora as _op  # noqa: F401  (defines the op)
-from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
 
-from .gated_mlp import GELU, SILU, autocast_to, check
+from .gated_mlp import GELU, SILU, autocast_to, check_down
 
 PRIORITY = 8  # before gated_mlp
 
@@ -48,16 +47,14 @@ def make_fused(activation: str):
 
 
 def check_lora(m: Match) -> str | None:
-    why = check(m)
+    why = check_down(m)  # gate, up and down_proj's weight as the plain form checks them (autocast allowed)
     if why:
         return why
     g, w, a, b = (m.value(k) for k in ("gate", "weight", "lora_a", "lora_b"))
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (w, a, b)):
-        return "down_proj's or the adapter's weight is not a matrix"
-    if w.shape[1] != g.shape[-1] or a.shape[1] != g.shape[-1] or b.shape != (w.shape[0], a.shape[0]):
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (a, b)):
+        return "the adapter's weights are not matrices"
+    if a.shape[1] != g.shape[-1] or b.shape != (w.shape[0], a.shape[0]):
         return f"down_proj {tuple(w.shape)}, adapter A {tuple(a.shape)} and B {tuple(b.shape)} do not fit together"
-    if g.dtype not in FLOAT_DTYPES:
-        return f"unsupported dtype {g.dtype}"
     if not isinstance(m["scaling"], (int, float)):
         return "the adapter's scaling is not a constant"
     device = g.device.type
@@ -65,24 +62,17 @@ def check_lora(m: Match) -> str | None:
         return f"autocast to {torch.get_autocast_dtype(device)} would change the matmuls' dtype"
     if a.dtype != b.dtype or ("dtype" in m.bindings and m["dtype"] != a.dtype):
         return f"the adapter's input and weights differ in dtype ({m.bindings.get('dtype')}, {a.dtype}, {b.dtype})"
-    if len({g.dtype, w.dtype, a.dtype}) > 1 and not autocast_to(g):
-        return (f"the adapter's weights ({a.dtype}) and down_proj's input and weight ({g.dtype}, {w.dtype}) differ "
-                "in dtype outside autocast, so its matmuls mix dtypes (PEFT: autocast_adapter_dtype=False keeps the "
-                "adapter in the model's dtype)")
+    if a.dtype != g.dtype and not autocast_to(g):
+        return (f"the adapter's weights ({a.dtype}) and down_proj's input ({g.dtype}) differ in dtype outside "
+                "autocast, so its matmuls mix dtypes (PEFT: autocast_adapter_dtype=False keeps the adapter in the "
+                "model's dtype)")
     return None
-
-
-def check_geglu(m: Match) -> str | None:
-    if m["approximate"] != "tanh":
-        return (f"the activation is the exact GELU (approximate={m['approximate']!r}, with erf): the op computes "
-                "the tanh approximation")
-    return check_lora(m)
 
 
 PATTERNS = [
     Pattern("swiglu", "silu, down_proj with LoRA", swiglu_down_lora, make_fused("silu"), check_lora, anchor=SILU),
     Pattern("swiglu", "silu, down_proj with LoRA, adapter input cast", swiglu_down_lora_cast, make_fused("silu"),
             check_lora, anchor=SILU),
-    Pattern("geglu", "gelu_tanh, down_proj with LoRA", geglu_down_lora, make_fused("gelu_tanh"), check_geglu,
+    Pattern("geglu", "gelu_tanh, down_proj with LoRA", geglu_down_lora, make_fused("gelu_tanh"), check_lora,
             anchor=GELU),
 ]
