@@ -12,8 +12,7 @@ shapes and machine) should find all of it cached. Each process trains warmup + s
 - the Triton kernels compiled just in time in the process (our kernels: a launch that missed Triton's in-memory cache)
   and their seconds, and the compiled kernels (.cubin) and C++ objects (.so) the cache directories gained;
 - graphs, recompiles (each with the guard that failed), FX-graph and AOTAutograd cache hits and misses.
-Variant "ours+ir-memo" is ours with torch's per-call analysis of our Triton kernels memoized (an experiment on the
-cold compile time; see memoize_kernel_analysis).
+Variant "ours-no-memo" is ours without the memo of torch's per-call analysis of our Triton kernels (what it saves).
 The metrics are Dynamo's own, summed over graphs and threads: nested phases are each counted (AOTAutograd's time
 holds Inductor's), and C++ builds run in parallel, so the columns are not parts of the first step that add up.
 Writes compile_<model>_<b>x<t>[_<mode>].md/.json/.png into --out.
@@ -89,36 +88,13 @@ class JitCompiles:
                 "jit_kernels": {k: [len(v), round(sum(v), 3)] for k, v in sorted(self.calls.items())}}
 
 
-def memoize_kernel_analysis() -> list[str]:
-    """Variant "ours+ir-memo" (an experiment, not part of the package): torch's analysis of which arguments a
-    user Triton kernel writes, which builds the kernel's Triton IR at every call site (several times each), done once
-    per kernel and argument signature (tensors by dtype, everything else by value). Returns the functions patched."""
-    import torch._higher_order_ops.triton_kernel_wrap as wrap  # noqa: PLC0415
+def without_kernel_memo() -> list[str]:
+    """Variant "ours-no-memo": ours without liger_compile/kernel_analysis.py's memo of torch's analysis of our
+    kernels' calls (what the memo saves in a cold compile)."""
+    from liger_compile import kernel_analysis  # noqa: PLC0415
 
-    def signature(value):
-        dtype = getattr(value, "dtype", None)
-        if dtype is None and hasattr(value, "get_dtype"):  # an Inductor IR buffer
-            dtype = value.get_dtype()
-        if dtype is not None:
-            return ("tensor", str(dtype))
-        return ("value", value if isinstance(value, (bool, int, float, str, type(None))) else type(value).__name__)
-
-    patched = []
-    for name in ("identify_accessed_tensors", "identify_mutated_tensors"):
-        original = getattr(wrap, name, None)
-        if original is None:
-            continue
-        memo = {}
-
-        def memoized(kernel, kwargs, *rest, original=original, memo=memo):
-            key = (id(kernel), tuple(sorted((k, signature(v)) for k, v in kwargs.items())), repr(rest))
-            if key not in memo:
-                memo[key] = original(kernel, kwargs, *rest)
-            return memo[key]
-
-        setattr(wrap, name, memoized)
-        patched.append(name)
-    return patched
+    kernel_analysis.install = lambda: ()
+    return ["kernel_analysis.install"]
 
 
 def cache_files(dirs: list[str]) -> dict[str, int]:
@@ -146,7 +122,7 @@ def run_one(args) -> dict:
     model, _ = build(args.model, args.device, args.tiny)
     model.train()
     report = None
-    patched = memoize_kernel_analysis() if args.one.endswith("+ir-memo") else []
+    patched = without_kernel_memo() if args.one == "ours-no-memo" else []
     if args.one == "inductor":
         run = torch.compile(model, mode=args.mode)
     else:

@@ -204,13 +204,19 @@ class FusionLog(logging.Handler):
     does: the proof that the run went through backend="liger", and what it fused."""
 
     def __init__(self):
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.lines = []
+        self.last = ""
+        self.variants: dict[str, int] = {}  # "pattern [variant]" -> sites, from the DEBUG line of each graph's table
 
     def emit(self, record):
         msg = record.getMessage()
-        if "liger_compile: graph" in msg:
+        if record.levelno >= logging.INFO and "liger_compile: graph" in msg:
             self.lines.append(msg)
+        for name, variant in re.findall(r"^  (\w+)?\s+(?:\d+)?\s+\[([^\]]*)\]", msg, flags=re.M):
+            self.last = name or self.last  # continuation lines of a pattern's sites leave the name out
+            key = f"{self.last} [{variant}]"
+            self.variants[key] = self.variants.get(key, 0) + 1
 
     def counts(self) -> dict[str, int]:
         total = {}
@@ -375,7 +381,7 @@ def run_one(args) -> dict:
     log = logging.getLogger("liger_compile")
     fusions = FusionLog()
     log.addHandler(fusions)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -401,6 +407,7 @@ def run_one(args) -> dict:
     }
     if variant == "liger":
         result["fused"] = fusions.counts()
+        result["fused_variants"] = fusions.variants
         # graph calls that ran a version compiled on a run-time assumption (the causal mask), and the others
         result["assumed_calls"] = dict(sys.modules["liger_compile.facts"].stats)
         # lm_head calls that kept gradients from their forward, and backwards that used them or recomputed

@@ -42,7 +42,7 @@
 #              and 128, 4x4096 and 1x32768 (bench/investigations/bench_sdpa_backends.py)
 #   compile    compile time at 4x4096, Inductor and ours, each a cold start then a warm restart over fresh caches
 #              (bench/bench_compile.py; COMPILE_MODE sets torch.compile's mode, COMPILE_VARIANTS the list, e.g.
-#              inductor,ours,ours+ir-memo for the experiment that memoizes torch's analysis of our kernels' calls)
+#              inductor,ours,ours-no-memo for ours without the memo of torch's analysis of our kernels' calls)
 # Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, ABLATION_REPEAT (runs of the list,
 # round robin, medians reported; later runs find the kernels compiled), P32_VARIANTS, CONTEXT_VARIANTS,
 # CONTEXT_START, CONTEXT_MAX, CONTEXT_BUDGET (seconds).

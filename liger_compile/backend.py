@@ -11,10 +11,10 @@ import torch
 from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
-from . import facts
+from . import facts, kernel_analysis
 from . import options as _options
 from .lazy import wrap_outputs
-from .pattern import all_output_checks, all_patterns
+from .pattern import all_output_checks, all_patterns, off_by_default
 from .report import GraphReport, Site
 from .rewrite import Plan, copy_graph_module, rewrite
 
@@ -46,7 +46,8 @@ def rewrite_graph(gm: GraphModule, opts: _options.Options, assume: bool = True, 
     whether the report and dump count this rewrite (not for a graph's second version without assumptions)."""
     if index is None:  # numbered per report (each `explain` call starts at 0), else per process
         index = len(opts.report.graphs) if opts.report is not None else next(_graph_ids)
-    patterns = [p for p in all_patterns() if p.name not in opts.disable]
+    off = off_by_default() - set(opts.enable)
+    patterns = [p for p in all_patterns() if p.name not in opts.disable and p.name not in off]
     checks = [c for c in all_output_checks() if c.fact not in opts.disable]
     new_gm = None
     try:
@@ -67,6 +68,7 @@ def rewrite_graph(gm: GraphModule, opts: _options.Options, assume: bool = True, 
         return plan, report
     counts = ", ".join(f"{k}={v}" for k, v in report.counts.items()) or "nothing fused"
     log.info("liger_compile: graph %d: %s; %d near misses", index, counts, len(report.near_misses))
+    log.debug("liger_compile: %s", report)  # the table explain() prints: each site's variant, every near miss
     if opts.dump:
         _dump(opts.dump, index, gm, new_gm, report)
     if opts.report is not None:
@@ -124,6 +126,7 @@ def _pin_triton_cache_dir() -> None:
 def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """`torch.compile(model, backend="liger", mode=..., options=...)` lands here."""
     _pin_triton_cache_dir()
+    kernel_analysis.install()
     opts = _options.parse(mode, options)
     with _timed("liger_compile.rewrite"):  # listed by torch._dynamo.utils.compile_times() beside Inductor's phases
         plan, report = rewrite_graph(gm, opts)

@@ -9,6 +9,8 @@ from typing import Any
 OUR_OPTIONS = {
     "dump": "directory: write each graph before/after the rewrite and its report there (also LIGER_COMPILE_DUMP)",
     "disable": "a pattern name or a list of them not to fuse, e.g. 'rms_norm' or ['rms_norm', 'rotary']",
+    "enable": "a pattern name or a list of them to fuse that are off by default, e.g. 'qkv_projection' (also "
+              "LIGER_COMPILE_ENABLE, comma-separated, for runs that cannot pass options: the trainers)",
     "fallback": "bool, default True: on an error inside our rewrite, compile the untouched graph with Inductor",
     "inductor": "bool, default True: False runs the rewritten graph eagerly instead of compiling it (debugging)",
     "report": "a liger_compile.Report to collect the per-graph reports into",
@@ -21,6 +23,7 @@ OUR_OPTIONS = {
 class Options:
     dump: str | None = None
     disable: tuple[str, ...] = ()
+    enable: tuple[str, ...] = ()
     fallback: bool = True
     inductor: bool = True
     report: Any = None
@@ -38,8 +41,8 @@ def _fail(key: str, value: Any, wanted: str) -> None:
     raise ValueError(f"liger_compile: option {key!r} must be {wanted}, got {value!r} ({type(value).__name__})")
 
 
-def _pattern_names(value: Any) -> tuple[str, ...]:
-    """`disable`: one name or an iterable of names, each a pattern the backend knows."""
+def _pattern_names(value: Any, key: str = "disable") -> tuple[str, ...]:
+    """`disable` / `enable`: one name or an iterable of names, each a pattern the backend knows."""
     from .pattern import pattern_names  # noqa: PLC0415 - pattern discovery imports the ops
 
     if isinstance(value, str):
@@ -50,11 +53,11 @@ def _pattern_names(value: Any) -> tuple[str, ...]:
         except TypeError:
             names = None
         if names is None or not all(isinstance(n, str) for n in names):
-            _fail("disable", value, "a pattern name or a list of pattern names")
+            _fail(key, value, "a pattern name or a list of pattern names")
     valid = pattern_names()
     unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ValueError(f"liger_compile: option 'disable' names unknown pattern(s) {unknown}; valid names: "
+        raise ValueError(f"liger_compile: option {key!r} names unknown pattern(s) {unknown}; valid names: "
                          f"{', '.join(valid)}")
     return names
 
@@ -63,8 +66,8 @@ def _checked(key: str, value: Any) -> Any:
     """Our option `key`'s value, in the type Options holds, or a ValueError saying what it must be."""
     from .report import Report  # noqa: PLC0415
 
-    if key == "disable":
-        return _pattern_names(value)
+    if key in ("disable", "enable"):
+        return _pattern_names(value, key)
     if key in ("fallback", "inductor", "skip_logits"):
         if not isinstance(value, bool):
             _fail(key, value, "True or False")
@@ -84,6 +87,9 @@ def parse(mode: str | None = None, options: dict | None = None) -> Options:
     from torch._inductor import list_mode_options  # noqa: PLC0415
 
     opts = Options(dump=os.environ.get("LIGER_COMPILE_DUMP") or None)
+    enabled = [n.strip() for n in os.environ.get("LIGER_COMPILE_ENABLE", "").split(",") if n.strip()]
+    if enabled:
+        opts.enable = _pattern_names(enabled, "enable")
     if mode not in (None, "default"):
         try:
             opts.inductor_config.update(list_mode_options(mode))

@@ -123,6 +123,14 @@ def all_output_checks() -> tuple[OutputCheck, ...]:
     return tuple(c for module in _pattern_modules() for c in getattr(module, "OUTPUT_CHECKS", ()))
 
 
+@functools.cache
+def off_by_default() -> frozenset[str]:
+    """Patterns whose module sets ON_BY_DEFAULT = False: rewrites that did not win in a whole training step where
+    they were measured, fused only when the `enable` option names them."""
+    return frozenset(p.name for module in _pattern_modules() if not getattr(module, "ON_BY_DEFAULT", True)
+                     for p in getattr(module, "PATTERNS", ()))
+
+
 def pattern_names() -> list[str]:
     """Every pattern's report key, in priority order: each always appears in `report.counts`, 0 when nothing fused."""
     return list(dict.fromkeys(p.name for p in all_patterns()))

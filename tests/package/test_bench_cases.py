@@ -33,3 +33,35 @@ def test_trainer_summary_reads_every_recorded_run(tmp_path, monkeypatch):
     summary_trainers.main(["--out", str(tmp_path)])
     assert (tmp_path / "trainers_summary.png").stat().st_size > 0
     sys.modules.pop("summary_trainers", None)
+
+
+def test_trainer_bench_reads_the_fused_variants_from_the_backends_log(monkeypatch):
+    """bench/bench_trainers.py records, per pattern and variant, the sites the backend's DEBUG report lists."""
+    import logging
+
+    import torch
+
+    import liger_compile
+
+    monkeypatch.syspath_prepend(BENCH)
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), os.pardir))
+    import bench_trainers
+    from models import batch, tiny
+
+    log = logging.getLogger("liger_compile")
+    fusions, level = bench_trainers.FusionLog(), log.level
+    log.addHandler(fusions)
+    log.setLevel(logging.DEBUG)
+    try:
+        report = liger_compile.explain(tiny("llama"), **batch())
+    finally:
+        log.removeHandler(fusions)
+        log.setLevel(level)
+    want: dict[str, int] = {}
+    for site in (s for g in report.graphs for s in g.fused):
+        key = f"{site.pattern} [{site.variant}]"
+        want[key] = want.get(key, 0) + 1
+    assert fusions.variants == want and sum(want.values()) == sum(report.counts.values()) > 5, fusions.variants
+    assert fusions.counts() == {k: v for k, v in report.counts.items() if v}
+    sys.modules.pop("bench_trainers", None)
+    torch._dynamo.reset()

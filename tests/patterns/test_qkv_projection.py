@@ -1,12 +1,31 @@
-"""q, k and v of one input as one matmul (patterns/qkv_projection.py): fused where k and v are narrower than q, with
-and without biases, eager's loss and every gradient; left alone for equal widths, and each weight keeps its own
-gradient."""
+"""q, k and v of one input as one matmul (patterns/qkv_projection.py, off unless enabled): fused where k and v are
+narrower than q, with and without biases, eager's loss and every gradient; left alone for equal widths, and each
+weight keeps its own gradient; off by default, on through the `enable` option and LIGER_COMPILE_ENABLE."""
 import pytest
 import torch
 import transformers as T
 
 import liger_compile
+from liger_compile import options
 from models import assert_matches_eager, batch, tiny, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def enabled(monkeypatch):
+    monkeypatch.setenv("LIGER_COMPILE_ENABLE", "qkv_projection")
+
+
+def test_off_by_default_and_on_by_option(monkeypatch):
+    monkeypatch.delenv("LIGER_COMPILE_ENABLE")
+    assert liger_compile.explain(tiny("llama"), **batch()).counts["qkv_projection"] == 0
+    report = liger_compile.Report()
+    model = tiny("llama")
+    torch.compile(model, backend="liger", options={"enable": "qkv_projection", "report": report})(**batch())
+    assert report.counts["qkv_projection"] == 2, report
+    with pytest.raises(ValueError, match="option 'enable' names unknown pattern"):
+        options.parse(options={"enable": ["qkv"]})
+    monkeypatch.setenv("LIGER_COMPILE_ENABLE", "rotary, qkv_projection")
+    assert options.parse().enable == ("rotary", "qkv_projection")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # no biases; biases on q, k and v

@@ -110,9 +110,8 @@ def test_hf_trainer(case, tmp_path):
     ref, _, ref_trainer = run(make, "eager", tmp_path)
     assert_same_losses(ours, ref)
     # compiled through our backend, one graph: the layer's two norms and the final one, rotary, the MLP, the causal
-    # mask, q/k/v as one matmul and the loss
-    assert log.counts() == dict(rms_norm=3, rotary=1, swiglu=1, causal_mask=1, linear_cross_entropy=1,
-                                qkv_projection=1), log.lines
+    # mask and the loss
+    assert log.counts() == dict(rms_norm=3, rotary=1, swiglu=1, causal_mask=1, linear_cross_entropy=1), log.lines
     if case == "eval":
         evals, ref_evals = ([h["eval_loss"] for h in t.state.log_history if "eval_loss" in h]
                             for t in (trainer, ref_trainer))
@@ -239,8 +238,7 @@ def test_trl_trainer(name, tmp_path):
     # every graph (one per shape the trainer's batches take) has the layer's sites fused, and TRL's head
     graphs = log.counts().get("rotary", 0)
     assert graphs >= 1 and log.counts() == dict(rms_norm=3 * graphs, rotary=graphs, swiglu=graphs,
-                                                causal_mask=graphs, trl_labelled_rows=graphs,
-                                                qkv_projection=graphs), log.lines
+                                                causal_mask=graphs, trl_labelled_rows=graphs), log.lines
 
 
 def sft_padding_free(backend, out):
@@ -274,7 +272,7 @@ def test_sft_padding_free_runs_attention_per_document(tmp_path, monkeypatch):
     # variable-length op), each with the layer's sites and TRL's head fused
     fused = Counter(s.pattern for r in reports for s in r.fused)
     assert len(reports) == 2 and fused == dict(rms_norm=6, rotary=2, swiglu=2, trl_labelled_rows=2, causal_mask=1,
-                                               varlen_attention=2, qkv_projection=2), [str(r) for r in reports]
+                                               varlen_attention=2), [str(r) for r in reports]
 
 
 
@@ -293,7 +291,7 @@ def test_gkd_loss_runs_on_linear_jsd_without_logits(tmp_path, monkeypatch):
     ours, log, _ = run(gkd, "liger", tmp_path)
     assert (len(ours_calls), len(trl_calls)) == (3, 0)
     # two graphs with the layer's sites fused; no lm_head + cross-entropy: the loss is linear_jsd on hidden states
-    assert log.counts() == dict(rms_norm=6, rotary=2, swiglu=2, causal_mask=2, qkv_projection=2), log.lines
+    assert log.counts() == dict(rms_norm=6, rotary=2, swiglu=2, causal_mask=2), log.lines
     ours_calls.clear()
     ref, _, _ = run(gkd, "eager", tmp_path)
     assert (len(ours_calls), len(trl_calls)) == (0, 3)
