@@ -408,6 +408,7 @@ def run_one(args) -> dict:
     if variant == "liger":
         result["fused"] = fusions.counts()
         result["fused_variants"] = fusions.variants
+        result["enabled"] = os.environ.get("LIGER_COMPILE_ENABLE", "")  # patterns that are off by default, turned on
         # graph calls that ran a version compiled on a run-time assumption (the causal mask), and the others
         result["assumed_calls"] = dict(sys.modules["liger_compile.facts"].stats)
         # lm_head calls that kept gradients from their forward, and backwards that used them or recomputed
@@ -517,7 +518,9 @@ def main(argv=None):
     name = f"{kind}_{model}_{args.batch}x{args.seq}" + ("_pure-bf16" if args.pure_bf16 else "") + (
         f"_padded{round(args.padding * 100)}" if args.padding and not args.padding_free else "") + (
         "_padding-free" if args.padding_free else "") + (f"_lora{args.lora}" if args.lora else "") + (
-        "_checkpointing" if args.checkpointing else "")
+        "_checkpointing" if args.checkpointing else "") + (
+        "_enable-" + os.environ["LIGER_COMPILE_ENABLE"].replace(",", "-") if os.environ.get("LIGER_COMPILE_ENABLE")
+        else "")
     ok = [r for r in rows if "error" not in r]
     compared = "logps/chosen" if all("logps/chosen" in r.get("first_logps", {}) for r in ok) and ok else "loss"
     first = {r["variant"]: r["first_logps"][compared] if compared != "loss" else r["first_loss"] for r in ok}
@@ -528,6 +531,8 @@ def main(argv=None):
              f"first {'losses' if compared == 'loss' else compared + ' (the first loss is noise around ln 2)'} "
              f"{'agree' if agree else 'DISAGREE'}: {first}"]
     notes += [f"fused (liger, summed over graphs): {r['fused']}" for r in ok if "fused" in r]
+    notes += [f"fused sites by variant (liger): {r['fused_variants']}" for r in ok if r.get("fused_variants")]
+    notes += [f"enabled (patterns off by default): {r['enabled']}" for r in ok if r.get("enabled")]
     cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "gpu_ms", "first_step_s", "first_loss", "last_loss", "graphs",
             "recompiles", "attention_ms_per_layer", "error"]
     notes += [f"{r['variant']} attention kernels: {'; '.join(r['attention_kernels'])}" for r in ok

@@ -28,7 +28,8 @@
 #              sftfree the same with padding_free=True (each batch one row of four documents)
 #   lora       TRL SFT with a PEFT LoRA adapter (rank LORA_RANK, default 16) on every projection, 4x2048, the same
 #              four variants (SFT_VARIANTS; SFT_VARIANTS=unsloth for Unsloth's FastLanguageModel, whose wheels and
-#              TRL <= 1.15 must be in .whl); loracheckpoint the same with gradient checkpointing on
+#              TRL <= 1.15 must be in .whl); loracheckpoint the same with gradient checkpointing on;
+#              LIGER_COMPILE_ENABLE=lora_projection turns on the fused LoRA projections (results named _enable-...)
 #   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
 #              (TRAINER_VARIANTS, TRAINER_TIMEOUT seconds per variant, TRAINER_STEPS)
 #   grpo, gkd  TRL GRPO (PAIRS rows: prompt groups of 2 completions of 64 tokens) / GKD (PAIRS rows, a teacher of the

@@ -1,6 +1,7 @@
 """bf16 on CUDA: PEFT LoRA models (adapters on every projection) under backend="liger", held to the accuracy bar of
-test_gpu_families (K x bf16's own error against a float64 run of the same weights, + floor): the q/k/v merge, the
-gated MLP fused with its LoRA down_proj (liger::gated_down_proj_lora) and the rest, loss and every adapter gradient.
+test_gpu_families (K x bf16's own error against a float64 run of the same weights, + floor): the gated MLP fused
+with its LoRA down_proj (liger::gated_down_proj_lora), the other adapters as they are or, enabled, as
+liger::lora_linear, loss and every adapter gradient.
 """
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ def lora(name: str):
     return peft.get_peft_model(tiny(name), config, autocast_adapter_dtype=False)
 
 
+@pytest.mark.parametrize("enable", ["", "lora_projection"])  # the other adapters as they are / as liger::lora_linear
 @pytest.mark.parametrize("name", ["llama", "gemma"])  # SwiGLU and GeGLU
-def test_lora_training_step_bf16_as_accurate_as_inductor(name):
+def test_lora_training_step_bf16_as_accurate_as_inductor(name, enable, monkeypatch):
+    monkeypatch.setenv("LIGER_COMPILE_ENABLE", enable)
     model, x = lora(name), inputs()
     report = liger_compile.explain(model, **x)
     down_lora = sum("down_proj with LoRA" in line for line in str(report).splitlines())
     assert down_lora == 2 and not report.fallbacks, str(report)
+    assert report.counts["lora_projection"] == (12 if enable else 0), str(report)
     ref = loss_and_grads(copy.deepcopy(model).double(), x)
     eager = loss_and_grads(model, x)
     inductor = compiled_step(model, x, "inductor")
@@ -40,5 +44,5 @@ def test_lora_training_step_bf16_as_accurate_as_inductor(name):
     assert ref[1]["base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"].dtype == torch.float64
 
     bad, summary = accuracy(liger, eager, inductor, ref)
-    print(f"{name} LoRA ({DTYPE}): {summary}")
+    print(f"{name} LoRA ({DTYPE}, enabled: {enable or 'nothing'}): {summary}")
     assert not bad, "\n".join(bad)

@@ -1,0 +1,73 @@
+"""Projections carrying a PEFT LoRA adapter as liger::lora_linear (patterns/lora_projection.py, off unless enabled):
+every adapter of q/k/v/o/gate/up fused (down_proj goes with the gated MLP), with and without the base layer's bias,
+under bf16 autocast with PEFT's float32 adapters, eager's loss and every gradient; the base weights get none."""
+import pytest
+import torch
+import transformers as T
+
+import liger_compile
+from models import assert_matches_eager, batch, loss_and_grads, tiny_model
+from test_gated_down_proj_fusion import EVERY_PROJECTION, lora_model
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(autouse=True)
+def enabled(monkeypatch):
+    monkeypatch.setenv("LIGER_COMPILE_ENABLE", "lora_projection")
+
+
+def sites(report) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in (s for g in report.graphs for s in g.fused):
+        out[f"{s.pattern} [{s.variant}]"] = out.get(f"{s.pattern} [{s.variant}]", 0) + 1
+    return out
+
+
+def test_every_adapter_fuses_and_matches_eager():
+    model = lora_model(EVERY_PROJECTION)
+    report = liger_compile.explain(model, **batch())
+    assert report.counts["lora_projection"] == 12 and report.counts["swiglu"] == 2, report  # 6 per layer
+    assert sites(report)["swiglu [silu, down_proj with LoRA]"] == 2, report
+    assert_matches_eager(model, batch())
+    _, grads = loss_and_grads(model, batch(), torch.compile(model, backend="liger"))
+    assert grads and all("lora_" in n for n in grads)  # PEFT froze the base weights: no gradient computed for them
+
+
+def test_base_layer_bias_and_off_by_default(monkeypatch):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0,
+                             init_lora_weights=False)
+    model = peft.get_peft_model(tiny_model(T.Qwen2Config, T.Qwen2ForCausalLM), config)  # biases on q, k and v
+    assert liger_compile.explain(model, **batch()).counts["lora_projection"] == 6
+    assert_matches_eager(model, batch())
+    monkeypatch.delenv("LIGER_COMPILE_ENABLE")
+    assert liger_compile.explain(model, **batch()).counts["lora_projection"] == 0
+
+
+def test_bf16_model_with_float32_adapters_under_autocast():
+    """TRL's LoRA setting: a bf16 model, PEFT's float32 adapters, the Trainer's bf16=True (autocast)."""
+    model = lora_model(EVERY_PROJECTION, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = liger_compile.explain(model, **batch())
+        assert sites(report).get("lora_projection [projection with LoRA, adapter input cast]") == 12, report
+        eager_loss, eager_grads = loss_and_grads(model, batch())
+        torch._dynamo.reset()
+        loss, grads = loss_and_grads(model, batch(), torch.compile(model, backend="liger"))
+        torch._dynamo.reset()
+        _, inductor = loss_and_grads(model, batch(), torch.compile(model))
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-2, atol=1e-2)
+    assert grads.keys() == eager_grads.keys()
+    for name, g in grads.items():
+        assert g.dtype == torch.float32, name  # the adapters' gradients reach them in their own dtype
+        # bf16 rounding: bounded by 3x what Inductor alone differs from eager, and 2% of the largest gradient
+        scale = eager_grads[name].abs().max().item()
+        bound = max(3 * (inductor[name] - eager_grads[name]).abs().max().item(), 0.02 * scale) + 1e-6
+        assert (g - eager_grads[name]).abs().max().item() <= bound, name
+
+
+def test_mixed_dtypes_outside_autocast_are_left_alone_with_a_reason():
+    model = lora_model(["q_proj"], dtype=torch.bfloat16)  # float32 adapter on a bf16 layer, no autocast
+    report = liger_compile.explain(model, **batch())
+    assert report.counts["lora_projection"] == 0
+    reasons = [m.reason for m in report.near_misses if m.pattern == "lora_projection"]
+    assert reasons and "differ in dtype outside autocast" in reasons[0], report
