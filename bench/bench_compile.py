@@ -50,6 +50,25 @@ PHASES = [
 ]
 
 
+def compile_context(fn, device) -> dict:
+    """What enters Triton's cache key besides the launch's arguments, read when a kernel compiles: the environment
+    variables that invalidate the cache, the backend's hash (compiler and ptxas versions, target), Triton's own key,
+    and the cache directory the compile will look in. Each part is left out where this Triton has no such thing."""
+    out = {}
+    readers = {
+        "env": lambda: __import__("triton._C.libtriton", fromlist=["x"]).get_cache_invalidating_env_vars(),
+        "backend": lambda: fn.device_caches[device][3].hash(),
+        "triton_key": lambda: __import__("triton.compiler.compiler", fromlist=["x"]).triton_key(),
+        "cache_dir": lambda: __import__("triton").knobs.cache.dir,
+    }
+    for name, read in readers.items():
+        try:
+            out[name] = read()
+        except Exception:  # noqa: BLE001 - a diagnostic: a Triton without the part simply does not report it
+            pass
+    return out
+
+
 class JitCompiles:
     """Counts and times Triton's just-in-time compiles in this process (a launch of a @triton.jit kernel whose
     specialisation is not in the in-memory cache: compiled, or loaded from the disk cache)."""
@@ -59,19 +78,26 @@ class JitCompiles:
 
         self.calls: dict[str, list[float]] = {}
         self.keys: dict[str, list[dict]] = {}
+        self.contexts: dict[str, list[dict]] = {}
         original = JITFunction._do_compile
         names = list(inspect.signature(original).parameters)[1:]  # key, signature, device, constexprs, ...
 
         def timed(fn, *args, **kwargs):
             t0 = time.perf_counter()
+            context = compile_context(fn, dict(zip(names, args), **kwargs).get("device"))
+            kernel = None
             try:
-                return original(fn, *args, **kwargs)
+                kernel = original(fn, *args, **kwargs)
+                return kernel
             finally:
                 self.calls.setdefault(fn.__name__, []).append(time.perf_counter() - t0)
-                # what goes into Triton's cache key, by part: a warm restart that compiles again differs in one
-                parts = {**dict(zip(names, args)), **kwargs, "source": getattr(fn, "cache_key", None)}
+                # what goes into Triton's cache key, by part: a warm restart that compiles again differs in one;
+                # "hash" is the key Triton computed (its cache directory's name), the context what else enters it
+                parts = {**dict(zip(names, args)), **kwargs, "source": getattr(fn, "cache_key", None), **context,
+                         "hash": getattr(kernel, "hash", None)}
                 self.keys.setdefault(fn.__name__, []).append(
                     {k: hashlib.sha1(repr(v).encode()).hexdigest()[:10] for k, v in parts.items() if k != "device"})
+                self.contexts.setdefault(fn.__name__, []).append({k: repr(v)[:300] for k, v in context.items()})
 
         JITFunction._do_compile = timed
 
@@ -82,7 +108,7 @@ class JitCompiles:
             env = get_cache_invalidating_env_vars()
         except Exception as e:
             env = repr(e)
-        return {"jit_cache_key_parts": self.keys, "jit_env": env,
+        return {"jit_cache_key_parts": self.keys, "jit_compile_context": self.contexts, "jit_env": env,
                 "jit_compiles": sum(len(v) for v in self.calls.values()),
                 "jit_s": sum(sum(v) for v in self.calls.values()),
                 "jit_kernels": {k: [len(v), round(sum(v), 3)] for k, v in sorted(self.calls.items())}}
