@@ -70,7 +70,10 @@ def forward(h, weight, y, inv_denom, ignore_index, softcap, config=None):
     ref = torch.empty(rows, dtype=torch.float32, device=device)
     z_label = torch.empty(rows, dtype=torch.float32, device=device)
     row_scale = torch.empty(rows, dtype=torch.float32, device=device)
-    rerun = torch.zeros(len(chunks), dtype=torch.int32, device=device)
+    # one flag per chunk, each at a 16-byte boundary: Triton specialises a kernel on whether each pointer argument is
+    # 16-byte aligned, so flags packed at 4 bytes apart would make every odd chunk compile its own copy of the
+    # matmul and combine kernels (tests/kernels/test_kernel_lce_exp_matmul.py checks the alignment)
+    rerun = torch.zeros((len(chunks), 4), dtype=torch.int32, device=device)
     w_desc = TensorDescriptor.from_tensor(weight, [bn, bk])
     w_kn_desc = TensorDescriptor.from_tensor(weight, [dh_bk, dh_bn])
     upcast = device.type != "cuda"
@@ -89,7 +92,7 @@ def forward(h, weight, y, inv_denom, ignore_index, softcap, config=None):
         grid = (min(tiles, programs_per_sm * sms) if persistent and device.type == "cuda" else tiles,)
         descs = (TensorDescriptor.from_tensor(h_c, [bm, bk]), w_desc,
                  TensorDescriptor.from_tensor(p, [bm, bn // subtile]))
-        flag = rerun[i:i + 1]
+        flag = rerun[i, :1]
         for is_rerun in (False, True):
             direct_launch(exp_matmul.exp_matmul_kernel)[grid](
                 *descs, ref, y_c, part_sum, row_max, flag, c, v, k_dim, n_col_tiles, softcap,

@@ -226,3 +226,28 @@ def test_environment_pin_never_takes_the_exp_path_where_it_is_inexact(monkeypatc
     monkeypatch.setattr(lce.exp_epilogue, "forward", lambda *a, **k: called.append(1))
     lce.launch_forward(*args)  # a bias: the row-kernel path, whatever the pin
     assert not called
+
+
+def test_every_chunk_launches_the_same_specialisation(several_chunks, monkeypatch):
+    """Triton compiles a kernel once per pattern of 16-byte-aligned pointer arguments: every chunk's launches must
+    show the same pattern, or chunks after the first compile copies of their own (the cold and warm first steps)."""
+    patterns: dict[str, set] = {}
+    real = lce.exp_epilogue.direct_launch
+
+    def recording(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    aligned = tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+                    patterns.setdefault(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), set()).add(
+                        (aligned, tuple(v for v in kwargs.values() if isinstance(v, (bool, int)))))
+                    return real(kernel)[grid](*args, **kwargs)
+                return launch
+        return Grid()
+
+    monkeypatch.setattr(lce.exp_epilogue, "direct_launch", recording)
+    exp_path(*make())
+    assert len(patterns) == 4, patterns  # label_logit, exp_matmul, row_combine, row_scaled_matmul
+    for name, seen in patterns.items():
+        # the matmul and the combine run twice per chunk, the second time as the rerun (IS_RERUN=True)
+        assert len(seen) == (2 if any(k in name for k in ("exp_matmul", "row_combine")) else 1), (name, seen)
