@@ -115,10 +115,44 @@ def attention_profile(prof, layers: int) -> dict:
     for e in kernels:
         kind = kernel_kind(e.key)
         by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e3
-    return {"attention_ms_per_layer": attention_us / 1e3 / layers,
+    return {"attention_ms_per_layer": attention_us / 1e3 / layers, "head_ms": head_profile(prof),
             "gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
             "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "attention_kernels": [f"{e.key[:80]}: {e.self_device_time_total / 1e3:.1f} ms" for e in top]}
+
+
+# the per-token log-prob head's events: our op and its backward, or TRL's autograd function (forward, backward node)
+HEAD_EVENTS = ("liger::token_logprobs", "liger::token_logprobs_backward", "ChunkedLogProbFunction",
+               "ChunkedLogProbFunctionBackward")
+
+
+def head_profile(prof) -> dict[str, float]:
+    """GPU ms of the kernels each head event of one profiled step launched (its device time, children included)."""
+    return {e.key: round(e.device_time_total / 1e3, 2) for e in prof.key_averages()
+            if e.key in HEAD_EVENTS and e.device_time_total > 0}
+
+
+def plain_head_matmuls_ms(rows: int, hidden: int, vocab: int, device: str, repeat: int = 5) -> float | None:
+    """GPU ms of the three plain matmuls a per-token log-prob head of this shape needs (logits, and the hidden and
+    weight gradients from a [rows, vocab] gradient), bf16 cuBLAS, median of `repeat`: the head's yardstick."""
+    if device != "cuda":
+        return None
+    h = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
+    w = torch.randn(vocab, hidden, device=device, dtype=torch.bfloat16)
+    g = torch.empty(rows, vocab, device=device, dtype=torch.bfloat16)
+    times = []
+    for _ in range(repeat + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(h, w.t(), out=g)
+        torch.mm(g, w)
+        torch.mm(g.t(), h)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    del h, w, g
+    torch.cuda.empty_cache()
+    return statistics.median(times[1:])
 
 
 def kernel_kind(name: str) -> str:
@@ -405,6 +439,9 @@ def run_one(args) -> dict:
         **dict(zip(("recompiles", "recompile_reasons"), recompiles())),
         "step_times_s": [round(t, 4) for t in timer.times], **timer.profile,
     }
+    if args.profile and timer.profile.get("head_ms"):  # after the peak was read: the yardstick allocates [rows, V]
+        result["head_plain_matmuls_ms"] = plain_head_matmuls_ms(args.batch * args.seq, model.config.hidden_size,
+                                                                model.config.vocab_size, device)
     if variant == "liger":
         result["fused"] = fusions.counts()
         result["fused_variants"] = fusions.variants
@@ -532,6 +569,9 @@ def main(argv=None):
              f"{'agree' if agree else 'DISAGREE'}: {first}"]
     notes += [f"fused (liger, summed over graphs): {r['fused']}" for r in ok if "fused" in r]
     notes += [f"fused sites by variant (liger): {r['fused_variants']}" for r in ok if r.get("fused_variants")]
+    notes += [f"{r['variant']} log-prob head GPU ms by event (one profiled step): {r['head_ms']}; three plain bf16 "
+              f"matmuls of its shape (all rows): {r.get('head_plain_matmuls_ms') or 0:.1f} ms"
+              for r in ok if r.get("head_ms")]
     notes += [f"enabled (patterns off by default): {r['enabled']}" for r in ok if r.get("enabled")]
     cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "gpu_ms", "first_step_s", "first_loss", "last_loss", "graphs",
             "recompiles", "attention_ms_per_layer", "error"]
