@@ -54,12 +54,14 @@ def compile_context(fn, device) -> dict:
     """What enters Triton's cache key besides the launch's arguments, read when a kernel compiles: the environment
     variables that invalidate the cache, the backend's hash (compiler and ptxas versions, target), Triton's own key,
     and the cache directory the compile will look in. Each part is left out where this Triton has no such thing."""
+    import importlib  # noqa: PLC0415
+
     out = {}
     readers = {
-        "env": lambda: __import__("triton._C.libtriton", fromlist=["x"]).get_cache_invalidating_env_vars(),
+        "env": lambda: importlib.import_module("triton._C.libtriton").get_cache_invalidating_env_vars(),
         "backend": lambda: fn.device_caches[device][3].hash(),
-        "triton_key": lambda: __import__("triton.compiler.compiler", fromlist=["x"]).triton_key(),
-        "cache_dir": lambda: __import__("triton").knobs.cache.dir,
+        "triton_key": lambda: importlib.import_module("triton.compiler.compiler").triton_key(),
+        "cache_dir": lambda: importlib.import_module("triton").knobs.cache.dir,
     }
     for name, read in readers.items():
         try:

@@ -240,17 +240,16 @@ class FusionLog(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.lines = []
-        self.last = ""
-        self.variants: dict[str, int] = {}  # "pattern [variant]" -> sites, from the DEBUG line of each graph's table
+        self.variants: dict[str, int] = {}  # "pattern [variant]" -> sites, from the report each DEBUG record carries
 
     def emit(self, record):
         msg = record.getMessage()
         if record.levelno >= logging.INFO and "liger_compile: graph" in msg:
             self.lines.append(msg)
-        for name, variant in re.findall(r"^  (\w+)?\s+(?:\d+)?\s+\[([^\]]*)\]", msg, flags=re.M):
-            self.last = name or self.last  # continuation lines of a pattern's sites leave the name out
-            key = f"{self.last} [{variant}]"
-            self.variants[key] = self.variants.get(key, 0) + 1
+        for report in record.args if isinstance(record.args, tuple) else ():
+            for site in getattr(report, "fused", ()):
+                key = f"{site.pattern} [{site.variant}]"
+                self.variants[key] = self.variants.get(key, 0) + 1
 
     def counts(self) -> dict[str, int]:
         total = {}

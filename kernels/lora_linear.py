@@ -20,11 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._common import as_rows
 from ._op import declare, sample
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
 
 
 def _check(x, weight, bias, lora_a, lora_b):
@@ -46,7 +43,7 @@ def lora_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     _check(x, weight, bias, lora_a, lora_b)
     h = F.linear(x, lora_a)
     y = F.linear(x, weight, bias)  # F.linear on x itself: an op's outputs must not be views
-    _rows(y).addmm_(_rows(h), lora_b.t(), alpha=scaling)
+    as_rows(y).addmm_(as_rows(h), lora_b.t(), alpha=scaling)
     return y, h
 
 
@@ -57,18 +54,18 @@ def lora_linear_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """liger::lora_linear_backward -> (dx, d_weight, d_bias, d_lora_a, d_lora_b); a gradient not asked for is an
     empty tensor (a frozen base weight and bias, LoRA's case)."""
-    dy2, x2 = _rows(dy), _rows(x)
+    dy2, x2 = as_rows(dy), as_rows(x)
     empty = x.new_empty
     dh = torch.mm(dy2, lora_b).mul_(scaling) if x_grad or lora_a_grad else None
     dx = empty(0)
     if x_grad:
         dx = torch.matmul(dy, weight)  # x's shape, not a view
-        _rows(dx).addmm_(dh, lora_a)
+        as_rows(dx).addmm_(dh, lora_a)
     return (dx,
             torch.mm(dy2.t(), x2) if weight_grad else empty(0),
             dy2.sum(0) if bias_grad else empty(0),
             torch.mm(dh.t(), x2) if lora_a_grad else empty(0),
-            torch.mm(dy2.t(), _rows(h)).mul_(scaling) if lora_b_grad else empty(0))
+            torch.mm(dy2.t(), as_rows(h)).mul_(scaling) if lora_b_grad else empty(0))
 
 
 def _fake(x, weight, bias, lora_a, lora_b, scaling):

@@ -15,7 +15,8 @@ from liger_compile.kernels import gated_down_proj_lora as _op  # noqa: F401  (de
 from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
 
-from .gated_mlp import GELU, SILU, autocast_to, check_down
+from ._lora import check_adapter
+from .gated_mlp import GELU, SILU, check_down
 
 PRIORITY = 8  # before gated_mlp
 
@@ -47,26 +48,8 @@ def make_fused(activation: str):
 
 
 def check_lora(m: Match) -> str | None:
-    why = check_down(m)  # gate, up and down_proj's weight as the plain form checks them (autocast allowed)
-    if why:
-        return why
-    g, w, a, b = (m.value(k) for k in ("gate", "weight", "lora_a", "lora_b"))
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (a, b)):
-        return "the adapter's weights are not matrices"
-    if a.shape[1] != g.shape[-1] or b.shape != (w.shape[0], a.shape[0]):
-        return f"down_proj {tuple(w.shape)}, adapter A {tuple(a.shape)} and B {tuple(b.shape)} do not fit together"
-    if not isinstance(m["scaling"], (int, float)):
-        return "the adapter's scaling is not a constant"
-    device = g.device.type
-    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != g.dtype:
-        return f"autocast to {torch.get_autocast_dtype(device)} would change the matmuls' dtype"
-    if a.dtype != b.dtype or ("dtype" in m.bindings and m["dtype"] != a.dtype):
-        return f"the adapter's input and weights differ in dtype ({m.bindings.get('dtype')}, {a.dtype}, {b.dtype})"
-    if a.dtype != g.dtype and not autocast_to(g):
-        return (f"the adapter's weights ({a.dtype}) and down_proj's input ({g.dtype}) differ in dtype outside "
-                "autocast, so its matmuls mix dtypes (PEFT: autocast_adapter_dtype=False keeps the adapter in the "
-                "model's dtype)")
-    return None
+    # gate, up and down_proj's weight as the plain form checks them (autocast allowed), then the adapter
+    return check_down(m) or check_adapter(m, m.value("gate"), m.value("weight"))
 
 
 PATTERNS = [

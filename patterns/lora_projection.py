@@ -5,7 +5,8 @@ of in passes of its own over the [tokens, out] output (see kernels/lora_linear.p
 After the gated-MLP patterns, which take a LoRA down_proj together with act(gate) * up (gated_mlp_lora.py), and
 before the q/k/v merge, which would take the base projections apart from their adapters. The dtype rules are the
 LoRA down_proj's: every weight in the input's dtype, or autocast on to that dtype (PEFT's float32 adapters on a bf16
-model under the Trainer's bf16=True); the op then takes the weights cast as autocast's matmuls cast them.
+model under the Trainer's bf16=True; patterns/_lora.py); the op then takes the weights cast as autocast's matmuls
+cast them. Tensor subclasses (DTensor shards) never reach the check: the rewrite leaves such sites to Inductor.
 
 Off unless enabled (`enable` option or LIGER_COMPILE_ENABLE): not yet measured in a training step.
 """
@@ -16,8 +17,8 @@ from liger_compile.kernels import lora_linear as _op  # noqa: F401  (defines the
 from liger_compile.matcher import Match, op_name
 from liger_compile.pattern import Pattern
 
+from ._lora import check_adapter
 from .gated_mlp import autocast_to
-from .qkv_projection import _distributed
 
 ON_BY_DEFAULT = False
 PRIORITY = 25
@@ -41,29 +42,20 @@ def fused(x, weight, bias, lora_a, lora_b, scaling, **_):
 
 
 def check(m: Match) -> str | None:
-    x, w, bias, a, b = (m.value(k) for k in ("x", "weight", "bias", "lora_a", "lora_b"))
+    x, w, bias = (m.value(k) for k in ("x", "weight", "bias"))
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
         return "the input is not a floating-point tensor of rank 2 or more"
-    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (w, a, b)):
-        return "the base or adapter weights are not matrices"
-    if any(_distributed(t) for t in (w, a, b) if t is not None) or (bias is not None and _distributed(bias)):
-        return "a weight is a DTensor (tensor parallelism): the op takes whole matrices"
-    if w.shape[1] != x.shape[-1] or a.shape[1] != x.shape[-1] or b.shape != (w.shape[0], a.shape[0]):
-        return (f"input width {x.shape[-1]}, weight {tuple(w.shape)}, adapter A {tuple(a.shape)} and B "
-                f"{tuple(b.shape)} do not fit together")
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != x.shape[-1]:
+        return f"the base weight is not a matrix taking inputs of width {x.shape[-1]}"
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (w.shape[0],)):
         return "the base layer's bias is not one value per output"
-    if not isinstance(m["scaling"], (int, float)):
-        return "the adapter's scaling is not a constant"
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
-        return f"autocast to {torch.get_autocast_dtype(device)} would change the matmuls' dtype"
-    if a.dtype != b.dtype or ("dtype" in m.bindings and m["dtype"] != a.dtype):
-        return f"the adapter's input and weights differ in dtype ({m.bindings.get('dtype')}, {a.dtype}, {b.dtype})"
-    for name, t in (("weight", w), ("bias", bias), ("adapter", a)):
+    why = check_adapter(m, x, w)  # which also refuses autocast to another dtype than x's
+    if why:
+        return why
+    for name, t in (("weight", w), ("bias", bias)):
         if t is not None and t.dtype != x.dtype and not autocast_to(x):
-            return (f"the {name} ({t.dtype}) and the input ({x.dtype}) differ in dtype outside autocast, so the "
-                    "matmuls mix dtypes (PEFT: autocast_adapter_dtype=False keeps the adapter in the model's dtype)")
+            return (f"the base {name} ({t.dtype}) and the input ({x.dtype}) differ in dtype outside autocast, so "
+                    "the matmul mixes dtypes")
     return None
 
 
