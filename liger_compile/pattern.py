@@ -125,8 +125,8 @@ def all_output_checks() -> tuple[OutputCheck, ...]:
 
 @functools.cache
 def off_by_default() -> frozenset[str]:
-    """Patterns whose module sets ON_BY_DEFAULT = False: rewrites that did not win in a whole training step where
-    they were measured, fused only when the `enable` option names them."""
+    """Patterns whose module sets ON_BY_DEFAULT = False: rewrites not shown to win in a whole training step (slower
+    where measured, or not yet measured), fused only when the `enable` option names them."""
     return frozenset(p.name for module in _pattern_modules() if not getattr(module, "ON_BY_DEFAULT", True)
                      for p in getattr(module, "PATTERNS", ()))
 

@@ -3,10 +3,10 @@
 With grouped key/value heads, k and v are narrow (512 columns beside q's 2048 for Llama-3.2-1B, 256 beside 1536 for
 Qwen2-1.5B) and cuBLAS runs such matmuls well below the card's rate; one matmul over the concatenated weights, and
 in backward one input-gradient matmul, run faster even with the weights concatenated at every step
-(bench/results/horizontal_gemm.md). In a whole TRL SFT step at that shape it did not win (the concatenated weights
-and their gradient's split cost memory and copies: bench/results/sft_llama-1b_4x2048_qkv-merged.md), so the
-rewrite is off unless the `enable` option (or LIGER_COMPILE_ENABLE) names `qkv_projection`. The parameters stay as they are (the optimizer, FSDP and checkpoints still see
-three weights); autograd splits the concatenated weight's gradient back into them.
+(bench/results/horizontal_gemm.md). In a whole TRL SFT step at that shape it did not win (more matmul time and
+memory: bench/results/sft_llama-1b_4x2048_qkv-merged.md), so the rewrite is off unless the `enable` option (or
+LIGER_COMPILE_ENABLE) names `qkv_projection`. The parameters stay as they are (the optimizer, FSDP and checkpoints
+still see three weights); autograd splits the concatenated weight's gradient back into them.
 
 Only q/k/v with k and v narrower than q are merged: gate and up (each as wide as the MLP) ran slower as one matmul
 in the same measurement. Nothing is fused into a kernel of ours: the rewrite is plain torch, which Inductor compiles.
