@@ -15,7 +15,8 @@ shapes and machine) should find all of it cached. Each process trains warmup + s
 Variant "ours-no-memo" is ours without the memo of torch's per-call analysis of our Triton kernels (what it saves).
 The metrics are Dynamo's own, summed over graphs and threads: nested phases are each counted (AOTAutograd's time
 holds Inductor's), and C++ builds run in parallel, so the columns are not parts of the first step that add up.
-Writes compile_<model>_<b>x<t>[_<mode>].md/.json/.png into --out.
+Writes compile_<model>_<b>x<t>[_<mode>].md/.json/.png into --out. --profile DIR runs each variant's cold start once
+more, over fresh caches and under cProfile, and writes its tables to DIR (not timed: the profiler slows it).
 
 Hidden, for checking the driver without a GPU: `--device cpu --tiny`.
 """
@@ -162,7 +163,16 @@ def run_one(args) -> dict:
     g = torch.Generator(device=args.device).manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device, generator=g)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    profiler = None
+    if args.cprofile:  # Python's profiler over the whole run (the first step's compile is nearly all of it)
+        import cProfile  # noqa: PLC0415
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     times, losses = timed_steps(run, opt, ids, args.warmup + args.steps, sync)
+    if profiler is not None:
+        profiler.disable()
+        write_profile(profiler, args.cprofile)
     step = statistics.median(times[args.warmup:]) if args.steps else times[-1]
     keys, values = compile_times(repr="csv", aggregate=True)
     metrics = {k: float(v) for k, v in zip(keys, values)}
@@ -188,6 +198,19 @@ def run_one(args) -> dict:
     if patched:
         row["patched"] = patched
     return row
+
+
+def write_profile(profiler, path: str):
+    """The profile's 70 largest cumulative and 40 largest own times, as text (pstats' table)."""
+    import io  # noqa: PLC0415
+    import pstats  # noqa: PLC0415
+
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(70)
+    stats.sort_stats("tottime").print_stats(40)
+    with open(path, "w") as f:
+        f.write(text.getvalue())
 
 
 def child_argv(args, variant: str) -> list[str]:
@@ -216,6 +239,16 @@ def drive(args) -> list[dict]:
                 print(stderr[-3000:], flush=True)
                 break
         shutil.rmtree(root, ignore_errors=True)
+        if args.profile:  # a third process, cold again over fresh caches, under the profiler (not in the table)
+            root = tempfile.mkdtemp(prefix=f"compile_{variant}_", dir=args.cache_root)
+            env = {**env, "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),
+                   "TRITON_CACHE_DIR": os.path.join(root, "triton")}
+            path = os.path.join(args.profile, f"compile_profile_{variant}_cold.txt")
+            row = run_variant(child_argv(args, variant) + ["--cprofile", path], args.timeout,
+                              script=os.path.abspath(__file__), env=env)
+            print(f"{variant} cold, profiled: first step {row.get('first_step_s')} s, profile in {path}"
+                  + (f" ({row['error']})" if "error" in row else ""), flush=True)
+            shutil.rmtree(root, ignore_errors=True)
     cold = {r["variant"]: r for r in rows if r["start"] == "cold" and "first_step_s" in r}
     for r in rows:
         if "inductor" in cold and "first_step_s" in r:
@@ -264,6 +297,10 @@ def main(argv=None):
     ap.add_argument("--cache-root", default=None, help="where the fresh cache directories are made (default: tmp)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--name", default=None)
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also run each variant's cold start under cProfile; its tables go to "
+                         "DIR/compile_profile_<variant>_cold.txt")
+    ap.add_argument("--cprofile", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

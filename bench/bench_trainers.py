@@ -363,13 +363,17 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
 
 
 def run_one(args) -> dict:
+    variant = args.one
+    if variant == "unsloth":  # before transformers, TRL and PEFT, which it patches; offline, no usage statistics
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+        import unsloth  # noqa: PLC0415, F401
     try:
         import accelerate  # noqa: PLC0415, F401
     except ImportError:
         sys.exit("bench_trainers: transformers' Trainer needs the accelerate package; install it")
     from transformers import TrainerCallback  # noqa: PLC0415
 
-    variant = args.one
     if variant == "liger":  # only there: importing liger_compile also compiles TRL's head onto our op
         import liger_compile  # noqa: PLC0415, F401  (accelerate accepts torch_compile_backend="liger" after this)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -441,10 +445,13 @@ def run_one(args) -> dict:
     if args.profile and timer.profile.get("head_ms"):  # after the peak was read: the yardstick allocates [rows, V]
         result["head_plain_matmuls_ms"] = plain_head_matmuls_ms(args.batch * args.seq, model.config.hidden_size,
                                                                 model.config.vocab_size, device)
+    if variant == "unsloth":
+        result["unsloth"] = sys.modules["unsloth"].__version__
     if variant == "liger":
         result["fused"] = fusions.counts()
         result["fused_variants"] = fusions.variants
         result["enabled"] = os.environ.get("LIGER_COMPILE_ENABLE", "")  # patterns that are off by default, turned on
+        result["disabled"] = os.environ.get("LIGER_COMPILE_DISABLE", "")  # and patterns turned off
         # graph calls that ran a version compiled on a run-time assumption (the causal mask), and the others
         result["assumed_calls"] = dict(sys.modules["liger_compile.facts"].stats)
         # lm_head calls that kept gradients from their forward, and backwards that used them or recomputed
@@ -463,9 +470,12 @@ def drive(args) -> list[dict]:
         cmd += ["--padding-free"] * args.padding_free + (["--lora", str(args.lora)] if args.lora else [])
         cmd += ["--tiny"] * args.tiny + ["--checkpointing"] * args.checkpointing + ["--cpu-bf16"] * args.cpu_bf16
         cmd += ["--pure-bf16"] * args.pure_bf16 + ["--profile" if args.profile else "--no-profile"]
+        env = dict(os.environ)
+        if v == "unsloth" and os.environ.get("UNSLOTH_PYTHONPATH"):  # its pins (TRL <= 1.15) in front of ours
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [env["UNSLOTH_PYTHONPATH"], env.get("PYTHONPATH")]))
         t0 = time.time()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired as e:
             err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
             done = re.findall(r"^step \d+: ([\d.]+) s$", err, flags=re.M)
@@ -556,6 +566,8 @@ def main(argv=None):
         "_padding-free" if args.padding_free else "") + (f"_lora{args.lora}" if args.lora else "") + (
         "_checkpointing" if args.checkpointing else "") + (
         "_enable-" + os.environ["LIGER_COMPILE_ENABLE"].replace(",", "-") if os.environ.get("LIGER_COMPILE_ENABLE")
+        else "") + (
+        "_disable-" + os.environ["LIGER_COMPILE_DISABLE"].replace(",", "-") if os.environ.get("LIGER_COMPILE_DISABLE")
         else "")
     ok = [r for r in rows if "error" not in r]
     compared = "logps/chosen" if all("logps/chosen" in r.get("first_logps", {}) for r in ok) and ok else "loss"

@@ -29,7 +29,7 @@
 #   lora       TRL SFT with a PEFT LoRA adapter (rank LORA_RANK, default 16) on every projection, 4x2048, the same
 #              four variants (SFT_VARIANTS; SFT_VARIANTS=unsloth for Unsloth's FastLanguageModel, whose wheels and
 #              TRL <= 1.15 must be in .whl); loracheckpoint the same with gradient checkpointing on;
-#              LIGER_COMPILE_ENABLE=lora_projection turns on the fused LoRA projections (results named _enable-...)
+#              LIGER_COMPILE_DISABLE=lora_projection leaves the adapters unfused (results named _disable-...)
 #   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
 #              (TRAINER_VARIANTS, TRAINER_TIMEOUT seconds per variant, TRAINER_STEPS)
 #   grpo, gkd  TRL GRPO (PAIRS rows: prompt groups of 2 completions of 64 tokens) / GKD (PAIRS rows, a teacher of the
@@ -42,13 +42,16 @@
 #   sdpa       causal attention through cuDNN, FlashAttention-2, memory-efficient SDPA and FlexAttention, head dim 64
 #              and 128, 4x4096 and 1x32768 (bench/investigations/bench_sdpa_backends.py)
 #   compile    compile time at 4x4096, Inductor and ours, each a cold start then a warm restart over fresh caches
-#              (bench/bench_compile.py; COMPILE_MODE sets torch.compile's mode, COMPILE_VARIANTS the list, e.g.
+#              (bench/bench_compile.py; COMPILE_MODE sets torch.compile's mode, COMPILE_PROFILE=1 adds a cold start
+#              per variant under cProfile (compile_profile_<variant>_cold.txt), COMPILE_VARIANTS the list, e.g.
 #              inductor,ours,ours-no-memo for ours without the memo of torch's analysis of our kernels' calls)
 # Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, ABLATION_REPEAT (runs of the list,
 # round robin, medians reported; later runs find the kernels compiled), P32_VARIANTS, CONTEXT_VARIANTS,
 # CONTEXT_START, CONTEXT_MAX, CONTEXT_BUDGET (seconds).
-# Put wheels in .whl for what the GPU machine lacks: Liger-Kernel, and for the sft stage trl, datasets, dill and
-# multiprocess (the image has no TRL). Results and logs go to $OUT/results.tgz
+# Put wheels in .whl for what the GPU machine lacks: Liger-Kernel, and for the sft stage trl, datasets, dill,
+# multiprocess and pyarrow (the image has no TRL); a package may come unpacked as .whl/NAME.site.txz (a tar.xz of
+# its site-packages folders) where its wheel is too large, and .whl/unsloth.txz (the same for Unsloth, unsloth_zoo
+# and the versions they pin) gives the unsloth variant its own packages in front of the others. Results and logs go to $OUT/results.tgz
 # (the device returns only a few files) and each stage's last lines to the call's output.
 # One invocation per TAG: each invocation removes its results folder when it ends (after packing it), so a second
 # invocation under the same TAG replaces the first one's .tgz; chain stages in one invocation instead.
@@ -59,9 +62,13 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 if [ ! -d /tmp/site/liger_compile ]; then  # installed once per machine (parallel lists must not install twice)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >/dev/null 2>&1
+  for t in .whl/*.site.txz; do [ -f "$t" ] && tar xJf "$t" -C /tmp/site; done  # packages carried unpacked (smaller)
+  if [ -f .whl/unsloth.txz ]; then mkdir -p /tmp/site_unsloth && tar xJf .whl/unsloth.txz -C /tmp/site_unsloth; fi
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . >/dev/null 2>&1
 fi
 export PYTHONPATH=/tmp/site
+# Unsloth and what it pins (TRL <= 1.15, datasets < 5), seen by its variant only (bench/bench_trainers.py)
+[ -d /tmp/site_unsloth ] && export UNSLOTH_PYTHONPATH=/tmp/site_unsloth
 TAG=${TAG:-}
 R=$OUT/results${TAG:+_$TAG}
 mkdir -p "$R"
@@ -161,7 +168,7 @@ for stage in "${@:-tests}"; do
     sdpa) timeout 300 python3 bench/investigations/bench_sdpa_backends.py --out "$R" > "$R/bench_sdpa_backends.log" 2>&1
           grep -E "^\| |Error|error" "$R/bench_sdpa_backends.log" | cut -c1-300 | tail -20 ;;
     compile) timeout 560 python3 bench/bench_compile.py --variants "${COMPILE_VARIANTS:-inductor,ours}" \
-               ${COMPILE_MODE:+--mode $COMPILE_MODE} --timeout 200 --cache-root /tmp --out "$R" > "$R/bench_compile.log" 2>&1
+               ${COMPILE_MODE:+--mode $COMPILE_MODE} ${COMPILE_PROFILE:+--profile $R} --timeout 200 --cache-root /tmp --out "$R" > "$R/bench_compile.log" 2>&1
              grep -E "^\| |Error|error" "$R/bench_compile.log" | cut -c1-400 | tail -8 ;;
     install) ;;  # nothing more than the install above
     *) echo "unknown stage $stage" ;;

@@ -108,24 +108,28 @@ def _without_assumptions(gm: GraphModule, inputs, opts: _options.Options, report
         return _finish(fb_plan.gm.forward, fb_plan)
 
 
-def _pin_triton_cache_dir() -> None:
-    """Inductor points TRITON_CACHE_DIR at its own cache directory when it builds its first Triton kernel of the
-    process, if the variable is unset. The kernels our ops launch themselves read and write Triton's cache wherever
-    the variable points when they first run, so without this which directory they use would depend on what ran
-    first in that process, and a restart could look for them in another directory than the one they were written
-    to. Set to the same value Inductor would set, before anything compiles."""
-    if "TRITON_CACHE_DIR" in os.environ or not torch.cuda.is_available():
+def _triton_set_up_as_inductor() -> None:
+    """The kernels our ops launch themselves compile in this process with Triton's own defaults unless told
+    otherwise, and two of those defaults are set by Inductor only when it compiles a kernel itself (not when it
+    loads one from its cache): TRITON_CACHE_DIR (its own cache directory) and TRITON_PTXAS_PATH (the ptxas shipped
+    with torch; the ptxas version is part of Triton's cache key). Without this a warm restart, where Inductor
+    compiles nothing, looked for our kernels in another directory under another key, and compiled them again.
+    Set both as Inductor would, before anything compiles."""
+    if not torch.cuda.is_available():
         return
-    try:
+    try:  # private helpers of torch: a torch that lacks them leaves it to Inductor (a restart may recompile)
         from torch._inductor.runtime.cache_dir_utils import triton_cache_dir  # noqa: PLC0415
-    except ImportError:  # a torch that keeps it elsewhere: leave the variable to Inductor
+        from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path  # noqa: PLC0415
+    except ImportError:
         return
-    os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(torch.cuda.current_device())
+    if "TRITON_CACHE_DIR" not in os.environ:
+        os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(torch.cuda.current_device())
+    _set_triton_ptxas_path()  # leaves a TRITON_PTXAS_PATH the user set
 
 
 def liger_backend(gm: GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """`torch.compile(model, backend="liger", mode=..., options=...)` lands here."""
-    _pin_triton_cache_dir()
+    _triton_set_up_as_inductor()
     kernel_analysis.install()
     opts = _options.parse(mode, options)
     with _timed("liger_compile.rewrite"):  # listed by torch._dynamo.utils.compile_times() beside Inductor's phases

@@ -8,7 +8,8 @@ from typing import Any
 # Our options, with what each means. Every other key must be a torch._inductor.config key.
 OUR_OPTIONS = {
     "dump": "directory: write each graph before/after the rewrite and its report there (also LIGER_COMPILE_DUMP)",
-    "disable": "a pattern name or a list of them not to fuse, e.g. 'rms_norm' or ['rms_norm', 'rotary']",
+    "disable": "a pattern name or a list of them not to fuse, e.g. 'rms_norm' or ['rms_norm', 'rotary'] (also "
+               "LIGER_COMPILE_DISABLE, comma-separated)",
     "enable": "a pattern name or a list of them to fuse that are off by default, e.g. 'qkv_projection' (also "
               "LIGER_COMPILE_ENABLE, comma-separated, for runs that cannot pass options: the trainers)",
     "fallback": "bool, default True: on an error inside our rewrite, compile the untouched graph with Inductor",
@@ -87,9 +88,10 @@ def parse(mode: str | None = None, options: dict | None = None) -> Options:
     from torch._inductor import list_mode_options  # noqa: PLC0415
 
     opts = Options(dump=os.environ.get("LIGER_COMPILE_DUMP") or None)
-    enabled = [n.strip() for n in os.environ.get("LIGER_COMPILE_ENABLE", "").split(",") if n.strip()]
-    if enabled:
-        opts.enable = _pattern_names(enabled, "enable")
+    for key in ("enable", "disable"):  # the trainers' torch_compile_backend="liger" cannot pass options
+        names = [n.strip() for n in os.environ.get(f"LIGER_COMPILE_{key.upper()}", "").split(",") if n.strip()]
+        if names:
+            setattr(opts, key, _pattern_names(names, key))
     if mode not in (None, "default"):
         try:
             opts.inductor_config.update(list_mode_options(mode))

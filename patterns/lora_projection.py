@@ -8,7 +8,7 @@ LoRA down_proj's: every weight in the input's dtype, or autocast on to that dtyp
 model under the Trainer's bf16=True; patterns/_lora.py); the op then takes the weights cast as autocast's matmuls
 cast them. Tensor subclasses (DTensor shards) never reach the check: the rewrite leaves such sites to Inductor.
 
-Off unless enabled (`enable` option or LIGER_COMPILE_ENABLE): not yet measured in a training step.
+On by default; `disable="lora_projection"` (or LIGER_COMPILE_DISABLE) leaves the adapters to Inductor.
 """
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,6 @@ from liger_compile.pattern import Pattern
 from ._lora import check_adapter
 from .gated_mlp import autocast_to
 
-ON_BY_DEFAULT = False
 PRIORITY = 25
 
 

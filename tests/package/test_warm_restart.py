@@ -64,20 +64,28 @@ def test_portable_cache_artifacts_warm_an_empty_cache(tmp_path):
     assert second["aot"].get("autograd_cache_hit") == 1, second
 
 
-def test_triton_cache_directory_is_inductors_from_the_first_compile(monkeypatch, tmp_path):
-    """On a GPU the backend points TRITON_CACHE_DIR where Inductor would, before anything compiles, so the kernels
-    our ops launch themselves find their cache in the same directory in every process, whatever runs first."""
+def test_triton_cache_directory_and_ptxas_are_inductors_from_the_first_compile(monkeypatch, tmp_path):
+    """On a GPU the backend points TRITON_CACHE_DIR and TRITON_PTXAS_PATH where Inductor would, before anything
+    compiles, so the kernels our ops launch themselves find their cache in the same directory under the same key in
+    every process, whatever runs first; a user's own settings are left alone."""
+    from pathlib import Path
+
     import torch
+    from torch._inductor.runtime import compile_tasks
     from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
 
     from liger_compile import backend
 
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    for name in ("TRITON_CACHE_DIR", "TRITON_PTXAS_PATH"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    backend._pin_triton_cache_dir()
+    backend._triton_set_up_as_inductor()
     assert os.environ["TRITON_CACHE_DIR"] == triton_cache_dir(0) == os.path.join(str(tmp_path), "triton", "0")
-    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")  # a user's own setting is left alone
-    backend._pin_triton_cache_dir()
-    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else"
+    torch_ptxas = Path(compile_tasks.__file__).absolute().parents[1] / "bin" / "ptxas"  # absent from CPU builds
+    assert os.environ.get("TRITON_PTXAS_PATH") == (str(torch_ptxas) if torch_ptxas.is_file() else None)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")
+    monkeypatch.setenv("TRITON_PTXAS_PATH", "/my/ptxas")
+    backend._triton_set_up_as_inductor()
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else" and os.environ["TRITON_PTXAS_PATH"] == "/my/ptxas"

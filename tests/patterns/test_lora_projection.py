@@ -1,4 +1,4 @@
-"""Projections carrying a PEFT LoRA adapter as liger::lora_linear (patterns/lora_projection.py, off unless enabled):
+"""Projections carrying a PEFT LoRA adapter as liger::lora_linear (patterns/lora_projection.py, on by default):
 every adapter of q/k/v/o/gate/up fused (down_proj goes with the gated MLP), with and without the base layer's bias,
 under bf16 autocast with PEFT's float32 adapters, eager's loss and every gradient; the base weights get none."""
 import pytest
@@ -10,11 +10,6 @@ from models import assert_matches_eager, batch, loss_and_grads, tiny_model
 from test_gated_down_proj_fusion import EVERY_PROJECTION, lora_model
 
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(autouse=True)
-def enabled(monkeypatch):
-    monkeypatch.setenv("LIGER_COMPILE_ENABLE", "lora_projection")
 
 
 def sites(report) -> dict[str, int]:
@@ -34,13 +29,14 @@ def test_every_adapter_fuses_and_matches_eager():
     assert with_grad and all("lora_" in n for n in with_grad)  # PEFT froze the base weights: none computed for them
 
 
-def test_base_layer_bias_and_off_by_default(monkeypatch):
+def test_base_layer_bias_and_disable(monkeypatch):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0,
                              init_lora_weights=False)
     model = peft.get_peft_model(tiny_model(T.Qwen2Config, T.Qwen2ForCausalLM), config)  # biases on q, k and v
     assert liger_compile.explain(model, **batch()).counts["lora_projection"] == 6
     assert_matches_eager(model, batch())
-    monkeypatch.delenv("LIGER_COMPILE_ENABLE")
+    monkeypatch.setenv("LIGER_COMPILE_DISABLE", "lora_projection")  # the trainers' way to turn it off
+    torch._dynamo.reset()
     assert liger_compile.explain(model, **batch()).counts["lora_projection"] == 0
 
 

@@ -158,8 +158,9 @@ def test_peft_lora(tmp_path):
     ours, log, _ = run(make, "liger", tmp_path)
     ref, _, _ = run(make, "eager", tmp_path)
     assert_same_losses(ours, ref)
-    # the LoRA-wrapped projections still make a gated MLP
-    assert log.counts() == dict(rms_norm=3, rotary=1, swiglu=1, causal_mask=1, linear_cross_entropy=1), log.lines
+    # the LoRA-wrapped projections still make a gated MLP, and each adapted projection is fused with its adapter
+    assert log.counts() == dict(rms_norm=3, rotary=1, swiglu=1, causal_mask=1, linear_cross_entropy=1,
+                                lora_projection=4), log.lines
 
 
 # --- TRL ------------------------------------------------------------------------------------------------------------
