@@ -221,13 +221,18 @@ def child_argv(args, variant: str) -> list[str]:
     return argv
 
 
+def fresh_caches(variant: str, cache_root: str | None) -> tuple[str, dict]:
+    """A new pair of empty cache directories under one root, and the environment that points a process at them."""
+    root = tempfile.mkdtemp(prefix=f"compile_{variant}_", dir=cache_root)
+    return root, {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),
+                  "TRITON_CACHE_DIR": os.path.join(root, "triton"),
+                  "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+
+
 def drive(args) -> list[dict]:
     rows = []
     for variant in args.variants.split(","):
-        root = tempfile.mkdtemp(prefix=f"compile_{variant}_", dir=args.cache_root)
-        env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),
-               "TRITON_CACHE_DIR": os.path.join(root, "triton"),
-               "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+        root, env = fresh_caches(variant, args.cache_root)
         for start in ("cold", "warm"):
             row = run_variant(child_argv(args, variant), args.timeout, script=os.path.abspath(__file__), env=env)
             stderr = row.pop("stderr")
@@ -240,9 +245,7 @@ def drive(args) -> list[dict]:
                 break
         shutil.rmtree(root, ignore_errors=True)
         if args.profile:  # a third process, cold again over fresh caches, under the profiler (not in the table)
-            root = tempfile.mkdtemp(prefix=f"compile_{variant}_", dir=args.cache_root)
-            env = {**env, "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),
-                   "TRITON_CACHE_DIR": os.path.join(root, "triton")}
+            root, env = fresh_caches(variant, args.cache_root)
             path = os.path.join(args.profile, f"compile_profile_{variant}_cold.txt")
             row = run_variant(child_argv(args, variant) + ["--cprofile", path], args.timeout,
                               script=os.path.abspath(__file__), env=env)

@@ -117,13 +117,18 @@ def _triton_set_up_as_inductor() -> None:
     Set both as Inductor would, before anything compiles."""
     if not torch.cuda.is_available():
         return
-    try:  # private helpers of torch: a torch that lacks them leaves it to Inductor (a restart may recompile)
-        from torch._inductor.runtime.cache_dir_utils import triton_cache_dir  # noqa: PLC0415
+    # private helpers of torch, each on its own: one a torch lacks is left to Inductor (a restart may recompile)
+    if "TRITON_CACHE_DIR" not in os.environ:
+        try:
+            from torch._inductor.runtime.cache_dir_utils import triton_cache_dir  # noqa: PLC0415
+        except ImportError:
+            pass
+        else:
+            os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(torch.cuda.current_device())
+    try:
         from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path  # noqa: PLC0415
     except ImportError:
         return
-    if "TRITON_CACHE_DIR" not in os.environ:
-        os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(torch.cuda.current_device())
     _set_triton_ptxas_path()  # leaves a TRITON_PTXAS_PATH the user set
 
 
