@@ -18,9 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 TRAINERS = ("sft", "dpo", "kto", "grpo", "gkd")
 VARIANTS = {"plain": "no compile", "liger_kernel": "use_liger_kernel=True", "inductor": "Inductor",
-            "liger": 'backend "liger"'}
+            "liger": 'backend "liger"', "unsloth": "Unsloth"}
 COLORS = {"no compile": "tab:gray", "use_liger_kernel=True": "tab:orange", "Inductor": "tab:blue",
-          'backend "liger"': "tab:green"}
+          'backend "liger"': "tab:green", "Unsloth": "tab:purple"}
 TARGET = 1.15
 
 
