@@ -48,7 +48,7 @@
 # Stage lists can be narrowed by environment: QWEN_VARIANTS, ABLATION_VARIANTS, ABLATION_REPEAT (runs of the list,
 # round robin, medians reported; later runs find the kernels compiled), P32_VARIANTS, CONTEXT_VARIANTS,
 # CONTEXT_START, CONTEXT_MAX, CONTEXT_BUDGET (seconds).
-# Put wheels in .whl for what the GPU machine lacks: Liger-Kernel, and for the sft stage trl, datasets, dill,
+# Put wheels in .whl for what the GPU machine lacks (bench/carry_wheels.sh builds it): Liger-Kernel, and for the sft stage trl, datasets, dill,
 # multiprocess and pyarrow (the image has no TRL); a package may come unpacked as .whl/NAME.site.txz (a tar.xz of
 # its site-packages folders) where its wheel is too large, and .whl/unsloth.txz (the same for Unsloth, unsloth_zoo
 # and the versions they pin) gives the unsloth variant its own packages in front of the others. Results and logs go to $OUT/results.tgz
