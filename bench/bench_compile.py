@@ -37,20 +37,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_e2e import build, run_variant, timed_steps  # noqa: E402
 
-# compile_times() keys shown in the table, as (column, key); every key is kept in the JSON
-PHASES = [
-    ("dynamo_s", "bytecode_tracing"),
-    ("rewrite_s", "liger_compile.rewrite"),
-    ("backend_s", "OutputGraph.call_user_compiler"),
-    ("aot_s", "create_aot_dispatcher_function"),
-    ("lowering_s", "GraphLowering.run"),
-    ("codegen_s", "GraphLowering.codegen"),
-    ("triton_wait_s", "async_compile.wait"),
-    ("cpp_s", "compile_file"),
-    ("autotune_s", "CachingAutotuner.benchmark_all_configs"),
-]
-
-
 def compile_context(fn, device) -> dict:
     """What enters Triton's cache key besides the launch's arguments, read when a kernel compiles: the environment
     variables that invalidate the cache, the backend's hash (compiler and ptxas versions, target), Triton's own key,
@@ -140,9 +126,9 @@ def cache_files(dirs: list[str]) -> dict[str, int]:
 
 def run_one(args) -> dict:
     import torch  # noqa: PLC0415
-    from torch._dynamo.utils import compile_times, counters  # noqa: PLC0415
+    from torch._dynamo.utils import counters  # noqa: PLC0415
 
-    from common import recompiles  # noqa: PLC0415
+    from common import compile_phases, recompiles  # noqa: PLC0415
 
     cuda = args.device == "cuda"
     dirs = [os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"]]
@@ -174,14 +160,12 @@ def run_one(args) -> dict:
         profiler.disable()
         write_profile(profiler, args.cprofile)
     step = statistics.median(times[args.warmup:]) if args.steps else times[-1]
-    keys, values = compile_times(repr="csv", aggregate=True)
-    metrics = {k: float(v) for k, v in zip(keys, values)}
     files_after = cache_files(dirs)
     n_recompiles, reasons = recompiles()
     row = {
         "first_step_s": times[0], "step_ms": step * 1e3, "tokens/s": args.batch * args.seq / step,
         "first_loss": losses[0].item(),
-        **{col: metrics.get(key, 0.0) for col, key in PHASES},
+        **compile_phases(),
         "graphs": counters["stats"]["unique_graphs"], "recompiles": n_recompiles, "recompile_reasons": reasons,
         "fx_hit": counters["inductor"].get("fxgraph_cache_hit", 0),
         "fx_miss": counters["inductor"].get("fxgraph_cache_miss", 0),
@@ -189,7 +173,6 @@ def run_one(args) -> dict:
         "aot_hit": counters["aot_autograd"].get("autograd_cache_hit", 0),
         "aot_miss": counters["aot_autograd"].get("autograd_cache_miss", 0),
         "new_cubin": files_after["cubin"] - files_before["cubin"], "new_so": files_after["so"] - files_before["so"],
-        "compile_times": metrics,
     }
     if jit is not None:
         row.update(jit.summary())
@@ -311,11 +294,11 @@ def main(argv=None):
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return
     rows = drive(args)
-    from common import write_results  # noqa: PLC0415
+    from common import COMPILE_PHASES, write_results  # noqa: PLC0415
 
     name = args.name or f"compile_{args.model}_{args.batch}x{args.seq}" + (f"_{args.mode}" if args.mode else "")
     cols = ["variant", "start", "first_step_s", "first_step_vs_inductor_cold", "step_ms", "tokens/s"]
-    cols += [c for c, _ in PHASES] + ["jit_compiles", "jit_s", "new_cubin", "new_so", "graphs", "recompiles",
+    cols += [c for c, _ in COMPILE_PHASES] + ["jit_compiles", "jit_s", "new_cubin", "new_so", "graphs", "recompiles",
                                       "fx_hit", "fx_miss", "aot_hit", "aot_miss", "error"]
     title = f"Compile time, {args.model} shape, {args.batch} x {args.seq}, bf16" + (
         f", mode={args.mode}" if args.mode else "") + (" (TINY, CPU check)" if args.tiny else "")

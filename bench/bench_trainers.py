@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_e2e import MODELS  # noqa: E402
-from common import recompiles  # noqa: E402
+from common import COMPILE_PHASES, compile_phases, recompiles  # noqa: E402
 
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, use_cache=False)
@@ -439,7 +439,7 @@ def run_one(args) -> dict:
         "first_logps": {k: v for k, v in trainer.state.log_history[0].items() if k.startswith("logps/")},
         "dtype": ("bf16, bf16=True" if amp else "bf16, bf16=False") if use_bf16 else "fp32",
         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
-        **dict(zip(("recompiles", "recompile_reasons"), recompiles())),
+        **dict(zip(("recompiles", "recompile_reasons"), recompiles())), **compile_phases(),
         "step_times_s": [round(t, 4) for t in timer.times], **timer.profile,
     }
     if args.profile and timer.profile.get("head_ms"):  # after the peak was read: the yardstick allocates [rows, V]
@@ -594,6 +594,9 @@ def main(argv=None):
     notes += [f"{r['variant']} lm_head gradients from the forward (kept / used / recomputed): {r['forward_grads']}"
               for r in ok if r.get("forward_grads")]
     notes += [f"{r['variant']} recompiles: {r['recompile_reasons']}" for r in ok if r.get("recompile_reasons")]
+    notes += [f"{r['variant']} compile seconds (Dynamo's metrics, nested phases each counted): "
+              + ", ".join(f"{c} {r[c]:.1f}" for c, _ in COMPILE_PHASES if r.get(c)) for r in ok
+              if r.get("backend_s")]
     title = f"{kind.upper()}, {model} shape, {args.batch} x {args.seq}" + (
         ", padding_free=True" if args.padding_free else f", {args.padding:.0%} padding" if args.padding else "")
     print(write_results(args.out, name, title, rows, cols, notes="\n\n".join(notes)))

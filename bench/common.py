@@ -49,6 +49,31 @@ def recompiles() -> tuple[int, dict[str, int]]:
     return count, dict(reasons)
 
 
+# Dynamo's compile-time metrics (torch._dynamo.utils.compile_times) shown as columns, as (column, key). Nested phases
+# are each counted (AOTAutograd's time holds Inductor's) and C++ builds run in parallel: the columns do not add up.
+COMPILE_PHASES = [
+    ("dynamo_s", "bytecode_tracing"),
+    ("rewrite_s", "liger_compile.rewrite"),
+    ("backend_s", "OutputGraph.call_user_compiler"),
+    ("aot_s", "create_aot_dispatcher_function"),
+    ("lowering_s", "GraphLowering.run"),
+    ("codegen_s", "GraphLowering.codegen"),
+    ("triton_wait_s", "async_compile.wait"),
+    ("cpp_s", "compile_file"),
+    ("autotune_s", "CachingAutotuner.benchmark_all_configs"),
+]
+
+
+def compile_phases() -> dict:
+    """This process's compile seconds so far: one entry per COMPILE_PHASES column, and every metric Dynamo keeps
+    under "compile_times"."""
+    from torch._dynamo.utils import compile_times  # noqa: PLC0415
+
+    keys, values = compile_times(repr="csv", aggregate=True)
+    metrics = {k: float(v) for k, v in zip(keys, values)}
+    return {**{column: metrics.get(key, 0.0) for column, key in COMPILE_PHASES}, "compile_times": metrics}
+
+
 def median_ms(fn, warmup_ms: int = 25, rep_ms: int = 200, grad_to_none=None) -> float:
     import triton.testing  # noqa: PLC0415
 

@@ -7,7 +7,44 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import math  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a container limited to 2 CPUs on a
+    larger host still sees every host CPU in its affinity, and torch would start a thread per host CPU)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t.strip(), open(
+                            "/sys/fs/cgroup/cpu/cpu.cfs_period_us").read().strip()])):
+        try:
+            with open(path) as f:
+                quota, period = parse(f.read())[:2]
+            if quota not in ("max", "-1"):
+                cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+        except (OSError, ValueError):
+            pass
+    return cpus
+
+
+# Each pytest-xdist worker (and what it starts: compile workers, subprocess tests) gets its share of the CPUs, so that
+# workers' OpenMP threads and Inductor's C++ compiles do not outnumber the cores.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, usable_cpus() // WORKERS)
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(THREADS))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    """The CPU share in the run's last lines (they are what a CI log keeps), as the workers computed it."""
+    workers = getattr(config.option, "numprocesses", None) or 1
+    threads = os.environ.get("OMP_NUM_THREADS") if workers == 1 else max(1, usable_cpus() // workers)
+    terminalreporter.write_line(f"cpus: {os.cpu_count()} seen, {usable_cpus()} usable; {workers} worker(s) of "
+                                f"{threads} torch and Inductor compile thread(s) each")
 
 
 @pytest.fixture(autouse=True)

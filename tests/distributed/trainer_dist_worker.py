@@ -144,11 +144,22 @@ def full_params(model, trainer) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in params.items()}
 
 
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU backend builds its shared-memory all-reduce op with the C++ compiler when it starts (minutes on
+    2 cores, every fresh machine). Only its inference all-reduce uses that op; training reduces through
+    torch.distributed (gloo here), so the backend starts without it, as it does where the op cannot be built."""
+    import deepspeed.comm.torch as deepspeed_torch_comm  # noqa: PLC0415
+
+    deepspeed_torch_comm.build_shm_op = lambda: None
+
+
 def run(spec: dict, out_dir: str, rank: int) -> dict:
     from transformers import Trainer  # noqa: PLC0415
 
     if spec.get("cpu_gate"):
         widen_accelerate_cpu_gates()
+    if spec.get("zero"):
+        skip_deepspeed_shm_build()
     model = llama()
     trainer = Trainer(model=model, args=training_args(spec, os.path.join(out_dir, "trainer")),
                       train_dataset=dataset())
