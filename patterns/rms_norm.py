@@ -16,6 +16,7 @@ from liger_compile.kernels._common import FLOAT_DTYPES
 from liger_compile.kernels.rms_norm import MAX_FUSED_COLS
 from liger_compile.matcher import Match, op_name
 from liger_compile.patterns._centred import centred
+from liger_compile.patterns._norm import input_reason
 from liger_compile.patterns._residual import addends_reason
 from liger_compile.pattern import Pattern
 
@@ -149,26 +150,17 @@ def fused_residual(form: str):
 
 # --- when it is safe ---------------------------------------------------------------------------------------
 def check(m: Match) -> str | None:
+    why = input_reason(m)
+    if why:
+        return why
     x = m.value("x")
-    if not isinstance(x, torch.Tensor):
-        return "input is not a tensor"
-    if x.dtype not in FLOAT_DTYPES:
-        return f"unsupported input dtype {x.dtype}"
-    if x.dim() < 1:
-        return "input is a scalar"
     cols = x.shape[-1]
-    if not isinstance(cols, int):
-        return "the normalised dimension is dynamic; the kernel tiles it at compile time"
     if "weight" in m.bindings:
         objection = _check_weight(x, m.value("weight"))
         if objection:
             return objection
     if m["dim"] not in (-1, x.dim() - 1):
         return f"reduces over dim {m['dim']}, not the last one"
-    if not isinstance(m.value("eps"), (int, float, torch.SymFloat)):
-        return f"eps is not a float scalar (got {type(m.value('eps')).__name__})"
-    if "in_dtype" in m.bindings and m.dtype("in_dtype") != x.dtype:
-        return f"casts to {m.dtype('in_dtype')} instead of the input dtype {x.dtype}"
     if "offset" in m.bindings and not isinstance(m["offset"], (int, float)):
         return "the weight offset is not a constant"
     if cols > MAX_FUSED_COLS:
