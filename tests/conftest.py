@@ -12,37 +12,50 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def usable_cpus() -> int:
     """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a container limited to 2 CPUs on a
     larger host still sees every host CPU in its affinity, and torch would start a thread per host CPU)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
-                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t.strip(), open(
-                            "/sys/fs/cgroup/cpu/cpu.cfs_period_us").read().strip()])):
-        try:
-            with open(path) as f:
-                quota, period = parse(f.read())[:2]
-            if quota not in ("max", "-1"):
-                cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-        except (OSError, ValueError):
-            pass
+    v2, v1 = _read("/sys/fs/cgroup/cpu.max"), _read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+    quota, period = (v2.split() + [""])[:2] if v2 else (v1, _read("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+    if quota and period and quota.isdigit() and period.isdigit() and int(period) > 0:  # "max" / "-1": no quota
+        cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
     return cpus
 
 
-# Each pytest-xdist worker (and what it starts: compile workers, subprocess tests) gets its share of the CPUs, so that
-# workers' OpenMP threads and Inductor's C++ compiles do not outnumber the cores.
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-THREADS = max(1, usable_cpus() // WORKERS)
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(THREADS))
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+def cpu_share(workers: int) -> int:
+    return max(1, usable_cpus() // workers)
+
+
+def pytest_configure(config):
+    """Each pytest-xdist worker (and what it starts: compile workers, subprocess tests) takes its share of the CPUs,
+    so that the workers' OpenMP threads and Inductor's C++ compiles do not outnumber the cores. The controller of an
+    xdist run runs no tests and leaves the environment to its workers; a variable the user set is kept."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    threads = cpu_share(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    for name in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
+        if not os.environ.get(name, "").isdigit():
+            os.environ[name] = str(threads)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    import torch._inductor.config as inductor_config  # noqa: PLC0415  (it read the variable when first imported)
+
+    inductor_config.compile_threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, config):
     """The CPU share in the run's last lines (they are what a CI log keeps), as the workers computed it."""
     workers = getattr(config.option, "numprocesses", None) or 1
-    threads = os.environ.get("OMP_NUM_THREADS") if workers == 1 else max(1, usable_cpus() // workers)
+    threads = os.environ.get("OMP_NUM_THREADS") if workers == 1 else cpu_share(workers)
     terminalreporter.write_line(f"cpus: {os.cpu_count()} seen, {usable_cpus()} usable; {workers} worker(s) of "
                                 f"{threads} torch and Inductor compile thread(s) each")
 
