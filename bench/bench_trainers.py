@@ -16,7 +16,8 @@ Random init (seed 0), synthetic in-memory data. SFT and the HF Trainer get rando
 --padding F: rows of random lengths, F of each batch padding; --padding-free: TRL's padding_free=True, the batch's
 rows flattened into one row of documents with restarting position_ids, as many tokens as a full batch); DPO and KTO get prompts and completions of a
 word-level tokenizer built in memory, of random lengths (so their batches are padded, as real preference data is),
-`max_length` the sequence length. GRPO samples 64-token completions (2 per prompt, two prompt groups a step, with the KV
+`max_length` the sequence length (--pad-to-multiple-of N: their `pad_to_multiple_of`, N = the sequence length gives
+every batch one shape, so a compiled run stops recompiling after its first batch). GRPO samples 64-token completions (2 per prompt, two prompt groups a step, with the KV
 cache; rewarded by their length) for prompts of 3/4 to all of the rest of the sequence; the generation runs
 uncompiled in every variant (TRL generates with the unwrapped model), so its time is in every step. GKD distils from
 a teacher of the student's shape (another random init) on chat rows of prompt + answer, lmbda=0 (the answers are
@@ -330,7 +331,8 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
 
         config_cls, trainer_cls = (trl.DPOConfig, trl.DPOTrainer) if args.trainer == "dpo" else (trl.KTOConfig,
                                                                                                    trl.KTOTrainer)
-        config = config_cls(**common, max_length=args.seq)
+        pad = dict(pad_to_multiple_of=args.pad_to_multiple_of) if args.pad_to_multiple_of else {}
+        config = config_cls(**common, max_length=args.seq, **pad)
         ref = build(args, device, next(model.parameters()).dtype)
         trainer = trainer_cls(model=model, ref_model=ref, args=config, processing_class=tokenizer(WORDS),
                               train_dataset=preference_data(args.trainer, args.batch * steps * 2, args.seq),
@@ -468,6 +470,7 @@ def drive(args) -> list[dict]:
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--trainer", args.trainer, "--padding", str(args.padding)]
         cmd += ["--padding-free"] * args.padding_free + (["--lora", str(args.lora)] if args.lora else [])
+        cmd += ["--pad-to-multiple-of", str(args.pad_to_multiple_of)] * bool(args.pad_to_multiple_of)
         cmd += ["--tiny"] * args.tiny + ["--checkpointing"] * args.checkpointing + ["--cpu-bf16"] * args.cpu_bf16
         cmd += ["--pure-bf16"] * args.pure_bf16 + ["--profile" if args.profile else "--no-profile"]
         env = dict(os.environ)
@@ -538,6 +541,8 @@ def main(argv=None):
                                                           "projection (0: full fine-tuning)")
     ap.add_argument("--padding", type=float, default=0.0,
                     help="fraction of each batch that is padding (rows of random lengths, TRL only), e.g. 0.25")
+    ap.add_argument("--pad-to-multiple-of", type=int, default=0,
+                    help="DPO/KTO: TRL's pad_to_multiple_of (the sequence length: one batch shape, no recompiles)")
     ap.add_argument("--padding-free", action="store_true",
                     help="TRL SFT with padding_free=True: each batch one row of documents, position_ids restarting")
     ap.add_argument("--cpu-bf16", action="store_true", help="bf16 on CPU too (default there: fp32)")
@@ -564,6 +569,7 @@ def main(argv=None):
     name = f"{kind}_{model}_{args.batch}x{args.seq}" + ("_pure-bf16" if args.pure_bf16 else "") + (
         f"_padded{round(args.padding * 100)}" if args.padding and not args.padding_free else "") + (
         "_padding-free" if args.padding_free else "") + (f"_lora{args.lora}" if args.lora else "") + (
+        f"_pad-to-{args.pad_to_multiple_of}" if args.pad_to_multiple_of else "") + (
         "_checkpointing" if args.checkpointing else "") + (
         "_enable-" + os.environ["LIGER_COMPILE_ENABLE"].replace(",", "-") if os.environ.get("LIGER_COMPILE_ENABLE")
         else "") + (
