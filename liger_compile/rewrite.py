@@ -20,6 +20,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from . import autocast
 from .facts import Assumption
 from .lazy import LazyOutput, extract
 from .matcher import DtypeOf, Match, MatchFailure, example_value, is_output_cast, op_name, pattern_root, try_match
@@ -136,8 +137,11 @@ def rewrite(gm: GraphModule, patterns: Iterable[Pattern], index: int = 0, skip_l
 
     for name, sub in gm.named_children():
         if isinstance(sub, GraphModule):
+            call = _call_site(gm, name)
+            if call is not None:
+                autocast.called_from(sub.graph, call)
             inner_plan, inner = rewrite(sub, patterns, index, skip_logits, nested=True,
-                                        outer=_inputs_from_enclosing(gm, name, sub, scope.outer), assume=assume,
+                                        outer=_inputs_from_enclosing(call, sub, scope.outer), assume=assume,
                                         top=scope.top)
             report.fused += [Site(s.pattern, s.variant, f"{s.where} [in {name}]", s.modules) for s in inner.fused]
             plan.assumptions += [a for a in inner_plan.assumptions if a not in plan.assumptions]
@@ -439,12 +443,16 @@ def _checked_outputs(graph: Graph, checks: Iterable[OutputCheck]) -> list[tuple[
     return found
 
 
-def _inputs_from_enclosing(gm: GraphModule, name: str, body: GraphModule, outer: dict[Node, Node]
-                           ) -> dict[Node, Node]:
-    """For a body called once by a higher-order op as op(body, *operands): body input i -> operand i."""
+def _call_site(gm: GraphModule, name: str) -> Node | None:
+    """The node that calls gm's child `name` as op(body, *operands), where exactly one does."""
     getattrs = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == name]
     calls = [u for g in getattrs for u in g.users if u.op == "call_function" and u.args and u.args[0] is g]
+    return calls[0] if len(calls) == 1 else None
+
+
+def _inputs_from_enclosing(call: Node | None, body: GraphModule, outer: dict[Node, Node]) -> dict[Node, Node]:
+    """For a body called once by a higher-order op as op(body, *operands): body input i -> operand i."""
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-    if len(calls) != 1 or len(calls[0].args) - 1 != len(placeholders):
+    if call is None or len(call.args) - 1 != len(placeholders):
         return {}
-    return {**outer, **dict(zip(placeholders, calls[0].args[1:]))}
+    return {**outer, **dict(zip(placeholders, call.args[1:]))}

@@ -4,9 +4,9 @@ dtype, or autocast on to x's dtype (PEFT's float32 adapters under the Trainer's 
 than x's would change what the matmuls compute."""
 import torch
 
+from liger_compile.autocast import autocast_dtype, autocast_to
 from liger_compile.matcher import Match
 
-from .gated_mlp import autocast_to
 
 
 def check_adapter(m: Match, x: torch.Tensor, weight: torch.Tensor) -> str | None:
@@ -18,12 +18,12 @@ def check_adapter(m: Match, x: torch.Tensor, weight: torch.Tensor) -> str | None
                 "together")
     if not isinstance(m["scaling"], (int, float)):
         return "the adapter's scaling is not a constant"
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
-        return f"autocast to {torch.get_autocast_dtype(device)} would change the matmuls' dtype"
+    autocast = autocast_dtype(m.root, x.device.type)
+    if autocast not in (None, x.dtype):
+        return f"autocast to {autocast} would change the matmuls' dtype"
     if a.dtype != b.dtype or ("dtype" in m.bindings and m["dtype"] != a.dtype):
         return f"the adapter's input and weights differ in dtype ({m.bindings.get('dtype')}, {a.dtype}, {b.dtype})"
-    if a.dtype != x.dtype and not autocast_to(x):
+    if a.dtype != x.dtype and not autocast_to(m.root, x):
         return (f"the adapter's weights ({a.dtype}) and the projection's input ({x.dtype}) differ in dtype outside "
                 "autocast, so its matmuls mix dtypes (PEFT: autocast_adapter_dtype=False keeps the adapter in the "
                 "model's dtype)")

@@ -14,6 +14,7 @@ fused (a squared ReLU gate; a SwiGLU with clamps, a scaled sigmoid and up shifte
 import torch
 import torch.nn.functional as F
 
+from liger_compile.autocast import autocast_to
 from liger_compile.kernels import gated_down_proj as _down_op  # noqa: F401  (defines the op)
 from liger_compile.kernels import gated_mlp as _op  # noqa: F401  (defines the op)
 from liger_compile.kernels._common import FLOAT_DTYPES
@@ -44,13 +45,6 @@ def make_fused_down(activation: str):
         return torch.ops.liger.gated_down_proj(gate, up, weight.type_as(gate), activation)
 
     return fused
-
-
-def autocast_to(t: torch.Tensor) -> bool:
-    """A matmul with t runs in t's dtype whatever its weight's dtype: autocast is on for t's device, to t's dtype
-    (a float32 model under the Trainer's bf16=True)."""
-    device = t.device.type
-    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == t.dtype
 
 
 def make_fused(activation: str):
@@ -111,7 +105,7 @@ def check_down(m: Match) -> str | None:
     w, g = m.value("weight"), m.value("gate")
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != g.shape[-1]:
         return "down_proj's weight is not a [hidden, intermediate] matrix"
-    if w.dtype != g.dtype and not autocast_to(g):
+    if w.dtype != g.dtype and not autocast_to(m.root, g):
         return f"down_proj weight {w.dtype} and activations {g.dtype} differ in dtype (and no autocast to {g.dtype})"
     return None
 

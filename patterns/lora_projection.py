@@ -13,12 +13,12 @@ On by default; `disable="lora_projection"` (or LIGER_COMPILE_DISABLE) leaves the
 import torch
 import torch.nn.functional as F
 
+from liger_compile.autocast import autocast_to
 from liger_compile.kernels import lora_linear as _op  # noqa: F401  (defines the op)
 from liger_compile.matcher import Match, op_name
 from liger_compile.pattern import Pattern
 
 from ._lora import check_adapter
-from .gated_mlp import autocast_to
 
 PRIORITY = 25
 
@@ -52,7 +52,7 @@ def check(m: Match) -> str | None:
     if why:
         return why
     for name, t in (("weight", w), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype and not autocast_to(x):
+        if t is not None and t.dtype != x.dtype and not autocast_to(m.root, x):
             return (f"the base {name} ({t.dtype}) and the input ({x.dtype}) differ in dtype outside autocast, so "
                     "the matmul mixes dtypes")
     return None

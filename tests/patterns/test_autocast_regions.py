@@ -1,0 +1,67 @@
+"""liger_compile/autocast.py: the autocast state at each node of a Dynamo graph, from the state the graph is compiled
+in and the autocast regions Dynamo records in it (nested, disabled, other devices, a checkpointed body's caller)."""
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from liger_compile.autocast import autocast_dtype, called_from
+
+
+def states_by_op(fn, *args) -> dict[str, list]:
+    """Each call_function node's autocast dtype on CPU, by op name, from the graph Dynamo hands a backend."""
+    seen: dict[str, list] = {}
+
+    def backend(gm, example_inputs):
+        for name, sub in gm.named_children():  # nested bodies start where their caller runs
+            calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.args
+                     and getattr(n.args[0], "target", None) == name]
+            if calls:
+                called_from(sub.graph, calls[0])
+        for g in [gm.graph] + [s.graph for s in gm.children() if isinstance(s, torch.fx.GraphModule)]:
+            for n in g.nodes:
+                if n.op == "call_function":
+                    seen.setdefault(getattr(n.target, "__name__", str(n.target)), []).append(
+                        autocast_dtype(n, "cpu"))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return seen
+
+
+def test_regions_inside_the_graph_nested_and_disabled():
+    def fn(x):
+        a = torch.sin(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            b = torch.cos(a)
+            with torch.autocast("cpu", enabled=False):
+                c = torch.tan(b)
+            d = torch.exp(c)
+        return torch.log(d)
+
+    seen = states_by_op(fn, torch.rand(4))
+    assert seen["sin"] == [None] and seen["log"] == [None]
+    assert seen["cos"] == [torch.bfloat16] and seen["exp"] == [torch.bfloat16]
+    assert seen["tan"] == [None]
+
+
+def test_autocast_around_the_compiled_call_and_another_devices_region():
+    def fn(x):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=False):  # recorded for cuda: cpu's state stays
+            y = torch.cos(x)
+        return torch.sin(y)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seen = states_by_op(fn, torch.rand(4))
+    assert seen["cos"] == [torch.bfloat16] and seen["sin"] == [torch.bfloat16]
+
+
+def test_a_checkpointed_body_starts_in_its_callers_region():
+    def body(x):
+        return torch.cos(x)
+
+    def fn(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return checkpoint(body, x, use_reentrant=False)
+
+    seen = states_by_op(fn, torch.rand(4, requires_grad=True))
+    assert seen["cos"] == [torch.bfloat16]
