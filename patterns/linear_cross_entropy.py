@@ -7,14 +7,18 @@ The [tokens, vocab] logits are never built: the op works through the tokens in c
 Logits divided or multiplied by a constant before the loss (Granite's `logits / logits_scaling`, Cohere's
 `logits * logit_scale`, also before soft-capping) are matched too: the op is fed `hidden / s` or `hidden * s` (and
 the bias likewise), which gives the same logits without touching the [tokens, vocab] product.
+
+Under autocast (a float32 model with the Trainer's bf16=True) the lm_head's matmul runs in autocast's dtype: the op
+is fed hidden states, weight and bias cast to it, as autocast casts them for the matmul.
 """
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from liger_compile.autocast import autocast_dtype
 from liger_compile.kernels import linear_cross_entropy as _op  # noqa: F401  (defines the op)
 from liger_compile.kernels._common import FLOAT_DTYPES
-from liger_compile.matcher import Match, op_name
+from liger_compile.matcher import Match, example_value, op_name
 from liger_compile.pattern import Pattern
 
 
@@ -48,25 +52,37 @@ def make_fused(upcast: bool, keep_logits: bool = False, scaled: str | None = Non
     def fused(hidden, weight, bias, labels, vocab, ignore_index, reduction, label_smoothing, cap=0.0, num_items=None,
               scale=None):
         reduction = "sum" if num_items is not None else reduction
+        loss_like = hidden
         if scaled == "/":  # (h @ W^T + b) / s == (h / s) @ W^T + b / s: scale the [N, H] input, not [N, V]
             hidden = hidden / scale
             bias = bias / scale if bias is not None else None
         elif scaled == "*":
             hidden = hidden * scale
             bias = bias * scale if bias is not None else None
+        matmul = _autocast_to(hidden.node)
+        if matmul is not None:  # the casts autocast makes for the lm_head's matmul
+            hidden, weight = hidden.to(matmul), weight.to(matmul)
+            bias = bias.to(matmul) if bias is not None else None
         out = torch.ops.liger.linear_cross_entropy(
             hidden.flatten(0, -2), weight, bias, labels.reshape(-1), None, int(ignore_index), float(label_smoothing),
             float(cap), reduction, keep_logits,
         )
         loss = out[0]
         if not upcast:
-            loss = loss.type_as(hidden)  # eager's loss has the logits' dtype when they are not upcast
+            loss = loss.type_as(loss_like)  # eager's loss has the logits' dtype when they are not upcast
         loss = loss / num_items if num_items is not None else loss
         if keep_logits:  # the logits the model returns, in its shape: hidden's leading dims by the vocabulary
             return loss, out[4].unflatten(0, hidden.shape[:-1])
         return loss
 
     return fused
+
+
+def _autocast_to(hidden) -> torch.dtype | None:
+    """The dtype autocast casts the hidden states to for a matmul where they are computed, if it changes theirs."""
+    value = example_value(hidden)
+    dtype = autocast_dtype(hidden, value.device.type)
+    return dtype if dtype not in (None, value.dtype) else None
 
 
 def check(m: Match) -> str | None:
@@ -98,11 +114,13 @@ def check(m: Match) -> str | None:
         return f"soft-cap {m['cap']!r} is not a positive constant"
     linear = next((n for n in m.nodes if op_name(n) == "linear"), None)
     logits = linear.meta.get("example_value") if linear is not None else None
-    if logits is not None and logits.dtype != h.dtype:
-        return f"the lm_head runs under autocast (logits in {logits.dtype}, hidden states in {h.dtype})"
-    for returned in m.returned:  # logits the graph returns must be the op's: [..., V] in the input dtype
+    matmul = _autocast_to(m.bindings["hidden"]) or h.dtype  # what the op's matmul will run in
+    if logits is not None and logits.dtype != matmul:
+        return (f"the lm_head's logits are {logits.dtype} and its hidden states {h.dtype} (autocast to "
+                f"{matmul if matmul != h.dtype else 'no other dtype'} where they are computed): the regions differ")
+    for returned in m.returned:  # logits the graph returns must be the op's: [..., V] in the matmul's dtype
         r = returned.meta.get("example_value")
-        if r is None or r.dtype != h.dtype or r.shape[:-1] != h.shape[:-1]:
+        if r is None or r.dtype != matmul or r.shape[:-1] != h.shape[:-1]:
             return "the graph returns an intermediate other than the logits (e.g. upcast ones)"
     return None
 
