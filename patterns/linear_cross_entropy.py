@@ -52,14 +52,13 @@ def make_fused(upcast: bool, keep_logits: bool = False, scaled: str | None = Non
     def fused(hidden, weight, bias, labels, vocab, ignore_index, reduction, label_smoothing, cap=0.0, num_items=None,
               scale=None):
         reduction = "sum" if num_items is not None else reduction
-        loss_like = hidden
+        loss_like, matmul = hidden, _autocast_to(hidden.node)
         if scaled == "/":  # (h @ W^T + b) / s == (h / s) @ W^T + b / s: scale the [N, H] input, not [N, V]
             hidden = hidden / scale
             bias = bias / scale if bias is not None else None
         elif scaled == "*":
             hidden = hidden * scale
             bias = bias * scale if bias is not None else None
-        matmul = _autocast_to(hidden.node)
         if matmul is not None:  # the casts autocast makes for the lm_head's matmul
             hidden, weight = hidden.to(matmul), weight.to(matmul)
             bias = bias.to(matmul) if bias is not None else None
@@ -78,9 +77,11 @@ def make_fused(upcast: bool, keep_logits: bool = False, scaled: str | None = Non
     return fused
 
 
-def _autocast_to(hidden) -> torch.dtype | None:
+def _autocast_to(hidden: torch.fx.Node) -> torch.dtype | None:
     """The dtype autocast casts the hidden states to for a matmul where they are computed, if it changes theirs."""
     value = example_value(hidden)
+    if not isinstance(value, torch.Tensor):
+        return None
     dtype = autocast_dtype(hidden, value.device.type)
     return dtype if dtype not in (None, value.dtype) else None
 
