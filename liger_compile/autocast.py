@@ -47,10 +47,16 @@ def _state_at(node: Node, device_type: str) -> _State:
     return states[node]
 
 
+def _ambient(device_type: str) -> _State:
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know has no autocast
+        return False, torch.float32
+
+
 def _walk(graph: Graph, device_type: str) -> dict[Node, _State]:
     call = _call_sites.get(graph)
-    state: _State = (_state_at(call, device_type) if call is not None else
-                     (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)))
+    state = _state_at(call, device_type) if call is not None else _ambient(device_type)
     before: dict[Node, _State] = {}  # each enter node of this device -> the state it replaced
     states = {}
     for n in graph.nodes:
