@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch.fx import Graph, Node
 
+from .matcher import example_value
+
 _State = tuple[bool, torch.dtype]  # (enabled, dtype)
 _ENTER = getattr(torch.amp.autocast_mode, "_enter_autocast", None)
 _EXIT = getattr(torch.amp.autocast_mode, "_exit_autocast", None)
@@ -45,6 +47,16 @@ def _state_at(node: Node, device_type: str) -> _State:
     if states is None or node not in states:  # first asked, or nodes were added since
         states = per_device[device_type] = _walk(node.graph, device_type)
     return states[node]
+
+
+def matmul_cast(node: Node) -> Optional[torch.dtype]:
+    """The dtype autocast casts `node`'s value to for a matmul where it is computed, where that is not its own
+    dtype; else None."""
+    value = example_value(node)
+    if not isinstance(value, torch.Tensor):
+        return None
+    dtype = autocast_dtype(node, value.device.type)
+    return dtype if dtype not in (None, value.dtype) else None
 
 
 def _ambient(device_type: str) -> _State:

@@ -8,7 +8,6 @@ from liger_compile.autocast import autocast_dtype, autocast_to
 from liger_compile.matcher import Match
 
 
-
 def check_adapter(m: Match, x: torch.Tensor, weight: torch.Tensor) -> str | None:
     a, b = m.value("lora_a"), m.value("lora_b")
     if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (a, b)):

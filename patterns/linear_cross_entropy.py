@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from liger_compile.autocast import autocast_dtype
+from liger_compile.autocast import matmul_cast
 from liger_compile.kernels import linear_cross_entropy as _op  # noqa: F401  (defines the op)
 from liger_compile.kernels._common import FLOAT_DTYPES
-from liger_compile.matcher import Match, example_value, op_name
+from liger_compile.matcher import Match, op_name
 from liger_compile.pattern import Pattern
 
 
@@ -52,7 +52,7 @@ def make_fused(upcast: bool, keep_logits: bool = False, scaled: str | None = Non
     def fused(hidden, weight, bias, labels, vocab, ignore_index, reduction, label_smoothing, cap=0.0, num_items=None,
               scale=None):
         reduction = "sum" if num_items is not None else reduction
-        loss_like, matmul = hidden, _autocast_to(hidden.node)
+        loss_like, matmul = hidden, matmul_cast(hidden.node)
         if scaled == "/":  # (h @ W^T + b) / s == (h / s) @ W^T + b / s: scale the [N, H] input, not [N, V]
             hidden = hidden / scale
             bias = bias / scale if bias is not None else None
@@ -75,15 +75,6 @@ def make_fused(upcast: bool, keep_logits: bool = False, scaled: str | None = Non
         return loss
 
     return fused
-
-
-def _autocast_to(hidden: torch.fx.Node) -> torch.dtype | None:
-    """The dtype autocast casts the hidden states to for a matmul where they are computed, if it changes theirs."""
-    value = example_value(hidden)
-    if not isinstance(value, torch.Tensor):
-        return None
-    dtype = autocast_dtype(hidden, value.device.type)
-    return dtype if dtype not in (None, value.dtype) else None
 
 
 def check(m: Match) -> str | None:
@@ -115,7 +106,7 @@ def check(m: Match) -> str | None:
         return f"soft-cap {m['cap']!r} is not a positive constant"
     linear = next((n for n in m.nodes if op_name(n) == "linear"), None)
     logits = linear.meta.get("example_value") if linear is not None else None
-    matmul = _autocast_to(m.bindings["hidden"]) or h.dtype  # what the op's matmul will run in
+    matmul = matmul_cast(m.bindings["hidden"]) or h.dtype  # what the op's matmul will run in
     if logits is not None and logits.dtype != matmul:
         return (f"the lm_head's logits are {logits.dtype} and its hidden states {h.dtype} (autocast to "
                 f"{matmul if matmul != h.dtype else 'no other dtype'} where they are computed): the regions differ")

@@ -4,6 +4,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from liger_compile.autocast import autocast_dtype, called_from
+from liger_compile.rewrite import _call_site
 
 
 def states_by_op(fn, *args) -> dict[str, list]:
@@ -11,11 +12,10 @@ def states_by_op(fn, *args) -> dict[str, list]:
     seen: dict[str, list] = {}
 
     def backend(gm, example_inputs):
-        for name, sub in gm.named_children():  # nested bodies start where their caller runs
-            calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.args
-                     and getattr(n.args[0], "target", None) == name]
-            if calls:
-                called_from(sub.graph, calls[0])
+        for name, sub in gm.named_children():  # nested bodies start where their caller runs, as rewrite() records
+            call = _call_site(gm, name)
+            if call is not None:
+                called_from(sub.graph, call)
         for g in [gm.graph] + [s.graph for s in gm.children() if isinstance(s, torch.fx.GraphModule)]:
             for n in g.nodes:
                 if n.op == "call_function":
