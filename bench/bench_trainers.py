@@ -295,6 +295,8 @@ def unsloth_model(args, model):
 def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench_trainers_"), max_steps=steps, per_device_train_batch_size=args.batch,
+        # spelled out: Unsloth rewrites the configs' defaults (two micro-batches a step, weight decay, warmup)
+        gradient_accumulation_steps=1, weight_decay=0.0, warmup_steps=0,
         learning_rate=1e-5, lr_scheduler_type="constant", optim="adamw_torch_fused", bf16=amp,
         gradient_checkpointing=args.checkpointing, logging_strategy="steps", logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0,
@@ -430,10 +432,13 @@ def run_one(args) -> dict:
     log.removeHandler(fusions)
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # what the trainer really fed a step (a wrapper may change the configured batch or accumulation)
+    rows_per_step = trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
     timed = timer.times[args.warmup:]
     step = statistics.median(timed)
     result = {
-        "variant": variant, "tokens/s": args.batch * args.seq * (2 if args.trainer == "dpo" else 1) / step, "step_ms": step * 1e3, "peak_GiB": peak,
+        "variant": variant, "tokens/s": rows_per_step * args.seq * (2 if args.trainer == "dpo" else 1) / step,
+        "rows_per_step": rows_per_step, "step_ms": step * 1e3, "peak_GiB": peak,
         "first_step_s": timer.times[0], "train_s": wall, "steps": len(timer.times), "timed_steps": len(timed),
         "first_loss": losses[0], "last_loss": losses[-1], "trainer": trainer_name,
         # the preference trainers' first policy log-probs: their loss starts at ln 2 from a difference of nearly
@@ -579,7 +584,11 @@ def main(argv=None):
     compared = "logps/chosen" if all("logps/chosen" in r.get("first_logps", {}) for r in ok) and ok else "loss"
     first = {r["variant"]: r["first_logps"][compared] if compared != "loss" else r["first_loss"] for r in ok}
     agree = len(first) < 2 or max(first.values()) - min(first.values()) <= 2e-3 * max(abs(v) for v in first.values()) + 1e-6
-    notes = [f"trainer: {', '.join(sorted({r['trainer'] for r in ok}))}; {ok[0]['dtype'] if ok else ''}; "
+    trainers = {}  # trainer (and version) -> the variants that ran it
+    for r in ok:
+        trainers.setdefault(r["trainer"], []).append(r["variant"])
+    trainer_line = "; ".join(t + (f" ({', '.join(v)})" if len(trainers) > 1 else "") for t, v in trainers.items())
+    notes = [f"trainer: {trainer_line}; {ok[0]['dtype'] if ok else ''}; "
              f"{args.steps} steps, median of the last {args.steps - args.warmup}; gradient checkpointing "
              f"{'on' if args.checkpointing else 'off'}",
              f"first {'losses' if compared == 'loss' else compared + ' (the first loss is noise around ln 2)'} "
