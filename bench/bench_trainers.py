@@ -22,7 +22,9 @@ cache; rewarded by their length) for prompts of 3/4 to all of the rest of the se
 uncompiled in every variant (TRL generates with the unwrapped model), so its time is in every step. GKD distils from
 a teacher of the student's shape (another random init) on chat rows of prompt + answer, lmbda=0 (the answers are
 the dataset's, no generation), beta 0.5. bf16=True, adamw_torch_fused, no checkpoints, evaluation or logging to disk,
-gradient checkpointing off (TRL's default is on; --checkpointing turns it on). A TrainerCallback times each
+gradient checkpointing off (TRL's default is on; --checkpointing turns it on; --activation-offloading: TRL SFT's
+activation_offloading=True, saved activations to host memory, Unsloth's variant excepted, which offloads through its
+own checkpointing). A TrainerCallback times each
 optimizer step from on_step_begin to on_step_end with the device synchronised at both ends; tokens/s counts the
 sequence positions of a step (batch x length, for DPO both completions) over the median step after the warm-up
 steps (the first includes the compile). Peak memory is the allocator's peak over the whole train(). One more step
@@ -352,8 +354,9 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
         # max_length padding), and the padding is the given fraction of the tokens
         pad = dict(pad_to_multiple_of=args.seq) if args.padding and not args.padding_free else {}
         # padding_free without packing: the rows are already at most seq long (TRL asks for max_length=None then)
+        offload = args.activation_offloading and variant != "unsloth"
         config = trl.SFTConfig(**common, max_length=None if args.padding_free else args.seq, packing=False,
-                               padding_free=args.padding_free, **pad)
+                               padding_free=args.padding_free, activation_offloading=offload, **pad)
         peft_config = None if variant == "unsloth" else lora_config(args)  # Unsloth's model carries its adapter
         trainer = trl.SFTTrainer(model=model, args=config, train_dataset=in_memory_dataset({"input_ids": rows}),
                                  processing_class=tokenizer(), callbacks=callbacks, peft_config=peft_config)
@@ -477,6 +480,7 @@ def drive(args) -> list[dict]:
         cmd += ["--padding-free"] * args.padding_free + (["--lora", str(args.lora)] if args.lora else [])
         cmd += ["--pad-to-multiple-of", str(args.pad_to_multiple_of)] * bool(args.pad_to_multiple_of)
         cmd += ["--tiny"] * args.tiny + ["--checkpointing"] * args.checkpointing + ["--cpu-bf16"] * args.cpu_bf16
+        cmd += ["--activation-offloading"] * args.activation_offloading
         cmd += ["--pure-bf16"] * args.pure_bf16 + ["--profile" if args.profile else "--no-profile"]
         env = dict(os.environ)
         if v == "unsloth" and os.environ.get("UNSLOTH_PYTHONPATH"):  # its pins (TRL <= 1.15) in front of ours
@@ -542,6 +546,8 @@ def main(argv=None):
     ap.add_argument("--trainer", default="auto", choices=["auto", "sft", "trl", "hf", "dpo", "kto", "grpo", "gkd"],
                     help="auto: TRL's SFT if trl imports, else transformers' Trainer; trl: the same as sft")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (TRL's default)")
+    ap.add_argument("--activation-offloading", action="store_true",
+                    help="TRL SFT: activation_offloading=True (saved activations in host memory; CUDA)")
     ap.add_argument("--lora", type=int, default=0, help="TRL SFT with a PEFT LoRA adapter of this rank on every "
                                                           "projection (0: full fine-tuning)")
     ap.add_argument("--padding", type=float, default=0.0,
@@ -561,6 +567,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
+    if args.activation_offloading and not torch.cuda.is_available():  # TRL's offloading asks for an accelerator
+        sys.exit("bench_trainers: --activation-offloading needs a GPU (TRL offloads to host memory from one)")
     args.seq = args.seq or (64 if args.tiny else 2048)
     args.steps = args.steps or (6 if args.tiny else 12)
     if args.one:
@@ -575,7 +583,7 @@ def main(argv=None):
         f"_padded{round(args.padding * 100)}" if args.padding and not args.padding_free else "") + (
         "_padding-free" if args.padding_free else "") + (f"_lora{args.lora}" if args.lora else "") + (
         f"_pad-to-{args.pad_to_multiple_of}" if args.pad_to_multiple_of else "") + (
-        "_checkpointing" if args.checkpointing else "") + (
+        "_checkpointing" if args.checkpointing else "") + ("_offloading" if args.activation_offloading else "") + (
         "_enable-" + os.environ["LIGER_COMPILE_ENABLE"].replace(",", "-") if os.environ.get("LIGER_COMPILE_ENABLE")
         else "") + (
         "_disable-" + os.environ["LIGER_COMPILE_DISABLE"].replace(",", "-") if os.environ.get("LIGER_COMPILE_DISABLE")
@@ -590,7 +598,8 @@ def main(argv=None):
     trainer_line = "; ".join(t + (f" ({', '.join(v)})" if len(trainers) > 1 else "") for t, v in trainers.items())
     notes = [f"trainer: {trainer_line}; {ok[0]['dtype'] if ok else ''}; "
              f"{args.steps} steps, median of the last {args.steps - args.warmup}; gradient checkpointing "
-             f"{'on' if args.checkpointing else 'off'}",
+             f"{'on' if args.checkpointing else 'off'}"
+             + ("; TRL's activation_offloading=True (not for Unsloth)" if args.activation_offloading else ""),
              f"first {'losses' if compared == 'loss' else compared + ' (the first loss is noise around ln 2)'} "
              f"{'agree' if agree else 'DISAGREE'}: {first}"]
     notes += [f"fused (liger, summed over graphs): {r['fused']}" for r in ok if "fused" in r]

@@ -30,6 +30,7 @@
 #              four variants (SFT_VARIANTS; SFT_VARIANTS=unsloth for Unsloth's FastLanguageModel, whose wheels and
 #              TRL <= 1.15 must be in .whl); loracheckpoint the same with gradient checkpointing on;
 #              LIGER_COMPILE_DISABLE=lora_projection leaves the adapters unfused (results named _disable-...)
+#              OFFLOAD=1 adds TRL's activation_offloading=True (results named _offloading)
 #   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
 #              (TRAINER_VARIANTS, TRAINER_TIMEOUT seconds per variant, TRAINER_STEPS; PAD_TO=2048 pads every batch
 #              to one shape, TRL's pad_to_multiple_of, so the compiled variants stop recompiling)
@@ -139,6 +140,7 @@ for stage in "${@:-tests}"; do
             grep -E "^\| |agree|by version|by kernel kind|from the forward" "$R/bench_sft_padded.log" | cut -c1-300 | tail -14 ;;
     lora|loracheckpoint) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
                --lora "${LORA_RANK:-16}" $([ "$stage" = loracheckpoint ] && echo --checkpointing) --timeout 200 \
+               ${OFFLOAD:+--activation-offloading} \
                --out "$R" > "$R/bench_$stage.log" 2>&1
              grep -E "^\| |agree|by version|by kernel kind|from the forward" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
     sftfree) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
