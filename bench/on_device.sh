@@ -40,6 +40,8 @@
 #   varlentests  the variable-length attention, run-time mask and training-shape tests on the GPU
 #   masktests  the run-time mask tests, the op-output tests, the norm/down_proj kernel tests and the training shapes
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
+#   saved      bytes per token per decoder layer kept for backward at 1 x 4096: eager, Inductor, ours, Liger-Kernel,
+#              with the saved tensors' shapes (bench/investigations/saved_activations.py)
 #   hgemm      q/k/v and gate/up projections as one matmul or three, fwd+bwd (bench/investigations/bench_horizontal_gemm.py)
 #   sdpa       causal attention through cuDNN, FlashAttention-2, memory-efficient SDPA and FlexAttention, head dim 64
 #              and 128, 4x4096 and 1x32768 (bench/investigations/bench_sdpa_backends.py)
@@ -98,6 +100,9 @@ for stage in "${@:-tests}"; do
     convergence) timeout 170 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 165 \
                    tests/models/test_gpu_families.py -k "convergence or explain_counts_bf16" > "$R/gpu_convergence.log" 2>&1
                  grep -E "FAILED|ERROR|passed|failed|assert|Error" "$R/gpu_convergence.log" | tail -25 ;;
+    saved) timeout 300 python3 bench/investigations/saved_activations.py --seq 4096 \
+             --variants eager,inductor,ours,liger_kernel > "$R/saved_activations.log" 2>&1
+           grep -E "^\| " "$R/saved_activations.log" ;;
     sweep) timeout 330 python3 bench/investigations/sweep_rms_norm.py > "$R/sweep_rms_norm.log" 2>&1
            for d in 4096 2048; do for k in "fwd" "bwd" "bwd+ds"; do
              grep "^| $k | $d |" "$R/sweep_rms_norm.log" | sort -t"|" -k8 -n | head -3; done; done ;;
