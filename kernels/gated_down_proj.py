@@ -10,6 +10,7 @@ Math (W: [H, F] down_proj's weight, gate/up: [..., F], dz: [..., H] the incoming
     forward:   y = act(gate) * up   (liger::gated_mlp's kernel),   z = y @ W^T
     backward:  dy = dz @ W
                d_gate, d_up, y = one pass over (dy, gate, up)     (y recomputed, bit-identical to the forward's)
+               (y written over dy, the op's own temporary: one [tokens, intermediate] buffer less)
                dW = dz^T @ y
 The matmuls are torch's (cuBLAS, fp32 accumulation), exactly as F.linear's own forward and backward.
 """
@@ -55,7 +56,7 @@ def launch_backward(dz, gate, up, weight, activation, weight_needs_grad):
     """liger::gated_down_proj_backward with liger::gated_mlp's backward kernel, which writes y again in its pass."""
     dz2 = _rows(dz)
     dy = torch.mm(dz2, weight).view(gate.shape)
-    outs = gated_mlp.launch_backward(dy, gate, up, activation, recompute_y=weight_needs_grad)
+    outs = gated_mlp.launch_backward(dy, gate, up, activation, recompute_y=weight_needs_grad, dy_is_scratch=True)
     return _finish_backward(dz2, weight, weight_needs_grad, outs)
 
 

@@ -76,7 +76,7 @@ def launch_backward(dz, gate, up, weight, lora_a, lora_b, u, scaling, activation
     """liger::gated_down_proj_lora_backward with liger::gated_mlp's backward kernel, which writes y again in its
     pass when a weight gradient needs it."""
     def gated_backward(dy, y_needed):
-        outs = gated_mlp.launch_backward(dy, gate, up, activation, recompute_y=y_needed)
+        outs = gated_mlp.launch_backward(dy, gate, up, activation, recompute_y=y_needed, dy_is_scratch=True)
         return (*outs, None) if len(outs) == 2 else outs
 
     return _backward(dz, gate, up, weight, lora_a, lora_b, u, scaling, (weight_grad, lora_a_grad, lora_b_grad),

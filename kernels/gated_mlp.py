@@ -161,15 +161,22 @@ def launch_forward(gate, up, activation, config=None):
     return y
 
 
-def launch_backward(dy, gate, up, activation, config=None, recompute_y=False):
-    """(d_gate, d_up), and with recompute_y also y = act(gate) * up again, from the same pass: (dg, du, y)."""
+def launch_backward(dy, gate, up, activation, config=None, recompute_y=False, dy_is_scratch=False):
+    """(d_gate, d_up), and with recompute_y also y = act(gate) * up again, from the same pass: (dg, du, y).
+    dy_is_scratch: dy is the caller's own temporary, so y may be written over it (each element of dy is read
+    before its y is stored), one [tokens, intermediate] buffer less at the backward's peak."""
     _check(gate, up)
     _check(gate, dy, "dy")
     act = _act_id(activation)
     dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device) \
-        if recompute_y else dg  # without recompute_y the kernel never writes through it
+    y_dtype = torch.promote_types(gate.dtype, up.dtype)
+    if not recompute_y:
+        y = dg  # the kernel never writes through it
+    elif dy_is_scratch and dy.dtype == y_dtype and dy.is_contiguous():
+        y = dy
+    else:
+        y = torch.empty(gate.shape, dtype=y_dtype, device=gate.device)
     outs = (dg, du, y) if recompute_y else (dg, du)
     if dg.numel() == 0:
         return outs

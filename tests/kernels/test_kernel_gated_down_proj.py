@@ -25,6 +25,11 @@ def test_backward_kernel_recomputes_the_forward_product(dtype, activation, kind)
     # the same kernel math as the forward, rounded once: bit-identical to what the forward wrote
     assert torch.equal(y, gated_mlp.launch_forward(gate, up, activation))
     assert torch.equal(dg2, dg) and torch.equal(du2, du)
+    # with dy the caller's scratch, y is written over it, every value the same
+    scratch = dy.clone()
+    dg3, du3, y3 = gated_mlp.launch_backward(scratch, gate, up, activation, recompute_y=True, dy_is_scratch=True)
+    assert y3.data_ptr() == scratch.data_ptr()
+    assert torch.equal(y3, y) and torch.equal(dg3, dg) and torch.equal(du3, du)
 
 
 def ref_f64(gate, up, weight, activation, dz):
