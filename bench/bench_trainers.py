@@ -26,7 +26,8 @@ gradient checkpointing off (TRL's default is on; --checkpointing turns it on; --
 activation_offloading=True, saved activations to host memory, Unsloth's variant excepted, which offloads through its
 own checkpointing). A TrainerCallback times each
 optimizer step from on_step_begin to on_step_end with the device synchronised at both ends; tokens/s counts the
-sequence positions of a step (batch x length, for DPO both completions) over the median step after the warm-up
+sequence positions of a step (the trainer's batch x its accumulation steps x length, for DPO both completions;
+every variant runs one micro-batch a step) over the median step after the warm-up
 steps (the first includes the compile). Peak memory is the allocator's peak over the whole train(). One more step
 runs under torch.profiler (on a GPU): attention kernel time per layer. The liger run's fusions are read from the
 backend's one-line-per-graph log records. Writes <trainer>_<model>_<b>x<t>.md/.json/.png into --out.
