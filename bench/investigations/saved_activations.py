@@ -3,10 +3,10 @@
     python bench/investigations/saved_activations.py [--seq 1024] [--hidden 2048] [--intermediate 8192]
 
 Meant for CUDA (on CPU our ops trace as their plain-torch references, whose recomputation in backward AOTAutograd
-merges with the forward's, so the CPU figures overstate what ours keeps), bf16, a Llama of the given width with one and with two decoder layers; the
-difference of the two is one layer's share. Counts every tensor autograd saves in the step (a
-saved_tensors_hooks pack hook sees each one, the compiled graphs' saved values included, after a first step
-compiled without the hook), each storage once, parameters and buffers left out. Prints bytes per token per layer by
+merges with the forward's, so the CPU figures overstate what ours keeps). bf16, a Llama of the given width with one
+and with two decoder layers; the difference of the two is one layer's share. Counts every tensor autograd saves
+in the step (a saved_tensors_hooks pack hook sees each one, the compiled graphs' saved values included, after a
+first step compiled without the hook), each storage once, parameters and buffers left out. Prints bytes per token per layer by
 variant and the saved tensors' shapes and dtypes: where activation memory for long context goes, and what a
 rewrite could recompute instead of keeping. Variant liger_kernel patches transformers' Llama classes for the rest of
 the process (Liger-Kernel's apply_liger_kernel_to_llama): put it last.
@@ -75,7 +75,7 @@ def main():
     ap.add_argument("--variants", default="eager,inductor,ours")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    print(f"| variant | saved bytes per token per layer | in units of hidden x 2 bytes |\n|---|---|---|")
+    print("| variant | saved bytes per token per layer | in units of hidden x 2 bytes |\n|---|---|---|")
     details = {}
     for variant in args.variants.split(","):
         (one, kinds_one), (two, kinds_two) = measure(variant, 1, args), measure(variant, 2, args)
