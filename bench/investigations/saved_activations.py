@@ -6,10 +6,10 @@ Meant for CUDA (on CPU our ops trace as their plain-torch references, whose reco
 merges with the forward's, so the CPU figures overstate what ours keeps). bf16, a Llama of the given width with one
 and with two decoder layers; the difference of the two is one layer's share. Counts every tensor autograd saves
 in the step (a saved_tensors_hooks pack hook sees each one, the compiled graphs' saved values included, after a
-first step compiled without the hook), each storage once, parameters and buffers left out. Prints bytes per token per layer by
-variant and the saved tensors' shapes and dtypes: where activation memory for long context goes, and what a
-rewrite could recompute instead of keeping. Variant liger_kernel patches transformers' Llama classes for the rest of
-the process (Liger-Kernel's apply_liger_kernel_to_llama): put it last.
+first step compiled without the hook), each storage once, parameters and buffers left out. Prints bytes per token
+per layer by variant and the saved tensors' shapes and dtypes: where activation memory for long context goes, and
+what a rewrite could recompute instead of keeping. Variant liger_kernel patches transformers' Llama classes for the
+rest of the process (Liger-Kernel's apply_liger_kernel_to_llama): put it last.
 """
 from __future__ import annotations
 
