@@ -16,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import typing
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -46,8 +49,24 @@ def op_name(node: Node) -> str | None:
     return ALIASES.get(name, name)
 
 
-def canonical(node: Node) -> tuple[str | None, list, dict]:
-    """(op, positional args, keyword args) with surface differences removed."""
+# node -> (its args, kwargs and target when read, the canonical form): every match attempt reads the nodes it walks
+# again, and binding a call to its signature is most of a rewrite's time. FX gives a node new args/kwargs objects
+# whenever they change (an input replaced), so a form is reused only while they are the same objects.
+_CANONICAL: "weakref.WeakKeyDictionary[Node, tuple]" = weakref.WeakKeyDictionary()
+
+
+def canonical(node: Node) -> tuple[str | None, tuple, Mapping]:
+    """(op, positional args, keyword args) with surface differences removed; read-only (shared between calls)."""
+    known = _CANONICAL.get(node)
+    if known is not None and known[0] is node.args and known[1] is node.kwargs and known[2] is node.target:
+        return known[3]
+    name, args, kwargs = _canonical(node)
+    form = (name, tuple(args), MappingProxyType(kwargs))
+    _CANONICAL[node] = (node.args, node.kwargs, node.target, form)
+    return form
+
+
+def _canonical(node: Node) -> tuple[str | None, list, dict]:
     name = op_name(node)
     args, kwargs = list(node.args), dict(node.kwargs)
     raw = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
