@@ -41,14 +41,6 @@ def autocast_to(node: Node, t: torch.Tensor) -> bool:
     return autocast_dtype(node, t.device.type) == t.dtype
 
 
-def _state_at(node: Node, device_type: str) -> _State:
-    per_device = _states.setdefault(node.graph, {})
-    states = per_device.get(device_type)
-    if states is None or node not in states:  # first asked, or nodes were added since
-        states = per_device[device_type] = _walk(node.graph, device_type)
-    return states[node]
-
-
 def matmul_cast(node: Node) -> Optional[torch.dtype]:
     """The dtype autocast casts `node`'s value to for a matmul where it is computed, where that is not its own
     dtype; else None."""
@@ -57,6 +49,14 @@ def matmul_cast(node: Node) -> Optional[torch.dtype]:
         return None
     dtype = autocast_dtype(node, value.device.type)
     return dtype if dtype not in (None, value.dtype) else None
+
+
+def _state_at(node: Node, device_type: str) -> _State:
+    per_device = _states.setdefault(node.graph, {})
+    states = per_device.get(device_type)
+    if states is None or node not in states:  # first asked, or nodes were added since
+        states = per_device[device_type] = _walk(node.graph, device_type)
+    return states[node]
 
 
 def _ambient(device_type: str) -> _State:
