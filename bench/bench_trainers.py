@@ -61,8 +61,9 @@ TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_l
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # the tokenizer's only tokens; data ids start after them
 # plain: no compile; liger_kernel: use_liger_kernel=True (Liger-Kernel's patches, no compile); inductor / liger:
 # torch_compile=True with that torch_compile_backend; unsloth (with --lora only): Unsloth's FastLanguageModel, no
-# compile
-VARIANTS = ["plain", "liger_kernel", "inductor", "liger", "unsloth"]
+# compile; liger_offload: liger with LIGER_COMPILE_OFFLOAD_ACTIVATIONS=1 (saved activations in host memory)
+VARIANTS = ["plain", "liger_kernel", "inductor", "liger", "unsloth", "liger_offload"]
+OURS = ("liger", "liger_offload")
 
 
 def tokenizer(words: int = 0):
@@ -309,8 +310,8 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
         common["use_liger_kernel"] = True
     elif variant == "unsloth":  # its model checkpoints itself (get_peft_model's use_gradient_checkpointing)
         common["gradient_checkpointing"] = False
-    elif variant in ("inductor", "liger"):
-        common.update(torch_compile=True, torch_compile_backend=variant)
+    elif variant == "inductor" or variant in OURS:
+        common.update(torch_compile=True, torch_compile_backend="liger" if variant in OURS else variant)
     if args.trainer == "grpo":
         import trl  # noqa: PLC0415
 
@@ -382,7 +383,7 @@ def run_one(args) -> dict:
         sys.exit("bench_trainers: transformers' Trainer needs the accelerate package; install it")
     from transformers import TrainerCallback  # noqa: PLC0415
 
-    if variant == "liger":  # only there: importing liger_compile also compiles TRL's head onto our op
+    if variant in OURS:  # only there: importing liger_compile also compiles TRL's head onto our op
         import liger_compile  # noqa: PLC0415, F401  (accelerate accepts torch_compile_backend="liger" after this)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     use_bf16 = device == "cuda" or args.cpu_bf16
@@ -458,7 +459,8 @@ def run_one(args) -> dict:
                                                                 model.config.vocab_size, device)
     if variant == "unsloth":
         result["unsloth"] = sys.modules["unsloth"].__version__
-    if variant == "liger":
+    if variant in OURS:
+        result["offload_activations"] = os.environ.get("LIGER_COMPILE_OFFLOAD_ACTIVATIONS") == "1"
         result["fused"] = fusions.counts()
         result["fused_variants"] = fusions.variants
         result["enabled"] = os.environ.get("LIGER_COMPILE_ENABLE", "")  # patterns that are off by default, turned on
@@ -484,6 +486,8 @@ def drive(args) -> list[dict]:
         cmd += ["--activation-offloading"] * args.activation_offloading
         cmd += ["--pure-bf16"] * args.pure_bf16 + ["--profile" if args.profile else "--no-profile"]
         env = dict(os.environ)
+        if v == "liger_offload":
+            env["LIGER_COMPILE_OFFLOAD_ACTIVATIONS"] = "1"
         if v == "unsloth" and os.environ.get("UNSLOTH_PYTHONPATH"):  # its pins (TRL <= 1.15) in front of ours
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [env["UNSLOTH_PYTHONPATH"], env.get("PYTHONPATH")]))
         t0 = time.time()
@@ -508,7 +512,7 @@ def drive(args) -> list[dict]:
         else:
             rows.append(json.loads(line[0][len("RESULT "):]))
         print(f"{v}: {rows[-1]} ({time.time() - t0:.0f} s)", flush=True)
-        if v == "liger" and p.stderr:
+        if v in OURS and p.stderr:
             print("\n".join(l for l in p.stderr.splitlines() if "liger_compile" in l)[:4000])
     return rows
 
@@ -525,7 +529,7 @@ def chart(path: str, title: str, rows: list[dict]):
                            (axes[1], "peak_GiB", "peak GiB (lower is better)")):
         values = [float("nan") if r[key] is None else r[key] for r in ok]
         bars = ax.bar([r["variant"] for r in ok], [v if v == v else 0 for v in values],
-                      color=["tab:green" if r["variant"] == "liger" else "tab:blue" for r in ok])
+                      color=["tab:green" if r["variant"] in OURS else "tab:blue" for r in ok])
         for b, v in zip(bars, values):
             ax.annotate(f"{v:,.0f}" if key == "tokens/s" else f"{v:.1f}", (b.get_x() + b.get_width() / 2,
                         b.get_height()), ha="center", va="bottom", fontsize=8)

@@ -18,9 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 TRAINERS = ("sft", "dpo", "kto", "grpo", "gkd")
 VARIANTS = {"plain": "no compile", "liger_kernel": "use_liger_kernel=True", "inductor": "Inductor",
-            "liger": 'backend "liger"', "unsloth": "Unsloth"}
+            "liger": 'backend "liger"', "unsloth": "Unsloth",
+            "liger_offload": 'backend "liger", offload_activations'}
 COLORS = {"no compile": "tab:gray", "use_liger_kernel=True": "tab:orange", "Inductor": "tab:blue",
-          'backend "liger"': "tab:green", "Unsloth": "tab:purple"}
+          'backend "liger"': "tab:green", "Unsloth": "tab:purple",
+          'backend "liger", offload_activations': "tab:olive"}
 TARGET = 1.15
 
 
@@ -48,7 +50,7 @@ def rows(runs) -> list[dict]:
             tps, base_tps = r.get("tokens/s"), base.get("tokens/s")
             ratio = tps / base_tps if tps and base_tps else None
             memory_ok = None if not (r.get("peak_GiB") and base.get("peak_GiB")) else r["peak_GiB"] <= base["peak_GiB"]
-            met = "" if variant != "liger" else ("yes" if ratio and ratio >= TARGET and memory_ok else "no")
+            met = "" if variant not in ("liger", "liger_offload") else ("yes" if ratio and ratio >= TARGET and memory_ok else "no")
             out.append({"run": name, "date": data.get("env", {}).get("date", ""), "variant": label,
                         "tokens/s": tps, "vs use_liger_kernel": ratio, "peak_GiB": r.get("peak_GiB"),
                         "target met": met, "error": r.get("error", "")})

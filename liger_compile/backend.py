@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
-from . import facts, kernel_analysis
+from . import facts, kernel_analysis, offload
 from . import options as _options
 from .lazy import wrap_outputs
 from .pattern import all_output_checks, all_patterns, off_by_default
@@ -98,14 +98,27 @@ def _without_assumptions(gm: GraphModule, inputs, opts: _options.Options, report
              "version without them is compiled for such inputs", report.index)
     if not opts.inductor:
         return _finish(fb_plan.gm.forward, fb_plan)
-    from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
-
     try:
-        return _finish(compile_fx(fb_plan.gm, inputs, config_patches=opts.inductor_config), fb_plan)
+        return _finish(_inductor(fb_plan.gm, inputs, opts), fb_plan)
     except Exception as e:  # correct either way: the rewritten graph runs uncompiled
         log.warning("liger_compile: compiling graph %d without its assumptions failed (%s); it runs eagerly",
                     report.index, e)
         return _finish(fb_plan.gm.forward, fb_plan)
+
+
+def _inductor(gm: GraphModule, example_inputs, opts: _options.Options):
+    """Inductor's compile_fx with the user's config patches, and our activation offloading when asked for."""
+    from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
+
+    if not opts.offload_activations:
+        return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)
+    if not offload.supported():
+        log.warning("liger_compile: this torch has no activation offloading in AOTAutograd; option "
+                    "offload_activations is ignored")
+        return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+    with offload.partitioner_config(on_cuda):
+        return compile_fx(gm, example_inputs, config_patches=offload.inductor_config(opts.inductor_config))
 
 
 def _triton_set_up_as_inductor() -> None:
@@ -155,11 +168,9 @@ def _compile(gm: GraphModule, plan: Plan, example_inputs, opts: _options.Options
     """Inductor on the rewritten graph; on the original graph (no fusions, no assumptions) if that fails."""
     if not opts.inductor:
         return _finish(plan.gm.forward, plan)
-    from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
-
     if report.fused or plan.output_checks:
         try:
-            compiled = compile_fx(plan.gm, example_inputs, config_patches=opts.inductor_config)
+            compiled = _inductor(plan.gm, example_inputs, opts)
             return _finish(compiled, plan)
         except RestartAnalysis:
             # Dynamo's own control flow (e.g. specialising a float scalar and tracing again): not a failure. The
@@ -174,4 +185,4 @@ def _compile(gm: GraphModule, plan: Plan, example_inputs, opts: _options.Options
             report.run_time_checks.clear()
             plan.clear()
             log.warning("liger_compile: %s; compiling graph %d unchanged", report.fallback, report.index)
-    return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)
+    return _inductor(gm, example_inputs, opts)

@@ -14,6 +14,9 @@ OUR_OPTIONS = {
               "LIGER_COMPILE_ENABLE, comma-separated, for runs that cannot pass options: the trainers)",
     "fallback": "bool, default True: on an error inside our rewrite, compile the untouched graph with Inductor",
     "inductor": "bool, default True: False runs the rewritten graph eagerly instead of compiling it (debugging)",
+    "offload_activations": "bool, default False: activations saved for backward (1 MiB and larger) wait in CPU memory "
+                           "until backward needs them; meant with gradient checkpointing, where they are the layer "
+                           "inputs (also LIGER_COMPILE_OFFLOAD_ACTIVATIONS=1)",
     "report": "a liger_compile.Report to collect the per-graph reports into",
     "skip_logits": "bool, default True: in training, a fused loss returns logits as a LazyTensor computed only if "
                    "read; False makes the fused op write real logits (input dtype, chunk by chunk)",
@@ -27,6 +30,7 @@ class Options:
     enable: tuple[str, ...] = ()
     fallback: bool = True
     inductor: bool = True
+    offload_activations: bool = False
     report: Any = None
     skip_logits: bool = True
     inductor_config: dict[str, Any] = field(default_factory=dict)
@@ -69,7 +73,7 @@ def _checked(key: str, value: Any) -> Any:
 
     if key in ("disable", "enable"):
         return _pattern_names(value, key)
-    if key in ("fallback", "inductor", "skip_logits"):
+    if key in ("fallback", "inductor", "offload_activations", "skip_logits"):
         if not isinstance(value, bool):
             _fail(key, value, "True or False")
         return value
@@ -92,6 +96,10 @@ def parse(mode: str | None = None, options: dict | None = None) -> Options:
         names = [n.strip() for n in os.environ.get(f"LIGER_COMPILE_{key.upper()}", "").split(",") if n.strip()]
         if names:
             setattr(opts, key, _pattern_names(names, key))
+    offload = os.environ.get("LIGER_COMPILE_OFFLOAD_ACTIVATIONS", "").strip()
+    if offload not in ("", "0", "1"):
+        raise ValueError(f"liger_compile: LIGER_COMPILE_OFFLOAD_ACTIVATIONS must be 0 or 1, got {offload!r}")
+    opts.offload_activations = offload == "1"
     if mode not in (None, "default"):
         try:
             opts.inductor_config.update(list_mode_options(mode))

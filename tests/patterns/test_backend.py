@@ -76,7 +76,7 @@ def test_every_option_is_checked():
     with pytest.raises(ValueError, match=r"unknown pattern\(s\) \['rmsnorm'\]; valid names: .*\brms_norm\b"):
         liger_options.parse(None, {"disable": ["rmsnorm"]})
     for key, value in [("disable", 3), ("disable", [None]), ("fallback", "no"), ("inductor", 0),
-                       ("skip_logits", None), ("dump", 1), ("report", {})]:
+                       ("skip_logits", None), ("offload_activations", "yes"), ("dump", 1), ("report", {})]:
         with pytest.raises(ValueError, match=f"option '{key}' must be"):
             liger_options.parse(None, {key: value})
     with pytest.raises(ValueError, match="options must be a dict"):

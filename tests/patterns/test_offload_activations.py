@@ -1,0 +1,89 @@
+"""Option offload_activations: with gradient checkpointing the decoder layers' saved inputs are moved off the
+GPU in forward and back in backward by AOTAutograd's offloading pass, and the step's loss and gradients are exactly
+those without it. On CPU the move is a copy to the same device: the test proves the routing and the numbers; on a
+GPU (bf16) the asynchronous version runs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from liger_compile import offload
+from liger_compile import options as liger_options
+from models import DEVICE, batch, loss_and_grads, tiny
+
+pytestmark = pytest.mark.skipif(not offload.supported(), reason="this torch has no AOTAutograd activation offloading")
+
+
+@pytest.fixture
+def offloaded(monkeypatch):
+    """Names of the forward-graph values each compile offloaded, read where AOTAutograd inserts the moves."""
+    from torch._functorch._activation_offloading import activation_offloading as ao  # noqa: PLC0415
+
+    names, original = [], ao.enable_activation_offloading
+
+    def spy(fwd, bwd, *args):
+        original(fwd, bwd, *args)
+        names.append(sorted(n.name for n in fwd.graph.nodes if n.name.startswith(ao.CPU_OFFLOAD_PREFIX)))
+
+    monkeypatch.setattr(ao, "enable_activation_offloading", spy)
+    monkeypatch.setattr(offload, "MIN_BYTES", 256)  # the tiny model's layer inputs: 2 x 16 x 32 x 4 bytes
+    return names
+
+
+def checkpointed(layers: int = 3):
+    model = tiny("llama", layers=layers).to(DEVICE)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def step(model, x, **options):
+    torch._dynamo.reset()
+    return loss_and_grads(model, x, run=torch.compile(model, backend="liger", options=options))
+
+
+def test_checkpointed_layer_inputs_are_offloaded_and_the_step_is_unchanged(offloaded):
+    model = checkpointed(layers=3)
+    x = {k: v.to(DEVICE) for k, v in batch(t=16).items()}
+    loss, grads = step(copy.deepcopy(model), x)
+    assert offloaded == []  # off by default
+    loss_off, grads_off = step(model, x, offload_activations=True)
+    # the inputs of layers 2 and 3 (layer 1's input, the embedding lookup, is recomputed in backward)
+    assert any(sum("add" in n for n in graph) >= 2 for graph in offloaded), offloaded
+    torch.testing.assert_close(loss_off, loss, rtol=0, atol=0)
+    assert grads_off.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_off[name], grads[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_small_tensors_stay(offloaded, monkeypatch):
+    monkeypatch.setattr(offload, "MIN_BYTES", 1 << 20)
+    step(checkpointed(layers=2), {k: v.to(DEVICE) for k, v in batch(t=16).items()}, offload_activations=True)
+    assert offloaded and all(graph == [] for graph in offloaded), offloaded
+
+
+def test_the_environment_variable_turns_it_on_and_is_checked(monkeypatch):
+    monkeypatch.setenv("LIGER_COMPILE_OFFLOAD_ACTIVATIONS", "1")
+    assert liger_options.parse().offload_activations
+    monkeypatch.setenv("LIGER_COMPILE_OFFLOAD_ACTIVATIONS", "yes")
+    with pytest.raises(ValueError, match="LIGER_COMPILE_OFFLOAD_ACTIVATIONS must be 0 or 1"):
+        liger_options.parse()
+
+
+def test_a_users_joint_pass_still_runs():
+    ran = []
+
+    class UserPass(torch._inductor.custom_graph_pass.CustomGraphPass):
+        def __call__(self, graph):
+            ran.append(len(graph.nodes))
+
+        def uuid(self):
+            return "user-pass"
+
+    config = offload.inductor_config({"joint_custom_pre_pass": UserPass()})
+    pass_ = config["joint_custom_pre_pass"]
+    assert isinstance(pass_, offload.MarkLargeActivations) and pass_.uuid() is not None
+    graph = torch.fx.symbolic_trace(lambda x: x * 2).graph
+    pass_(graph)
+    assert ran == [len(graph.nodes)]
