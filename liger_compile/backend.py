@@ -116,8 +116,7 @@ def _inductor(gm: GraphModule, example_inputs, opts: _options.Options):
         log.warning("liger_compile: this torch has no activation offloading in AOTAutograd; option "
                     "offload_activations is ignored")
         return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)
-    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
-    with offload.partitioner_config(on_cuda):
+    with offload.partitioner_config():
         return compile_fx(gm, example_inputs, config_patches=offload.inductor_config(opts.inductor_config))
 
 

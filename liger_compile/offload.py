@@ -1,12 +1,16 @@
 """Option `offload_activations`: saved activations go to CPU memory in forward and come back in backward.
 
-Built on AOTAutograd's own activation offloading (torch._functorch config `enable_activation_offloading`): the
-partitioner moves every saved value marked `should_offload` to the CPU after its last forward use and back to the
-GPU before its first backward use. We only mark: a joint-graph pass tags every computed tensor of at least
-`MIN_BYTES`; the partitioner then offloads those that end up saved for backward and that it can move (not a
-parameter, a graph output, a view or a multi-output op's element). With gradient checkpointing what is saved is
-mostly each decoder layer's input, which is what this is for: a layer's input is read back one layer of backward
-before it is needed, on a side stream, while compute runs.
+Where: AOTAutograd's own activation offloading (torch._functorch config `enable_activation_offloading`) decides.
+Its partitioner copies every saved value marked `should_offload` to the CPU after its last forward use and back
+to the device before its first backward use. A joint-graph pass marks every computed tensor of at least
+`MIN_BYTES`; the partitioner offloads those that end up saved for backward and that it can move (not a parameter,
+a graph output, a view or a multi-output op's element). With gradient checkpointing what is saved is mostly each
+decoder layer's input, which is what this is for.
+
+How: the partitioner's copies are plain `prims.device_put` (to pageable host memory, which blocks the host; its
+asynchronous version differs between torch releases and fails to compile in some). A post-grad pass turns its
+copies into our two ops: the copy out runs on a side stream into pinned memory while compute goes on, the copy
+back waits for it on the device (not the host) and runs on the compute stream.
 """
 from __future__ import annotations
 
@@ -41,17 +45,90 @@ class MarkLargeActivations(CustomGraphPass):
                 node.meta["should_offload"] = True
 
     def uuid(self):
-        user = None
-        if self.user_pass is not None:
-            user = self.user_pass.uuid() if isinstance(self.user_pass, CustomGraphPass) else None
-            if user is None:  # the user's pass cannot be keyed: no caching, as Inductor does for it alone
-                return None
-        return (_source_hash(), MIN_BYTES, user)
+        return _uuid(self.user_pass, "marks")
 
 
 @functools.cache
 def _source_hash() -> str:
     return get_hash_for_files((__file__,))
+
+
+_OFFLOADED, _RELOADED = "cpu_offload_", "gpu_reload_"  # the names AOTAutograd gives its copies
+_copies_out: dict[int, torch.cuda.Event] = {}  # pinned buffer's address -> the end of its copy out
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+@torch.library.custom_op("liger::offload_to_host", mutates_args=())
+def offload_to_host(x: torch.Tensor) -> torch.Tensor:
+    """x's copy in host memory: on CUDA, pinned and filled on a side stream (x's memory is not reused before that
+    copy has read it); reload_from_host waits for the copy."""
+    if x.device.type != "cuda":
+        return x.clone()
+    side = _side_streams.setdefault(x.device, torch.cuda.Stream(x.device))
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    with torch.cuda.stream(side):
+        host.copy_(x, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(side)
+    x.record_stream(side)
+    _copies_out[host.data_ptr()] = done
+    return host
+
+
+@offload_to_host.register_fake
+def _(x):
+    return torch.empty(x.shape, dtype=x.dtype, device="cpu")
+
+
+@torch.library.custom_op("liger::reload_from_host", mutates_args=())
+def reload_from_host(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The device copy of an offload_to_host result, on the compute stream, after that offload's copy ended."""
+    if device.type != "cuda":
+        return host.to(device).clone() if host.device == device else host.to(device)
+    done = _copies_out.pop(host.data_ptr(), None)
+    if done is not None:
+        torch.cuda.current_stream(device).wait_event(done)
+    return host.to(device, non_blocking=True)
+
+
+@reload_from_host.register_fake
+def _(host, device):
+    return torch.empty(host.shape, dtype=host.dtype, device=device)
+
+
+class AsyncCopies(CustomGraphPass):
+    """Post-grad pass (Inductor's `post_grad_custom_pre_pass`): AOTAutograd's offload copies become our ops; the
+    user's own pre-pass runs first when there is one."""
+
+    def __init__(self, user_pass=None):
+        self.user_pass = user_pass
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.user_pass is not None:
+            self.user_pass(graph)
+        for node in list(graph.find_nodes(op="call_function", target=torch.ops.prims.device_put.default)):
+            out, reload = node.name.startswith(_OFFLOADED), node.name.startswith(_RELOADED)
+            if not (out or reload):
+                continue
+            with graph.inserting_before(node):
+                new = (graph.call_function(torch.ops.liger.offload_to_host.default, (node.args[0],)) if out else
+                       graph.call_function(torch.ops.liger.reload_from_host.default, node.args[:2]))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+
+    def uuid(self):
+        return _uuid(self.user_pass, "async copies")
+
+
+def _uuid(user_pass, what: str):
+    user = None
+    if user_pass is not None:
+        user = user_pass.uuid() if isinstance(user_pass, CustomGraphPass) else None
+        if user is None:  # the user's pass cannot be keyed: no caching, as Inductor does for it alone
+            return None
+    return (_source_hash(), what, MIN_BYTES, user)
 
 
 def supported() -> bool:
@@ -61,20 +138,17 @@ def supported() -> bool:
 
 
 def inductor_config(config: dict) -> dict:
-    """Inductor's config patches with our marking pass in front of (and calling) any the user gave."""
-    return {**config, "joint_custom_pre_pass": MarkLargeActivations(config.get("joint_custom_pre_pass"))}
+    """Inductor's config patches with our two passes, each in front of (and calling) the user's own if any."""
+    return {**config, "joint_custom_pre_pass": MarkLargeActivations(config.get("joint_custom_pre_pass")),
+            "post_grad_custom_pre_pass": AsyncCopies(config.get("post_grad_custom_pre_pass"))}
 
 
-def partitioner_config(on_cuda: bool) -> contextlib.AbstractContextManager:
-    """The AOTAutograd settings for one compile: offloading on, and on CUDA the asynchronous version (a transfer
-    stream, pinned host buffers, reloads issued early) where this torch has it. The wait for each offload stays
-    right after it, so a tensor's GPU memory is freed during forward, not at its end (a whole-model graph would
-    otherwise keep every offloaded tensor until the last layer)."""
+def partitioner_config() -> contextlib.AbstractContextManager:
+    """AOTAutograd's offloading on, in its synchronous form (AsyncCopies makes the copies asynchronous)."""
     import torch._functorch.config as config  # noqa: PLC0415
 
     patches = {"enable_activation_offloading": True}
-    if on_cuda:
-        for key in ("activation_offload_separate_stream", "activation_reload_prefetch"):
-            if hasattr(config, key):
-                patches[key] = True
+    for key in ("activation_offload_separate_stream", "activation_reload_prefetch", "activation_offload_sink_wait"):
+        if hasattr(config, key):
+            patches[key] = False
     return config.patch(patches)

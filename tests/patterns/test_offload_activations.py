@@ -1,7 +1,7 @@
 """Option offload_activations: with gradient checkpointing the decoder layers' saved inputs are moved off the
 GPU in forward and back in backward by AOTAutograd's offloading pass, and the step's loss and gradients are exactly
-those without it. On CPU the move is a copy to the same device: the test proves the routing and the numbers; on a
-GPU (bf16) the asynchronous version runs."""
+those without it. On CPU the move is a copy on the same device: the test proves the routing and the numbers; on a
+GPU the copies run asynchronously into pinned memory."""
 from __future__ import annotations
 
 import copy
@@ -28,8 +28,25 @@ def offloaded(monkeypatch):
         names.append(sorted(n.name for n in fwd.graph.nodes if n.name.startswith(ao.CPU_OFFLOAD_PREFIX)))
 
     monkeypatch.setattr(ao, "enable_activation_offloading", spy)
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)  # every compile partitions anew
     monkeypatch.setattr(offload, "MIN_BYTES", 256)  # the tiny model's layer inputs: 2 x 16 x 32 x 4 bytes
     return names
+
+
+@pytest.fixture
+def our_copies(monkeypatch):
+    """(copies out, copies back) in each graph Inductor compiles, after the pass that makes them ours."""
+    counts, original = [], offload.AsyncCopies.__call__
+
+    def spy(self, graph):
+        original(self, graph)
+        counts.append((len(graph.find_nodes(op="call_function", target=torch.ops.liger.offload_to_host.default)),
+                       len(graph.find_nodes(op="call_function", target=torch.ops.liger.reload_from_host.default))))
+        assert not [n for n in graph.find_nodes(op="call_function", target=torch.ops.prims.device_put.default)
+                    if n.name.startswith(("cpu_offload_", "gpu_reload_"))]
+
+    monkeypatch.setattr(offload.AsyncCopies, "__call__", spy)
+    return counts
 
 
 def checkpointed(layers: int = 3):
@@ -43,7 +60,7 @@ def step(model, x, **options):
     return loss_and_grads(model, x, run=torch.compile(model, backend="liger", options=options))
 
 
-def test_checkpointed_layer_inputs_are_offloaded_and_the_step_is_unchanged(offloaded):
+def test_checkpointed_layer_inputs_are_offloaded_and_the_step_is_unchanged(offloaded, our_copies):
     model = checkpointed(layers=3)
     x = {k: v.to(DEVICE) for k, v in batch(t=16).items()}
     loss, grads = step(copy.deepcopy(model), x)
@@ -51,6 +68,9 @@ def test_checkpointed_layer_inputs_are_offloaded_and_the_step_is_unchanged(offlo
     loss_off, grads_off = step(model, x, offload_activations=True)
     # the inputs of layers 2 and 3 (layer 1's input, the embedding lookup, is recomputed in backward)
     assert any(sum("add" in n for n in graph) >= 2 for graph in offloaded), offloaded
+    # each offloaded value copied out by our op in a forward graph and back by our op in its backward graph
+    moved = sum(map(len, offloaded))
+    assert sum(o for o, _ in our_copies) == moved and sum(r for _, r in our_copies) == moved, our_copies
     torch.testing.assert_close(loss_off, loss, rtol=0, atol=0)
     assert grads_off.keys() == grads.keys()
     for name in grads:
