@@ -40,6 +40,8 @@
 #   varlentests  the variable-length attention, run-time mask and training-shape tests on the GPU
 #   masktests  the run-time mask tests, the op-output tests, the norm/down_proj kernel tests and the training shapes
 #   context    longest trainable context (batch 1) for ours and Liger-Kernel
+#   host       host-bound step time (a few tokens): eager, Inductor, ours, LoRA r LORA_RANK (0: none), and a cProfile
+#              of one step of ours (bench/investigations/host_overhead.py)
 #   saved      bytes per token per decoder layer kept for backward at 1 x 4096: eager, Inductor, ours, Liger-Kernel,
 #              with the saved tensors' shapes (bench/investigations/saved_activations.py)
 #   hgemm      q/k/v and gate/up projections as one matmul or three, fwd+bwd (bench/investigations/bench_horizontal_gemm.py)
@@ -100,6 +102,8 @@ for stage in "${@:-tests}"; do
     convergence) timeout 170 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 165 \
                    tests/models/test_gpu_families.py -k "convergence or explain_counts_bf16" > "$R/gpu_convergence.log" 2>&1
                  grep -E "FAILED|ERROR|passed|failed|assert|Error" "$R/gpu_convergence.log" | tail -25 ;;
+    host) timeout 300 python3 bench/investigations/host_overhead.py --lora "${LORA_RANK:-16}" > "$R/host_overhead.log" 2>&1
+          grep -E "^\| |ms per step|Error" "$R/host_overhead.log" | tail -8 ;;
     saved) timeout 300 python3 bench/investigations/saved_activations.py --seq 4096 \
              --variants eager,inductor,ours,liger_kernel > "$R/saved_activations.log" 2>&1
            grep -E "^\| " "$R/saved_activations.log" ;;

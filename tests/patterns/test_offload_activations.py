@@ -71,10 +71,12 @@ def test_checkpointed_layer_inputs_are_offloaded_and_the_step_is_unchanged(offlo
     # each offloaded value copied out by our op in a forward graph and back by our op in its backward graph
     moved = sum(map(len, offloaded))
     assert sum(o for o, _ in our_copies) == moved and sum(r for _, r in our_copies) == moved, our_copies
-    torch.testing.assert_close(loss_off, loss, rtol=0, atol=0)
+    # the same compiled math: bit for bit on CPU; on CUDA the embedding's gradient sums with atomics (any order)
+    tol = 0 if DEVICE == "cpu" else 1e-6
+    torch.testing.assert_close(loss_off, loss, rtol=tol, atol=tol)
     assert grads_off.keys() == grads.keys()
     for name in grads:
-        torch.testing.assert_close(grads_off[name], grads[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads_off[name], grads[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
 def test_small_tensors_stay(offloaded, monkeypatch):

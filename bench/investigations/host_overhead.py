@@ -1,0 +1,100 @@
+"""Host time of a training step, with the GPU given almost nothing to do: a Llama of the given shape (default the
+Llama-3.2-1B shape, 16 layers) with a PEFT LoRA adapter on every projection (or none), bf16, on a batch of a few
+tokens, so that a step's wall time is the time the host takes to launch it. Eager, Inductor and backend "liger"
+side by side, then a cProfile of one step of ours: where the host time of our ops goes.
+
+    python bench/investigations/host_overhead.py [--tokens 64] [--lora 16] [--layers 16] [--top 30]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+import transformers
+
+
+def build(args):
+    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                      tie_word_embeddings=True, attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    if args.lora:
+        import peft  # noqa: PLC0415
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, target_modules=[
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+            autocast_adapter_dtype=False)
+    return model.train()
+
+
+def step(run, batch):
+    loss = run(**batch).loss
+    loss.backward()
+    return loss
+
+
+def measure(variant, args):
+    torch._dynamo.reset()
+    model = build(args)
+    run = model if variant == "eager" else torch.compile(model, backend="liger" if variant == "ours" else "inductor")
+    ids = torch.randint(0, 128256, (1, args.tokens), device="cuda")
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    for _ in range(3):
+        step(run, batch)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step(run, batch)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    profile = None
+    if variant == "ours":
+        prof = cProfile.Profile()
+        prof.enable()
+        step(run, batch)
+        torch.cuda.synchronize()
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.top)
+        profile = out.getvalue()
+    del model, run
+    torch.cuda.empty_cache()
+    return times[len(times) // 2] * 1e3, profile
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--lora", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--variants", default="eager,inductor,ours")
+    args = ap.parse_args()
+    import liger_compile  # noqa: F401, PLC0415
+
+    rows, profile = [], None
+    for v in args.variants.split(","):
+        ms, p = measure(v, args)
+        rows.append((v, ms))
+        profile = p or profile
+        print(f"{v}: {ms:.1f} ms per step", flush=True)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"{args.layers} layers, LoRA r={args.lora or 'none'}, 1 x {args.tokens} tokens, median of {args.steps}")
+    print("| variant | host-bound step ms |\n|---|---|")
+    for v, ms in rows:
+        print(f"| {v} | {ms:.1f} |")
+    if profile:
+        print("\ncProfile of one step, backend liger (tottime):\n" + profile)
+
+
+if __name__ == "__main__":
+    main()
