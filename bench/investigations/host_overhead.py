@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import datetime
 import io
 import pstats
 import time
@@ -87,7 +88,8 @@ def main():
         rows.append((v, ms))
         profile = p or profile
         print(f"{v}: {ms:.1f} ms per step", flush=True)
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}; "
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"date {datetime.date.today()}; "
           f"{args.layers} layers, LoRA r={args.lora or 'none'}, 1 x {args.tokens} tokens, median of {args.steps}")
     print("| variant | host-bound step ms |\n|---|---|")
     for v, ms in rows:
