@@ -203,10 +203,10 @@ def _scored_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tens
     """The indices of the rows to score, or None for all of them (see the module docstring's SKIP_FRACTION)."""
     if not is_eager(labels) or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
-    valid = labels != ignore_index
-    if int(valid.sum()) > (1.0 - SKIP_FRACTION) * labels.numel():
+    rows = (labels != ignore_index).nonzero().squeeze(1)  # one host synchronisation: nonzero's length
+    if rows.numel() > (1.0 - SKIP_FRACTION) * labels.numel():
         return None
-    return valid.nonzero().squeeze(1)
+    return rows
 
 
 def _logits(buffer, h_c, weight, bias):
