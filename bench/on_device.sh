@@ -86,7 +86,7 @@ for stage in "${@:-tests}"; do
     tests) timeout 540 python3 -m pytest -v -n 4 -p no:logging --tb=short -rfs --timeout 240 tests/kernels \
              tests/models/test_gpu.py tests/models/test_gpu_families.py tests/models/test_gpu_training_shapes.py tests/models/test_gpu_lora.py \
              tests/patterns/test_graph_breaks.py tests/patterns/test_runtime_masks.py tests/patterns/test_rotary_forms.py \
-             tests/patterns/test_offload_activations.py tests/trainers/test_trl_head.py \
+             tests/patterns/test_offload_activations.py tests/patterns/test_opaque_ops.py tests/trainers/test_trl_head.py \
              > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
     trltests) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 110 \

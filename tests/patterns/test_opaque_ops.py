@@ -1,0 +1,35 @@
+"""What Inductor is left to call as opaque ops: only the lm_head ops, once per graph, never an op per layer. An
+opaque op (a torch.library custom_op) costs a trip through the dispatcher and Python at every call; per projection
+and layer that left the GPU waiting on the host in LoRA training. The ops torch.compile traces into (triton_ops)
+leave no node of their own in the graphs Inductor compiles."""
+import pytest
+import torch
+
+from models import batch
+from test_gated_down_proj_fusion import EVERY_PROJECTION, lora_model
+
+pytest.importorskip("peft")
+HEAD_OPS = {"linear_cross_entropy", "token_logprobs", "token_logprobs_backward", "linear_jsd"}
+
+
+class OpaqueCalls(torch._inductor.custom_graph_pass.CustomGraphPass):
+    """Records the liger:: ops of every graph Inductor compiles (after AOTAutograd: forward and backward)."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph):
+        self.graphs.append([n.target._opname for n in graph.nodes if n.op == "call_function"
+                            and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "liger"])
+
+    def uuid(self):
+        return None  # never from the cache: the pass must see each graph
+
+
+def test_lora_model_leaves_only_the_head_opaque():
+    model, calls = lora_model(EVERY_PROJECTION), OpaqueCalls()
+    compiled = torch.compile(model, backend="liger", options={"post_grad_custom_post_pass": calls})
+    compiled(**batch()).loss.backward()
+    assert len(calls.graphs) >= 2, calls.graphs  # a forward and a backward
+    opaque = [name for graph in calls.graphs for name in graph]
+    assert set(opaque) <= HEAD_OPS and all(len(graph) <= 1 for graph in calls.graphs), calls.graphs
