@@ -14,6 +14,7 @@ back waits for it on the device (not the host) and runs on the compute stream.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 
@@ -54,7 +55,10 @@ def _source_hash() -> str:
 
 
 _OFFLOADED, _RELOADED = "cpu_offload_", "gpu_reload_"  # the names AOTAutograd gives its copies
-_copies_out: dict[int, torch.cuda.Event] = {}  # pinned buffer's address -> the end of its copy out
+# pinned buffer's address -> the end of its copy out, until the copy back. A forward whose backward never runs leaves
+# its entries: beyond MAX_PENDING the oldest is dropped after waiting for it (a copy back then needs no wait).
+_copies_out: collections.OrderedDict[int, torch.cuda.Event] = collections.OrderedDict()
+MAX_PENDING = 4096
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -73,6 +77,8 @@ def offload_to_host(x: torch.Tensor) -> torch.Tensor:
         done.record(side)
     x.record_stream(side)
     _copies_out[host.data_ptr()] = done
+    while len(_copies_out) > MAX_PENDING:
+        _copies_out.popitem(last=False)[1].synchronize()
     return host
 
 
