@@ -102,7 +102,7 @@ for stage in "${@:-tests}"; do
     convergence) timeout 170 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 165 \
                    tests/models/test_gpu_families.py -k "convergence or explain_counts_bf16" > "$R/gpu_convergence.log" 2>&1
                  grep -E "FAILED|ERROR|passed|failed|assert|Error" "$R/gpu_convergence.log" | tail -25 ;;
-    host) timeout 300 python3 bench/investigations/host_overhead.py --lora "${LORA_RANK:-16}" > "$R/host_overhead.log" 2>&1
+    host) timeout 420 python3 bench/investigations/host_overhead.py --lora "${LORA_RANK:-16}" > "$R/host_overhead.log" 2>&1
           grep -E "^\| |ms per step|Error" "$R/host_overhead.log" | tail -8 ;;
     saved) timeout 300 python3 bench/investigations/saved_activations.py --seq 4096 \
              --variants eager,inductor,ours,liger_kernel > "$R/saved_activations.log" 2>&1

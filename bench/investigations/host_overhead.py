@@ -1,7 +1,9 @@
 """Host time of a training step, with the GPU given almost nothing to do: a Llama of the given shape (default the
 Llama-3.2-1B shape, 16 layers) with a PEFT LoRA adapter on every projection (or none), bf16, on a batch of a few
 tokens, so that a step's wall time is the time the host takes to launch it. Eager, Inductor and backend "liger"
-side by side, then a cProfile of one step of ours: where the host time of our ops goes.
+side by side, then a cProfile of one step of ours: where the host time of our ops goes. ours_static: ours with
+Inductor's static launcher for our Triton kernels too (Inductor config static_launch_user_defined_triton_kernels,
+off by default).
 
     python bench/investigations/host_overhead.py [--tokens 64] [--lora 16] [--layers 16] [--top 30]
 """
@@ -15,6 +17,7 @@ import pstats
 import time
 
 import torch
+import torch._inductor.config
 import transformers
 
 
@@ -43,7 +46,13 @@ def step(run, batch):
 def measure(variant, args):
     torch._dynamo.reset()
     model = build(args)
-    run = model if variant == "eager" else torch.compile(model, backend="liger" if variant == "ours" else "inductor")
+    if variant == "eager":
+        run = model
+    elif variant == "inductor":
+        run = torch.compile(model, backend="inductor")
+    else:  # ours_static: our Triton kernels launched by Inductor's static launcher, as its own are
+        run = torch.compile(model, backend="liger", options={"static_launch_user_defined_triton_kernels": True}
+                            if variant == "ours_static" else None)
     ids = torch.randint(0, 128256, (1, args.tokens), device="cuda")
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
     for _ in range(3):
@@ -57,7 +66,7 @@ def measure(variant, args):
         times.append(time.perf_counter() - t0)
     times.sort()
     profile = None
-    if variant == "ours":
+    if variant.startswith("ours"):
         prof = cProfile.Profile()
         prof.enable()
         step(run, batch)
@@ -78,15 +87,20 @@ def main():
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--variants", default="eager,inductor,ours")
+    ap.add_argument("--variants", default="eager,inductor,ours,ours_static")
     args = ap.parse_args()
     import liger_compile  # noqa: F401, PLC0415
 
-    rows, profile = [], None
-    for v in args.variants.split(","):
+    variants = args.variants.split(",")
+    if "ours_static" in variants and not hasattr(torch._inductor.config, "static_launch_user_defined_triton_kernels"):
+        print("ours_static left out: this torch's Inductor has no static_launch_user_defined_triton_kernels")
+        variants.remove("ours_static")
+    rows, profiles = [], {}
+    for v in variants:
         ms, p = measure(v, args)
         rows.append((v, ms))
-        profile = p or profile
+        if p:
+            profiles[v] = p
         print(f"{v}: {ms:.1f} ms per step", flush=True)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"date {datetime.date.today()}; "
@@ -94,8 +108,8 @@ def main():
     print("| variant | host-bound step ms |\n|---|---|")
     for v, ms in rows:
         print(f"| {v} | {ms:.1f} |")
-    if profile:
-        print("\ncProfile of one step, backend liger (tottime):\n" + profile)
+    for v, p in profiles.items():
+        print(f"\ncProfile of one step, {v} (tottime):\n" + p)
 
 
 if __name__ == "__main__":
