@@ -9,8 +9,10 @@ decoder layer's input, which is what this is for.
 
 How: the partitioner's copies are plain `prims.device_put` (to pageable host memory, which blocks the host; its
 asynchronous version differs between torch releases and fails to compile in some). A post-grad pass turns its
-copies into our two ops: the copy out runs on a side stream into pinned memory while compute goes on, the copy
-back waits for it on the device (not the host) and runs on the compute stream.
+copies into our ops. The copy out runs on a side stream into pinned memory while compute goes on. In backward the
+first value needed comes back on the compute stream; each later one is fetched on the side stream as soon as the
+one before it has come back (one layer ahead, with checkpointing), and the compute stream waits for that copy only
+where the value is used.
 """
 from __future__ import annotations
 
@@ -103,6 +105,52 @@ def _(host, device):
     return torch.empty(host.shape, dtype=host.dtype, device=device)
 
 
+_prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}  # pinned address -> (device copy, its end)
+
+
+@torch.library.custom_op("liger::prefetch_to_device", mutates_args=())
+def prefetch_to_device(host: torch.Tensor, device: torch.device, after: torch.Tensor) -> torch.Tensor:
+    """Starts the device copy of an offload_to_host result on the side stream (after the copy out, which ran there
+    too) and returns an empty token for take_prefetched. `after` only orders this call in the graph: it is a value
+    the backward has just brought back, so that the copy starts one value ahead, not at the backward's start."""
+    if device.type != "cuda":
+        _prefetched[host.data_ptr()] = (host.to(device).clone() if host.device == device else host.to(device), None)
+        return torch.empty(0, device=device)
+    side = _side_streams.setdefault(device, torch.cuda.Stream(device))
+    copy = torch.empty(host.shape, dtype=host.dtype, device=device)  # on the compute stream, where it is freed
+    side.wait_stream(torch.cuda.current_stream(device))  # its memory's last users on the compute stream are done
+    with torch.cuda.stream(side):
+        copy.copy_(host, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(side)
+    _prefetched[host.data_ptr()] = (copy, done)
+    return torch.empty(0, device=device)
+
+
+@prefetch_to_device.register_fake
+def _(host, device, after):
+    return torch.empty(0, device=device)
+
+
+@torch.library.custom_op("liger::take_prefetched", mutates_args=())
+def take_prefetched(host: torch.Tensor, device: torch.device, token: torch.Tensor) -> torch.Tensor:
+    """The copy prefetch_to_device started, once the compute stream has waited for it (the plain copy back if
+    there is none)."""
+    entry = _prefetched.pop(host.data_ptr(), None)
+    if entry is None:
+        return reload_from_host(host, device)
+    _copies_out.pop(host.data_ptr(), None)
+    copy, done = entry
+    if done is not None:
+        torch.cuda.current_stream(device).wait_event(done)
+    return copy
+
+
+@take_prefetched.register_fake
+def _(host, device, token):
+    return torch.empty(host.shape, dtype=host.dtype, device=device)
+
+
 class AsyncCopies(CustomGraphPass):
     """Post-grad pass (Inductor's `post_grad_custom_pre_pass`): AOTAutograd's offload copies become our ops; the
     user's own pre-pass runs first when there is one."""
@@ -113,13 +161,27 @@ class AsyncCopies(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self.user_pass is not None:
             self.user_pass(graph)
-        for node in list(graph.find_nodes(op="call_function", target=torch.ops.prims.device_put.default)):
-            out, reload = node.name.startswith(_OFFLOADED), node.name.startswith(_RELOADED)
-            if not (out or reload):
+        previous = None  # the value the last copy back brought: the next copy starts when it is there
+        copies = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.prims.device_put.default]
+        for node in copies:  # in graph order: the backward's copies back in the order their values are needed
+            if node.name.startswith(_OFFLOADED):
+                with graph.inserting_before(node):
+                    new = graph.call_function(torch.ops.liger.offload_to_host.default, (node.args[0],))
+            elif node.name.startswith(_RELOADED):
+                host, device = node.args[:2]
+                if previous is None:
+                    with graph.inserting_before(node):
+                        new = graph.call_function(torch.ops.liger.reload_from_host.default, (host, device))
+                else:
+                    with graph.inserting_after(previous):
+                        token = graph.call_function(torch.ops.liger.prefetch_to_device.default,
+                                                    (host, device, previous))
+                    token.meta["val"] = node.meta["val"].new_empty(0)
+                    with graph.inserting_before(node):
+                        new = graph.call_function(torch.ops.liger.take_prefetched.default, (host, device, token))
+                previous = new
+            else:
                 continue
-            with graph.inserting_before(node):
-                new = (graph.call_function(torch.ops.liger.offload_to_host.default, (node.args[0],)) if out else
-                       graph.call_function(torch.ops.liger.reload_from_host.default, node.args[:2]))
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)

@@ -40,8 +40,14 @@ def our_copies(monkeypatch):
 
     def spy(self, graph):
         original(self, graph)
-        counts.append((len(graph.find_nodes(op="call_function", target=torch.ops.liger.offload_to_host.default)),
-                       len(graph.find_nodes(op="call_function", target=torch.ops.liger.reload_from_host.default))))
+        calls = [n.target for n in graph.nodes if n.op == "call_function"]
+        liger = torch.ops.liger
+        counts.append((calls.count(liger.offload_to_host.default),
+                       calls.count(liger.reload_from_host.default) + calls.count(liger.take_prefetched.default)))
+        # the first value back comes on the compute stream, every later one through a prefetch started after the
+        # value before it came back
+        assert calls.count(liger.prefetch_to_device.default) == calls.count(liger.take_prefetched.default)
+        assert calls.count(liger.reload_from_host.default) <= 1
         assert not [n for n in graph.find_nodes(op="call_function", target=torch.ops.prims.device_put.default)
                     if n.name.startswith(("cpu_offload_", "gpu_reload_"))]
 
