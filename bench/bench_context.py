@@ -1,4 +1,5 @@
-"""Longest context that trains on one GPU: batch 1, one full fwd+bwd+AdamW step, no activation checkpointing.
+"""Longest context that trains on one GPU: batch 1, one full fwd+bwd+AdamW step, without activation checkpointing
+(or with it: --checkpointing, results named context_<model>_checkpointing).
 
     python bench/bench_context.py --variants ours,liger_kernel [--model llama-1b] [--start 32768] [--max 524288]
                                   [--budget-s 540] [--trial-timeout 240] [--out bench/results]
@@ -110,7 +111,8 @@ def write(args, rows: dict[str, dict], name: str):
     from common import write_results  # noqa: PLC0415
 
     ordered = [rows[v] for v in bench_e2e.VARIANTS + sorted(set(rows) - set(bench_e2e.VARIANTS)) if v in rows]
-    title = f"Longest trainable context, {args.model} shape, batch 1, bf16, one GPU, no activation checkpointing"
+    title = (f"Longest trainable context, {args.model} shape, batch 1, bf16, one GPU, "
+             + ("gradient checkpointing" if args.checkpointing else "no activation checkpointing"))
     notes = (f"Doubling from --start, then bisecting to {args.granularity}; each trial one process "
              "(`bench_e2e.py --one V --batch 1 --seq T --warmup 1 --steps 1 --no-phases`): one warm-up and one timed "
              "fwd+bwd+AdamW(fused) step. peak_GiB and tokens/s are at longest_pass (one timed step). A trial fails on "
@@ -175,6 +177,7 @@ def main(argv=None):
     ap.add_argument("--min-trial-s", type=float, default=60,
                     help="no trial starts with less time left than this (or the longest passing trial so far)")
     ap.add_argument("--mode", default=None, help="torch.compile mode for the compiled variants")
+    ap.add_argument("--checkpointing", action="store_true", help="HF gradient checkpointing in every variant")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--merge", default=None, help="earlier context_<model>.json whose other variants' rows are kept "
                                                   "(default: the one in --out, if any)")
@@ -187,7 +190,7 @@ def main(argv=None):
         ap.error("--start must be a multiple of --granularity and at most --max")
     args.steps, args.warmup, args.no_phases, args.profile = 1, 1, True, None  # what bench_e2e.one_argv reads
     deadline = time.time() + args.budget_s
-    name = f"context_{args.model}" + ("_tiny" if args.tiny else "")
+    name = f"context_{args.model}" + ("_checkpointing" if args.checkpointing else "") + ("_tiny" if args.tiny else "")
     merge = args.merge or os.path.join(args.out, name + ".json")
     rows = {}
     if os.path.exists(merge):

@@ -40,7 +40,8 @@ MODELS = {
         vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
         num_key_value_heads=2, tie_word_embeddings=True, use_cache=False, max_position_embeddings=131072)),
 }
-VARIANTS = ["eager", "inductor", "liger_kernel", "liger_kernel_inductor", "ours"]
+VARIANTS = ["eager", "inductor", "liger_kernel", "liger_kernel_inductor", "ours", "ours_offload"]
+OURS = ("ours", "ours_offload")  # ours_offload: backend="liger" with options offload_activations=True
 # "ours-no-P1+P2": backend="liger" with patterns P1, P2 disabled (the step with and without each pattern)
 ABLATION = "ours-no-"
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -69,17 +70,19 @@ def run_one(args) -> dict:
         getattr(lk, f"apply_liger_kernel_to_{family}")()
     model, _ = build(args.model, args.device, args.tiny)
     model.train()
+    if args.checkpointing:  # HF's, as the Trainer turns it on (non-reentrant)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.fake_oom_tokens and args.batch * args.seq > args.fake_oom_tokens:
         raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {args.batch * args.seq} tokens > "
                                      f"--fake-oom-tokens {args.fake_oom_tokens})")
     run = model
     if variant in ("inductor", "liger_kernel_inductor"):
         run = torch.compile(model, mode=args.mode)
-    elif variant == "ours" or variant.startswith(ABLATION):
+    elif variant in OURS or variant.startswith(ABLATION):
         import liger_compile  # noqa: PLC0415, F401
 
         report = liger_compile.Report()
-        opts = {"report": report}
+        opts = {"report": report, "offload_activations": variant == "ours_offload"}
         if variant.startswith(ABLATION):  # e.g. ours-no-rms_norm+swiglu: those patterns left to Inductor
             opts["disable"] = variant[len(ABLATION):].split("+")
         run = torch.compile(model, backend="liger", **({"mode": args.mode} if args.mode else {"options": opts}))
@@ -102,7 +105,7 @@ def run_one(args) -> dict:
         "peak_GiB": peak, "first_step_s": times[0], "first_loss": losses[0],
         **phases,
     }
-    if (variant == "ours" or variant.startswith(ABLATION)) and not args.mode:
+    if (variant in OURS or variant.startswith(ABLATION)) and not args.mode:
         result["fused"] = report.counts
         print(report, file=sys.stderr)
     return result
@@ -233,7 +236,8 @@ def one_argv(args, variant: str, batch: int, seq: int) -> list[str]:
                       ("--fake-oom-tokens", args.fake_oom_tokens)):
         if val:
             argv += [flag, str(val)]
-    for flag, on in (("--tiny", args.tiny), ("--no-phases", args.no_phases)):
+    for flag, on in (("--tiny", args.tiny), ("--no-phases", args.no_phases),
+                     ("--checkpointing", getattr(args, "checkpointing", False))):
         if on:
             argv.append(flag)
     return argv
@@ -297,6 +301,7 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=900, help="seconds per variant (its process is killed after)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--no-phases", action="store_true", help="skip the extra step that measures per-phase peaks")
+    ap.add_argument("--checkpointing", action="store_true", help="HF gradient checkpointing on (non-reentrant)")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--fake-oom-tokens", type=int, default=0, help=argparse.SUPPRESS)
@@ -310,13 +315,15 @@ def main(argv=None):
     rows = drive(args)
     from common import write_results  # noqa: PLC0415
 
-    name = args.name or f"e2e_{args.model}_{args.batch}x{args.seq}" + (f"_{args.mode}" if args.mode else "")
+    name = args.name or (f"e2e_{args.model}_{args.batch}x{args.seq}" + (f"_{args.mode}" if args.mode else "")
+                         + ("_checkpointing" if args.checkpointing else ""))
     cols = ["variant", "tokens/s", "peak_GiB", "step_ms", "first_step_s", "first_step_vs_inductor", "first_loss",
             "peak_fwd_GiB", "peak_bwd_GiB", "peak_opt_GiB"]
     cols += ["attention_ms_per_layer", "gpu_ms"] if args.profile else []
     cols += ["tokens/s_min", "tokens/s_max", "n_runs"] if args.repeat > 1 else []
     cols += ["error"]
-    title = f"Training step, {args.model} shape, {args.batch} x {args.seq}, bf16" + (" (TINY, CPU check)"
+    title = f"Training step, {args.model} shape, {args.batch} x {args.seq}, bf16" + (
+        ", gradient checkpointing" if args.checkpointing else "") + (" (TINY, CPU check)"
                                                                                     if args.tiny else "")
     print(write_results(args.out, name, title, rows, cols))
     try:

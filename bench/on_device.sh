@@ -39,7 +39,8 @@
 #   attention  one layer's attention fwd+bwd for unpadded, padded and packed batches (bench/bench_attention.py)
 #   varlentests  the variable-length attention, run-time mask and training-shape tests on the GPU
 #   masktests  the run-time mask tests, the op-output tests, the norm/down_proj kernel tests and the training shapes
-#   context    longest trainable context (batch 1) for ours and Liger-Kernel
+#   context    longest trainable context (batch 1) for ours and Liger-Kernel (CONTEXT_VARIANTS, e.g. ours_offload;
+#              CONTEXT_CHECKPOINTING=1 with gradient checkpointing in every variant)
 #   host       host-bound step time (a few tokens): eager, Inductor, ours, LoRA r LORA_RANK (0: none), and a cProfile
 #              of one step of ours (bench/investigations/host_overhead.py)
 #   saved      bytes per token per decoder layer kept for backward at 1 x 4096: eager, Inductor, ours, Liger-Kernel,
@@ -174,7 +175,7 @@ for stage in "${@:-tests}"; do
     context) b=${CONTEXT_BUDGET:-540}
              timeout $((b + 20)) python3 bench/bench_context.py --variants "${CONTEXT_VARIANTS:-ours,liger_kernel}" \
                --start "${CONTEXT_START:-65536}" --max "${CONTEXT_MAX:-524288}" --budget-s "$b" \
-               --out "$R" > "$R/bench_context.log" 2>&1; tail -12 "$R/bench_context.log" ;;
+               ${CONTEXT_CHECKPOINTING:+--checkpointing} --out "$R" > "$R/bench_context.log" 2>&1; tail -12 "$R/bench_context.log" ;;
     hgemm) timeout 200 python3 bench/investigations/bench_horizontal_gemm.py --out "$R" > "$R/bench_horizontal_gemm.log" 2>&1
            grep -E "^\| |Error|error" "$R/bench_horizontal_gemm.log" | tail -16 ;;
     sdpa) timeout 300 python3 bench/investigations/bench_sdpa_backends.py --out "$R" > "$R/bench_sdpa_backends.log" 2>&1
