@@ -116,8 +116,17 @@ def _inductor(gm: GraphModule, example_inputs, opts: _options.Options):
         log.warning("liger_compile: this torch has no activation offloading in AOTAutograd; option "
                     "offload_activations is ignored")
         return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)
-    with offload.partitioner_config():
-        return compile_fx(gm, example_inputs, config_patches=offload.inductor_config(opts.inductor_config))
+    try:
+        with offload.partitioner_config():
+            return compile_fx(gm, example_inputs, config_patches=offload.inductor_config(opts.inductor_config))
+    except RestartAnalysis:
+        raise
+    except Exception as e:  # a memory option must not cost the compile: the same graph without it
+        if not opts.fallback:
+            raise
+        log.warning("liger_compile: compiling with offload_activations failed (%s: %s); compiling without it",
+                    type(e).__name__, e)
+        return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)
 
 
 def _triton_set_up_as_inductor() -> None:

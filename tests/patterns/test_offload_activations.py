@@ -118,3 +118,23 @@ def test_a_users_joint_pass_still_runs():
     graph = torch.fx.symbolic_trace(lambda x: x * 2).graph
     pass_(graph)
     assert ran == [len(graph.nodes)]
+
+
+def test_a_failure_inside_offloading_compiles_without_it(monkeypatch, caplog):
+    class Broken(torch._inductor.custom_graph_pass.CustomGraphPass):
+        def __call__(self, graph):
+            raise RuntimeError("planted failure in the offload pass")
+
+        def uuid(self):
+            return None
+
+    monkeypatch.setattr(offload, "inductor_config", lambda config: {**config, "joint_custom_pre_pass": Broken()})
+    model = checkpointed(layers=2)
+    x = {k: v.to(DEVICE) for k, v in batch(t=16).items()}
+    loss, grads = loss_and_grads(copy.deepcopy(model), x)
+    with caplog.at_level("WARNING", logger="liger_compile"):
+        loss_off, grads_off = step(model, x, offload_activations=True)
+    assert "compiling with offload_activations failed" in caplog.text
+    torch.testing.assert_close(loss_off, loss, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads_off[name], grads[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
