@@ -64,13 +64,25 @@ MAX_PENDING = 4096
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one stream per device that every copy out and every fetch ahead runs on (so they stay in order)."""
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+def _off_cuda_copy(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Off CUDA the copy back is a plain one, a new tensor even on the same device (an op's output is no alias)."""
+    return host.to(device).clone() if host.device == device else host.to(device)
+
+
 @torch.library.custom_op("liger::offload_to_host", mutates_args=())
 def offload_to_host(x: torch.Tensor) -> torch.Tensor:
     """x's copy in host memory: on CUDA, pinned and filled on a side stream (x's memory is not reused before that
     copy has read it); reload_from_host waits for the copy."""
     if x.device.type != "cuda":
         return x.clone()
-    side = _side_streams.setdefault(x.device, torch.cuda.Stream(x.device))
+    side = _side_stream(x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     with torch.cuda.stream(side):
@@ -93,7 +105,7 @@ def _(x):
 def reload_from_host(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The device copy of an offload_to_host result, on the compute stream, after that offload's copy ended."""
     if device.type != "cuda":
-        return host.to(device).clone() if host.device == device else host.to(device)
+        return _off_cuda_copy(host, device)
     done = _copies_out.pop(host.data_ptr(), None)
     if done is not None:
         torch.cuda.current_stream(device).wait_event(done)
@@ -114,9 +126,9 @@ def prefetch_to_device(host: torch.Tensor, device: torch.device, after: torch.Te
     too) and returns an empty token for take_prefetched. `after` only orders this call in the graph: it is a value
     the backward has just brought back, so that the copy starts one value ahead, not at the backward's start."""
     if device.type != "cuda":
-        _prefetched[host.data_ptr()] = (host.to(device).clone() if host.device == device else host.to(device), None)
+        _prefetched[host.data_ptr()] = (_off_cuda_copy(host, device), None)
         return torch.empty(0, device=device)
-    side = _side_streams.setdefault(device, torch.cuda.Stream(device))
+    side = _side_stream(device)
     copy = torch.empty(host.shape, dtype=host.dtype, device=device)  # on the compute stream, where it is freed
     side.wait_stream(torch.cuda.current_stream(device))  # its memory's last users on the compute stream are done
     with torch.cuda.stream(side):
