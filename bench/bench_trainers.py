@@ -54,7 +54,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_e2e import MODELS  # noqa: E402
-from common import COMPILE_PHASES, compile_phases, recompiles  # noqa: E402
+from common import COMPILE_PHASES, compile_phases, gpu_idle, recompiles  # noqa: E402
 
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, use_cache=False)
@@ -121,6 +121,7 @@ def attention_profile(prof, layers: int) -> dict:
         kind = kernel_kind(e.key)
         by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e3
     return {"attention_ms_per_layer": attention_us / 1e3 / layers, "head_ms": head_profile(prof),
+            **gpu_idle(prof.events()),
             "gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
             "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "attention_kernels": [f"{e.key[:80]}: {e.self_device_time_total / 1e3:.1f} ms" for e in top]}
@@ -296,6 +297,34 @@ def unsloth_model(args, model):
         use_gradient_checkpointing="unsloth" if args.checkpointing else False, random_state=0)
 
 
+def label_phases(trainer):
+    """Name the step's phases in the profiler's host timeline (phase:<method>), so the profiled step's GPU idle
+    time can be told by phase: the forward and loss, the backward, the optimizer, the batch."""
+    from torch.profiler import record_function  # noqa: PLC0415
+
+    def labelled(obj, name):
+        method = getattr(obj, name)
+
+        def run(*a, **k):
+            with record_function(f"phase:{name}"):
+                return method(*a, **k)
+
+        setattr(obj, name, run)
+
+    for name in ("compute_loss", "get_batch_samples", "_prepare_inputs"):
+        if hasattr(trainer, name):
+            labelled(trainer, name)
+    labelled(trainer.accelerator, "backward")
+    original = trainer.create_optimizer
+
+    def create_optimizer(*a, **k):
+        optimizer = original(*a, **k)
+        labelled(optimizer, "step")
+        return optimizer
+
+    trainer.create_optimizer = create_optimizer
+
+
 def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench_trainers_"), max_steps=steps, per_device_train_batch_size=args.batch,
@@ -423,6 +452,7 @@ def run_one(args) -> dict:
     rows = token_rows(args.batch * total_steps, args.seq, model.config.vocab_size, args.padding)
     amp = use_bf16 and not args.pure_bf16
     trainer, trainer_name = make_trainer(args, variant, model, rows, device, amp, [timer], total_steps)
+    label_phases(trainer)
 
     log = logging.getLogger("liger_compile")
     fusions = FusionLog()
@@ -619,6 +649,9 @@ def main(argv=None):
               if r.get("attention_kernels")]
     notes += [f"{r['variant']} GPU ms by kernel kind (one profiled step): {r['gpu_ms_by_kind']}" for r in ok
               if r.get("gpu_ms_by_kind")]
+    notes += [f"{r['variant']} GPU idle in the profiled step: {r['idle_ms']} ms in {r['idle_gaps']} gaps of 50 us or "
+              f"more; by the step's phase: {r['idle_by_phase']}; the longest: {r['longest_idle']}"
+              for r in ok if "idle_ms" in r]
     notes += [f"{r['variant']} graph calls by version: {r['assumed_calls']}" for r in ok if "assumed_calls" in r]
     notes += [f"{r['variant']} lm_head gradients from the forward (kept / used / recomputed): {r['forward_grads']}"
               for r in ok if r.get("forward_grads")]

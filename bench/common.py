@@ -197,3 +197,52 @@ def print_profile(fn, row_limit: int = 16) -> None:
         torch.cuda.synchronize()
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=row_limit,
                                                              max_name_column_width=40, max_shapes_column_width=60))
+
+
+def gpu_idle(events, min_gap_us: float = 50.0, top: int = 8) -> dict:
+    """Where a profiled step leaves the GPU without work: the gaps of at least `min_gap_us` between the union of
+    its kernels' intervals, their total, their sum by the step's phase (the outermost `phase:` host event at the
+    gap's middle: record_function labels the benchmark puts on the trainer's methods), and for the longest ones the
+    host's state: the host-blocking call that ended inside the gap, if one did (a read of a GPU value makes the host
+    wait, then the queue starts empty), and the outermost and innermost host events running at the gap's middle.
+    `events`: torch.profiler's `prof.events()`."""
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    host = [e for e in events if e.device_type.name == "CPU"]
+    phases = [e for e in host if e.name.startswith("phase:")]
+    gaps, end = [], None
+    for start, stop in kernels:
+        if end is not None and start - end >= min_gap_us:
+            gaps.append((end, start))
+        end = stop if end is None else max(end, stop)
+    gaps.sort(key=lambda g: g[0] - g[1])  # longest first
+
+    def running(at, among):
+        return sorted((e for e in among if e.time_range.start <= at <= e.time_range.end),
+                      key=lambda e: e.time_range.start)
+
+    def phase(gap):
+        outer = running((gap[0] + gap[1]) / 2, phases)
+        return outer[0].name if outer else "other"
+
+    blocking = [(e.time_range.end, e.name) for e in host if e.name in HOST_BLOCKING]
+
+    def detail(gap):
+        inside = running((gap[0] + gap[1]) / 2, host)
+        # a sync returns just after the last kernel before it ends: one ending inside the gap caused it
+        synced = [name for t, name in sorted(blocking) if gap[0] - 50 <= t <= gap[1]]
+        return {"ms": round((gap[1] - gap[0]) / 1e3, 2), "phase": phase(gap), "after": synced[-1] if synced else None,
+                "host": [e.name[:60] for e in (inside if len(inside) <= 4 else inside[:2] + inside[-2:])]}
+
+    by_phase: dict[str, float] = {}
+    for gap in gaps:
+        name = phase(gap)
+        by_phase[name] = by_phase.get(name, 0.0) + (gap[1] - gap[0]) / 1e3
+    return {"idle_ms": round(sum(b - a for a, b in gaps) / 1e3, 1), "idle_gaps": len(gaps),
+            "idle_by_phase": {k: round(v, 1) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
+            "longest_idle": [detail(g) for g in gaps[:top]]}
+
+
+# host calls that wait for the GPU: after one returns the GPU has nothing queued
+HOST_BLOCKING = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "cudaStreamSynchronize",
+                 "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "aten::equal", "aten::is_nonzero")

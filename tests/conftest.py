@@ -84,6 +84,21 @@ def second_versions(monkeypatch):
     return built
 
 
+@pytest.fixture
+def liger_warnings():
+    """The liger_compile logger's warnings, collected by a handler of its own: unlike caplog it also works when
+    pytest runs with its logging plugin off (`-p no:logging`, as the GPU runs do)."""
+    import logging  # noqa: PLC0415
+
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    log = logging.getLogger("liger_compile")
+    log.addHandler(handler)
+    yield messages
+    log.removeHandler(handler)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

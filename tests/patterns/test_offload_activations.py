@@ -120,7 +120,7 @@ def test_a_users_joint_pass_still_runs():
     assert ran == [len(graph.nodes)]
 
 
-def test_a_failure_inside_offloading_compiles_without_it(monkeypatch, caplog):
+def test_a_failure_inside_offloading_compiles_without_it(monkeypatch, liger_warnings):
     class Broken(torch._inductor.custom_graph_pass.CustomGraphPass):
         def __call__(self, graph):
             raise RuntimeError("planted failure in the offload pass")
@@ -132,9 +132,8 @@ def test_a_failure_inside_offloading_compiles_without_it(monkeypatch, caplog):
     model = checkpointed(layers=2)
     x = {k: v.to(DEVICE) for k, v in batch(t=16).items()}
     loss, grads = loss_and_grads(copy.deepcopy(model), x)
-    with caplog.at_level("WARNING", logger="liger_compile"):
-        loss_off, grads_off = step(model, x, offload_activations=True)
-    assert "compiling with offload_activations failed" in caplog.text
+    loss_off, grads_off = step(model, x, offload_activations=True)
+    assert any("compiling with offload_activations failed" in m for m in liger_warnings), liger_warnings
     torch.testing.assert_close(loss_off, loss, rtol=1e-5, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(grads_off[name], grads[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
