@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.exc import RestartAnalysis
 from torch.fx import GraphModule
 
-from . import facts, kernel_analysis, offload
+from . import cache_key, facts, kernel_analysis, offload
 from . import options as _options
 from .lazy import wrap_outputs
 from .pattern import all_output_checks, all_patterns, off_by_default
@@ -107,18 +107,20 @@ def _without_assumptions(gm: GraphModule, inputs, opts: _options.Options, report
 
 
 def _inductor(gm: GraphModule, example_inputs, opts: _options.Options):
-    """Inductor's compile_fx with the user's config patches, and our activation offloading when asked for."""
+    """Inductor's compile_fx with the user's config patches, our sources in its cache key, and our activation
+    offloading when asked for."""
     from torch._inductor.compile_fx import compile_fx  # noqa: PLC0415
 
+    config = cache_key.stamped(opts.inductor_config)
     if not opts.offload_activations:
-        return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)
+        return compile_fx(gm, example_inputs, config_patches=config)
     if not offload.supported():
         log.warning("liger_compile: this torch has no activation offloading in AOTAutograd; option "
                     "offload_activations is ignored")
-        return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)
+        return compile_fx(gm, example_inputs, config_patches=config)
     try:
         with offload.partitioner_config():
-            return compile_fx(gm, example_inputs, config_patches=offload.inductor_config(opts.inductor_config))
+            return compile_fx(gm, example_inputs, config_patches=offload.inductor_config(config))
     except RestartAnalysis:
         raise
     except Exception as e:  # a memory option must not cost the compile: the same graph without it
@@ -126,7 +128,7 @@ def _inductor(gm: GraphModule, example_inputs, opts: _options.Options):
             raise
         log.warning("liger_compile: compiling with offload_activations failed (%s: %s); compiling without it",
                     type(e).__name__, e)
-        return compile_fx(gm, example_inputs, config_patches=opts.inductor_config)
+        return compile_fx(gm, example_inputs, config_patches=config)
 
 
 def _triton_set_up_as_inductor() -> None:

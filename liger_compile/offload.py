@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from .cache_key import keyed, user_pass
 
 # Smaller tensors are not worth a transfer: a copy has a fixed cost of a few microseconds of launch and sync.
 MIN_BYTES = 1 << 20
@@ -48,12 +49,7 @@ class MarkLargeActivations(CustomGraphPass):
                 node.meta["should_offload"] = True
 
     def uuid(self):
-        return _uuid(self.user_pass, "marks")
-
-
-@functools.cache
-def _source_hash() -> str:
-    return get_hash_for_files((__file__,))
+        return keyed(self.user_pass, "marks", MIN_BYTES)
 
 
 _OFFLOADED, _RELOADED = "cpu_offload_", "gpu_reload_"  # the names AOTAutograd gives its copies
@@ -199,16 +195,7 @@ class AsyncCopies(CustomGraphPass):
             graph.erase_node(node)
 
     def uuid(self):
-        return _uuid(self.user_pass, "async copies")
-
-
-def _uuid(user_pass, what: str):
-    user = None
-    if user_pass is not None:
-        user = user_pass.uuid() if isinstance(user_pass, CustomGraphPass) else None
-        if user is None:  # the user's pass cannot be keyed: no caching, as Inductor does for it alone
-            return None
-    return (_source_hash(), what, MIN_BYTES, user)
+        return keyed(self.user_pass, "async copies", MIN_BYTES)
 
 
 def supported() -> bool:
@@ -219,8 +206,8 @@ def supported() -> bool:
 
 def inductor_config(config: dict) -> dict:
     """Inductor's config patches with our two passes, each in front of (and calling) the user's own if any."""
-    return {**config, "joint_custom_pre_pass": MarkLargeActivations(config.get("joint_custom_pre_pass")),
-            "post_grad_custom_pre_pass": AsyncCopies(config.get("post_grad_custom_pre_pass"))}
+    return {**config, "joint_custom_pre_pass": MarkLargeActivations(user_pass(config, "joint_custom_pre_pass")),
+            "post_grad_custom_pre_pass": AsyncCopies(user_pass(config, "post_grad_custom_pre_pass"))}
 
 
 def partitioner_config() -> contextlib.AbstractContextManager:

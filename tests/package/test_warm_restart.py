@@ -24,6 +24,8 @@ import liger_compile
 from torch._dynamo.utils import counters
 from models import batch, tiny
 report = liger_compile.Report()
+if {stamp!r}:  # another version of our sources
+    liger_compile.cache_key.package_hash = lambda: {stamp!r}
 model = tiny("llama", layers=1)
 artifacts = {artifacts!r}
 if artifacts and os.path.exists(artifacts):
@@ -36,10 +38,10 @@ print(json.dumps({{"inductor": dict(counters["inductor"]), "aot": dict(counters[
 """
 
 
-def run_step(cache_dir: Path, artifacts: Path | None = None) -> dict:
+def run_step(cache_dir: Path, artifacts: Path | None = None, stamp: bytes = b"") -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
            "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
-    out = subprocess.run([sys.executable, "-c", STEP.format(tests=str(TESTS), artifacts=str(artifacts) if artifacts else "")], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", STEP.format(tests=str(TESTS), artifacts=str(artifacts) if artifacts else "", stamp=stamp)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -65,6 +67,16 @@ def test_second_process_hits_every_cache(cold):
     assert second["inductor"].get("fxgraph_cache_hit") == 2, second
     assert not second["inductor"].get("fxgraph_cache_miss") and not second["inductor"].get("fxgraph_cache_bypass")
     assert second["aot"].get("autograd_cache_hit") == 1, second
+
+
+def test_another_version_of_our_sources_compiles_anew(cold):
+    """Compiled graphs contain the code of our triton_ops, which neither cache keys by itself: our sources' hash
+    is in the key (liger_compile/cache_key.py), so an upgraded package does not get the old version's code."""
+    root, first = cold
+    second = run_step(root / "machine_a", stamp=b"another version")
+    assert second["fused"] == first["fused"]
+    assert second["inductor"].get("fxgraph_cache_miss") == 2 and not second["inductor"].get("fxgraph_cache_hit")
+    assert second["aot"].get("autograd_cache_miss") == 1 and not second["aot"].get("autograd_cache_hit"), second
 
 
 def test_portable_cache_artifacts_warm_an_empty_cache(cold):
