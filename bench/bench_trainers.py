@@ -120,11 +120,15 @@ def attention_profile(prof, layers: int) -> dict:
     for e in kernels:
         kind = kernel_kind(e.key)
         by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1e3
+    # the kernels behind the catch-all kind, which is where an unexpected copy shows up
+    other = sorted((e for e in kernels if kernel_kind(e.key).startswith("other")),
+                   key=lambda e: -e.self_device_time_total)
     return {"attention_ms_per_layer": attention_us / 1e3 / layers, "head_ms": head_profile(prof),
             **gpu_idle(prof.events()),
             "gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3,
             "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "attention_kernels": [f"{e.key[:80]}: {e.self_device_time_total / 1e3:.1f} ms" for e in top]}
+            "attention_kernels": [f"{e.key[:80]}: {e.self_device_time_total / 1e3:.1f} ms" for e in top],
+            "other_kernels": [f"{e.key[:80]} x{e.count}: {e.self_device_time_total / 1e3:.2f} ms" for e in other[:6]]}
 
 
 # the per-token log-prob head's events: our op and its backward, or TRL's autograd function (forward, backward node)
@@ -649,6 +653,8 @@ def main(argv=None):
               if r.get("attention_kernels")]
     notes += [f"{r['variant']} GPU ms by kernel kind (one profiled step): {r['gpu_ms_by_kind']}" for r in ok
               if r.get("gpu_ms_by_kind")]
+    notes += [f"{r['variant']} the largest kernels of kind 'other': {'; '.join(r['other_kernels'])}" for r in ok
+              if r.get("other_kernels")]
     notes += [f"{r['variant']} GPU idle in the profiled step: {r['idle_ms']} ms in {r['idle_gaps']} gaps of 50 us or "
               f"more; by the step's phase: {r['idle_by_phase']}; the longest: {r['longest_idle']}"
               for r in ok if "idle_ms" in r]
