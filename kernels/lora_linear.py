@@ -13,9 +13,10 @@ Math (W: [N, K], A: [r, K], B: [N, r], s the scaling, dy: [..., N] the incoming 
                dx = dy W + dh A
                dA = dh^T x,   dB = s * (dy^T h),   dW = dy^T x,   dbias = sum of dy over tokens
 Plain torch on every device: the matmuls are cuBLAS's (fp32 accumulation); every tensor shares one dtype (the
-pattern checks it). Declared as a triton_op although it launches no Triton kernel: torch.compile traces into it,
-so Inductor's generated code calls the matmuls itself. An opaque op costs a trip through the dispatcher and Python
-per call, twelve calls per decoder layer and step, which left the GPU waiting on the host in LoRA training.
+pattern checks it). Opaque to Inductor (a custom_op): traced into (as a triton_op), its in-place adds become
+out-of-place ones, a second [tokens, out] buffer alive beside the first, and on the H200 the traced form took more
+GPU time and memory a LoRA SFT step for no faster step (bench/results/host_overhead_llama-1b.md). The price is a
+trip through the dispatcher and Python per call.
 """
 from typing import Optional
 
@@ -70,6 +71,18 @@ def lora_linear_backward(
             torch.mm(dy2.t(), as_rows(h)).mul_(scaling) if lora_b_grad else empty(0))
 
 
+def _fake(x, weight, bias, lora_a, lora_b, scaling):
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((*x.shape[:-1], lora_a.shape[0]))
+
+
+def _fake_backward(dy, x, weight, lora_a, lora_b, h, scaling, x_grad, weight_grad, bias_grad, lora_a_grad,
+                   lora_b_grad):
+    empty = x.new_empty
+    return (torch.empty_like(x) if x_grad else empty(0), torch.empty_like(weight) if weight_grad else empty(0),
+            empty(weight.shape[0]) if bias_grad else empty(0), torch.empty_like(lora_a) if lora_a_grad else empty(0),
+            torch.empty_like(lora_b) if lora_b_grad else empty(0))
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scaling = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
@@ -101,9 +114,8 @@ def _backward_examples(device, width):
             (dy, x, weight, a, b, h, scaling, True, False, False, True, True)]
 
 
-# No Triton kernel: the same torch code on every device (launcher and reference are one function); no fake needed,
-# torch.compile runs the function itself on fake tensors
-lora_linear = declare("lora_linear", lora_linear_forward, lora_linear_forward,
+# No Triton kernel: the same torch code on every device (launcher and reference are one function)
+lora_linear = declare("lora_linear", lora_linear_forward, lora_linear_forward, triton=False, fake=_fake,
                       setup_context=_setup_context, backward=_autograd_backward, examples=_forward_examples)
-lora_linear_backward_op = declare("lora_linear_backward", lora_linear_backward, lora_linear_backward,
-                                  examples=_backward_examples)
+lora_linear_backward_op = declare("lora_linear_backward", lora_linear_backward, lora_linear_backward, triton=False,
+                                  fake=_fake_backward, examples=_backward_examples)
