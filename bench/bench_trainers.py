@@ -504,6 +504,8 @@ def run_one(args) -> dict:
         # lm_head calls that kept gradients from their forward, and backwards that used them or recomputed
         uniform = sys.modules.get("liger_compile.kernels._uniform_grad")
         result["forward_grads"] = dict(uniform.stats) if uniform else {}
+        frozen = sys.modules.get("liger_compile.kernels._frozen_head_grad")  # a frozen head's (LoRA)
+        result["frozen_head_grads"] = dict(frozen.stats) if frozen else {}
         print("\n".join(fusions.lines), file=sys.stderr)
     return result
 
@@ -661,6 +663,8 @@ def main(argv=None):
     notes += [f"{r['variant']} graph calls by version: {r['assumed_calls']}" for r in ok if "assumed_calls" in r]
     notes += [f"{r['variant']} lm_head gradients from the forward (kept / used / recomputed): {r['forward_grads']}"
               for r in ok if r.get("forward_grads")]
+    notes += [f"{r['variant']} frozen lm_head's d hidden direction from the forward (kept / used / recomputed): "
+              f"{r['frozen_head_grads']}" for r in ok if any(r.get("frozen_head_grads", {}).values())]
     notes += [f"{r['variant']} recompiles: {r['recompile_reasons']}" for r in ok if r.get("recompile_reasons")]
     notes += [f"{r['variant']} compile seconds (Dynamo's metrics, nested phases each counted): "
               + ", ".join(f"{c} {r[c]:.1f}" for c, _ in COMPILE_PHASES if r.get(c)) for r in ok

@@ -92,6 +92,7 @@ for stage in "${@:-tests}"; do
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
     trltests) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 110 \
                 tests/kernels/test_kernel_token_logprobs.py tests/kernels/test_token_logprobs_uniform_grad.py \
+                tests/kernels/test_token_logprobs_frozen_head.py \
                 tests/trainers/test_trl_head.py > "$R/gpu_trl_tests.log" 2>&1
               grep -E "FAILED|ERROR|passed|failed" "$R/gpu_trl_tests.log" | tail -12; grep -c PASSED "$R/gpu_trl_tests.log" ;;
     retest) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 190 \

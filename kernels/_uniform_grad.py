@@ -35,26 +35,26 @@ _kept: dict[tuple, Kept] = {}
 stats = {"kept": 0, "used": 0, "recomputed": 0}  # forwards that kept gradients; backwards that used / recomputed
 
 
-def _key(weight: torch.Tensor) -> tuple:
+def weight_key(weight: torch.Tensor) -> tuple:
     # by shape, not address: under autocast the weight is a new cast copy at every call. Two heads of one shape
     # share a guess, which costs at most a recompute: kept gradients are used only by their own forward's backward
     return tuple(weight.shape), weight.dtype, weight.device
 
 
-def _capturing(t: torch.Tensor) -> bool:
+def capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def guess(weight: torch.Tensor) -> Optional[float]:
     """The per-token gradient to compute this forward's gradients with, or None to leave them to the backward."""
-    if _capturing(weight):
+    if capturing(weight):
         return None
-    state = _guesses.setdefault(_key(weight), _UNDECIDED)
+    state = _guesses.setdefault(weight_key(weight), _UNDECIDED)
     return state if isinstance(state, float) else None
 
 
 def keep(weight: torch.Tensor, log_z: torch.Tensor, guessed: float, grads: tuple) -> None:
-    _kept[_key(weight)] = Kept(log_z.untyped_storage(), guessed, grads)
+    _kept[weight_key(weight)] = Kept(log_z.untyped_storage(), guessed, grads)
     stats["kept"] += 1
 
 
@@ -76,8 +76,8 @@ def kept_gradients(grad_log_probs, grad_entropy, weight, labels, log_z, ignore_i
     """In the backward: the forward's kept gradients rescaled to the gradient received, or None where the backward
     must compute them (none kept, not all asked for kept, or the gradient received is not uniform). Records what it
     saw for the next forwards."""
-    key = _key(weight)
-    if _capturing(weight) or _guesses.get(key, _OFF) == _OFF:  # no forward expected gradients, or guessing ended
+    key = weight_key(weight)
+    if capturing(weight) or _guesses.get(key, _OFF) == _OFF:  # no forward expected gradients, or guessing ended
         _kept.pop(key, None)
         return None
     kept = _kept.get(key)

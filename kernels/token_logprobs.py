@@ -18,7 +18,9 @@ That is four matmuls, as many as a gradient needs when its per-token weights are
 and GRPO's are not). Where the caller expects gradients (expect_hidden_grad / expect_weight_grad) and an earlier
 backward for the same weight received the same gradient on every scored token (SFT's loss), the forward also runs
 the backward's row kernel and its two matmuls with that gradient, and the backward rescales what it kept instead of
-recomputing: three matmuls (kernels/_uniform_grad.py says when it falls back). Rows with ignored labels (prompts,
+recomputing: three matmuls (kernels/_uniform_grad.py says when it falls back). Where the weight takes no gradient
+(a frozen head: LoRA), the forward keeps d hidden's direction per row instead, for any per-token weights: two
+matmuls (kernels/_frozen_head_grad.py). Rows with ignored labels (prompts,
 padding) are left out of the matmuls when at least SKIP_FRACTION of them are ignored; counting them costs one host
 synchronisation per call, so where that cannot happen (tracing, CUDA-graph capture) every row is scored.
 """
@@ -28,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _uniform_grad
+from . import _frozen_head_grad, _uniform_grad
 from ._math import expm1 as _expm1
 from ._math import log1p as _log1p
 from ._math import tanh as _tanh
@@ -247,7 +249,9 @@ def _forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, l
         h, y = h.index_select(0, rows), y.index_select(0, rows)
     scored = outs if rows is None else [o.new_empty(rows.shape) for o in outs]
     expected = (expect_hidden_grad or expect_weight_grad) and is_eager(labels)
-    guessed = _uniform_grad.guess(weight) if expected else None
+    # a frozen head: d hidden's direction per row, whatever the loss (_frozen_head_grad); else SFT's uniform guess
+    frozen = expected and not expect_weight_grad and _frozen_head_grad.wanted(weight)
+    guessed = 1.0 if frozen else _uniform_grad.guess(weight) if expected else None
     if guessed is not None:
         grads = _Grads(h, weight, bias, rows, n, expect_hidden_grad, expect_weight_grad,
                        expect_weight_grad and bias is not None)
@@ -272,7 +276,9 @@ def _forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, l
     if rows is not None:
         for out, part in zip(outs, scored):
             out.index_copy_(0, rows, part)
-    if guessed is not None:
+    if frozen:
+        _frozen_head_grad.keep(weight, outs[5], grads.finish(hidden, weight, bias)[0])
+    elif guessed is not None:
         _uniform_grad.keep(weight, outs[5], guessed, grads.finish(hidden, weight, bias))
     return tuple(o.view(labels.shape) for o in outs)
 
@@ -319,8 +325,13 @@ class _Grads:
 
 def _backward(grad_log_probs, grad_entropy, hidden, weight, bias, labels, log_probs, entropy, log_z, ignore_index,
               temperature, softcap, logit_scale, hidden_grad, weight_grad, bias_grad, use_kernel):
-    kept = _uniform_grad.kept_gradients(grad_log_probs, grad_entropy, weight, labels, log_z, ignore_index,
-                                        (hidden_grad, weight_grad, bias_grad)) if is_eager(labels) else None
+    kept = None
+    if is_eager(labels) and hidden_grad and not weight_grad and not bias_grad:
+        dh = _frozen_head_grad.hidden_gradient(grad_log_probs, grad_entropy, weight, labels, log_z, ignore_index)
+        kept = None if dh is None else (dh, None, None)
+    if kept is None and is_eager(labels):
+        kept = _uniform_grad.kept_gradients(grad_log_probs, grad_entropy, weight, labels, log_z, ignore_index,
+                                            (hidden_grad, weight_grad, bias_grad))
     if kept is None:
         h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
         saved = [t.reshape(-1) for t in (log_probs, entropy, log_z, grad_log_probs, grad_entropy)]

@@ -171,7 +171,7 @@ def test_peft_lora(tmp_path, bf16):
 
 # --- TRL ------------------------------------------------------------------------------------------------------------
 trl = pytest.importorskip("trl")
-from liger_compile.kernels import _uniform_grad  # noqa: E402
+from liger_compile.kernels import _frozen_head_grad, _uniform_grad  # noqa: E402
 
 
 def sft(backend, out):
@@ -181,16 +181,18 @@ def sft(backend, out):
     return trl.SFTTrainer(model=vocab_model(), args=args, train_dataset=data, processing_class=tok)
 
 
-def dpo(backend, out):
-    tok = tokenizer()
-    data = datasets.Dataset.from_dict({
+def preference_pairs():
+    return datasets.Dataset.from_dict({
         "prompt": [sentence(i, 4) for i in range(8)],
         "chosen": [sentence(i + 1, 5) for i in range(8)],
         "rejected": [sentence(i + 2, 5) for i in range(8)],
     })
+
+
+def dpo(backend, out):
     args = trl.DPOConfig(**common_args(backend, out), max_length=16)
-    return trl.DPOTrainer(model=vocab_model(), ref_model=vocab_model(), args=args, train_dataset=data,
-                          processing_class=tok)
+    return trl.DPOTrainer(model=vocab_model(), ref_model=vocab_model(), args=args, train_dataset=preference_pairs(),
+                          processing_class=tokenizer())
 
 
 def kto(backend, out):
@@ -246,6 +248,27 @@ def test_trl_trainer(name, tmp_path):
     graphs = log.counts().get("rotary", 0)
     assert graphs >= 1 and log.counts() == dict(rms_norm=3 * graphs, rotary=graphs, swiglu=graphs,
                                                 causal_mask=graphs, trl_labelled_rows=graphs), log.lines
+
+
+def dpo_lora(backend, out):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                           init_lora_weights=False)  # B random: the adapters move from the first step
+    args = trl.DPOConfig(**common_args(backend, out), max_length=16)  # the reference: the adapters disabled
+    return trl.DPOTrainer(model=vocab_model(), args=args, train_dataset=preference_pairs(),
+                          processing_class=tokenizer(), peft_config=lora)
+
+
+def test_dpo_with_lora_takes_the_frozen_heads_gradient_from_its_forward(tmp_path):
+    """A LoRA policy's lm_head is frozen: every step's head backward scales the direction its forward kept
+    (kernels/_frozen_head_grad.py) by DPO's per-sequence weights, and the losses stay eager's."""
+    _frozen_head_grad.reset()
+    ours, _, _ = run(dpo_lora, "liger", tmp_path)
+    assert _frozen_head_grad.stats["used"] == 3 and _frozen_head_grad.stats["recomputed"] == 0, \
+        _frozen_head_grad.stats
+    ref, _, _ = run(dpo_lora, "eager", tmp_path)
+    assert_same_losses(ours, ref)
+    assert ours[0] != ours[-1]  # the adapters trained
 
 
 def sft_padding_free(backend, out):
