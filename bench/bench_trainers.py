@@ -283,6 +283,10 @@ def lora_config(args):
                            task_type="CAUSAL_LM")
 
 
+def lora_label(args) -> str:
+    return f", LoRA r={args.lora}" if args.lora else ""
+
+
 def unsloth_model(args, model):
     """--lora with variant unsloth: the same random-init model saved to a local directory and loaded back through
     Unsloth's FastLanguageModel (bf16, no 4-bit), with its LoRA of the same rank on every projection and, with
@@ -354,8 +358,8 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
         trainer = trl.GRPOTrainer(model=model, reward_funcs=completion_length_reward, args=config,
                                   processing_class=tokenizer(WORDS),
                                   train_dataset=prompt_data(steps * args.batch // generations + 1, args.seq),
-                                  callbacks=callbacks)
-        return trainer, f"trl.GRPOTrainer {trl.__version__}"
+                                  callbacks=callbacks, peft_config=lora_config(args))
+        return trainer, f"trl.GRPOTrainer {trl.__version__}" + lora_label(args)
     if args.trainer == "gkd":
         import trl  # noqa: PLC0415
         from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: PLC0415
@@ -372,11 +376,12 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
                                                                                                    trl.KTOTrainer)
         pad = dict(pad_to_multiple_of=args.pad_to_multiple_of) if args.pad_to_multiple_of else {}
         config = config_cls(**common, max_length=args.seq, **pad)
-        ref = build(args, device, next(model.parameters()).dtype)
+        # with an adapter TRL's reference is the same model with the adapter disabled
+        ref = None if args.lora else build(args, device, next(model.parameters()).dtype)
         trainer = trainer_cls(model=model, ref_model=ref, args=config, processing_class=tokenizer(WORDS),
                               train_dataset=preference_data(args.trainer, args.batch * steps * 2, args.seq),
-                              callbacks=callbacks)
-        return trainer, f"trl.{trainer_cls.__name__} {trl.__version__}"
+                              callbacks=callbacks, peft_config=lora_config(args))
+        return trainer, f"trl.{trainer_cls.__name__} {trl.__version__}" + lora_label(args)
     trl = None
     if args.trainer in ("auto", "trl", "sft"):
         try:
@@ -395,7 +400,7 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
         peft_config = None if variant == "unsloth" else lora_config(args)  # Unsloth's model carries its adapter
         trainer = trl.SFTTrainer(model=model, args=config, train_dataset=in_memory_dataset({"input_ids": rows}),
                                  processing_class=tokenizer(), callbacks=callbacks, peft_config=peft_config)
-        return trainer, f"trl.SFTTrainer {trl.__version__}" + (f", LoRA r={args.lora}" if args.lora else "")
+        return trainer, f"trl.SFTTrainer {trl.__version__}" + lora_label(args)
     import transformers  # noqa: PLC0415
 
     trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**common),
@@ -589,8 +594,8 @@ def main(argv=None):
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (TRL's default)")
     ap.add_argument("--activation-offloading", action="store_true",
                     help="TRL SFT: activation_offloading=True (saved activations in host memory; CUDA)")
-    ap.add_argument("--lora", type=int, default=0, help="TRL SFT with a PEFT LoRA adapter of this rank on every "
-                                                          "projection (0: full fine-tuning)")
+    ap.add_argument("--lora", type=int, default=0, help="TRL SFT, DPO, KTO or GRPO with a PEFT LoRA adapter of this "
+                                                          "rank on every projection (0: full fine-tuning)")
     ap.add_argument("--padding", type=float, default=0.0,
                     help="fraction of each batch that is padding (rows of random lengths, TRL only), e.g. 0.25")
     ap.add_argument("--pad-to-multiple-of", type=int, default=0,

@@ -34,6 +34,7 @@
 #   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
 #              (TRAINER_VARIANTS, TRAINER_TIMEOUT seconds per variant, TRAINER_STEPS; PAD_TO=2048 pads every batch
 #              to one shape, TRL's pad_to_multiple_of, so the compiled variants stop recompiling)
+#              LORA_RANK=16 gives the policy a LoRA adapter (the reference: the adapter disabled)
 #   grpo, gkd  TRL GRPO (PAIRS rows: prompt groups of 2 completions of 64 tokens) / GKD (PAIRS rows, a teacher of the
 #              same shape), the same four variants and settings
 #   attention  one layer's attention fwd+bwd for unpadded, padded and packed batches (bench/bench_attention.py)
@@ -159,7 +160,7 @@ for stage in "${@:-tests}"; do
              grep -E "^\| |agree|by version|by kernel kind|from the forward" "$R/bench_sft_padding_free.log" | cut -c1-300 | tail -14 ;;
     dpo|kto|grpo|gkd) timeout 580 python3 bench/bench_trainers.py --trainer "$stage" --batch "${PAIRS:-2}" \
                --variants "${TRAINER_VARIANTS:-plain,liger_kernel,inductor,liger}" --timeout "${TRAINER_TIMEOUT:-200}" \
-               --steps "${TRAINER_STEPS:-12}" ${PAD_TO:+--pad-to-multiple-of $PAD_TO} --out "$R" \
+               --steps "${TRAINER_STEPS:-12}" ${PAD_TO:+--pad-to-multiple-of $PAD_TO} ${LORA_RANK:+--lora $LORA_RANK} --out "$R" \
                > "$R/bench_$stage.log" 2>&1
              grep -E "^\| |agree|by version|by kernel kind|from the forward" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
     attention) timeout 200 python3 bench/bench_attention.py --out "$R" > "$R/bench_attention.log" 2>&1
