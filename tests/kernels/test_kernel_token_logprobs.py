@@ -23,6 +23,39 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(tlp, "chunk_rows", lambda n, v, dtype: 4)
 
 
+@pytest.fixture(params=["torch", "triton"])
+def kernels(request):
+    """Both paths of the op: the Triton row kernels (interpreted on CPU) and the plain-torch twin."""
+    if request.param == "triton" and DEVICE == "cpu" and isinstance(tlp._forward_kernel, triton.runtime.jit.JITFunction):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
+    return request.param
+
+
+def call(h, w, b, labels, kernels, temperature=0.8, softcap=0.0, scale=1.0):
+    """(log_probs, entropy) through the op's autograd with the chosen path on CPU, asking for the gradients of
+    what requires one, as the op does."""
+    forward = tlp.launch if kernels == "triton" else tlp.reference
+    backward = tlp.launch_backward if kernels == "triton" else tlp.reference_backward
+    settings = (IGNORE, temperature, softcap, scale)
+
+    class Head(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w, b):
+            outs = forward(h, w, b, labels, *settings, h.requires_grad, w.requires_grad)
+            ctx.save_for_backward(h, w, b, outs[0], outs[1], outs[5])
+            return outs[0], outs[1]
+
+        @staticmethod
+        def backward(ctx, g_lp, g_ent):
+            h, w, b, lp, ent, lz = ctx.saved_tensors
+            needs = ctx.needs_input_grad
+            dh, dw, db = backward(g_lp, g_ent, h, w, b, labels, lp, ent, lz, *settings, needs[0], needs[1],
+                                  b is not None and needs[2])
+            return dh if needs[0] else None, dw if needs[1] else None, db if b is not None and needs[2] else None
+
+    return Head.apply(h, w, b)
+
+
 @pytest.fixture
 def interpreted():
     if DEVICE == "cpu" and isinstance(tlp._forward_kernel, triton.runtime.jit.JITFunction):

@@ -4,13 +4,12 @@ direction per row (kernels/_frozen_head_grad.py) and the backward scales it by w
 compute again and ends the keeping for that head. d hidden equals a float64 computation over the full logits."""
 import pytest
 import torch
-import triton
 
 from liger_compile.kernels import _frozen_head_grad, _uniform_grad
 from liger_compile.kernels import token_logprobs as tlp
 from models import DEVICE
 
-from test_kernel_token_logprobs import IGNORE, N, full_logits, make  # noqa: E402
+from test_kernel_token_logprobs import IGNORE, N, call, full_logits, kernels, make  # noqa: E402, F401
 
 
 @pytest.fixture(autouse=True)
@@ -21,37 +20,6 @@ def fresh_state(monkeypatch):
     yield
     _frozen_head_grad.reset()
     _uniform_grad.reset()
-
-
-@pytest.fixture(params=["torch", "triton"])
-def kernels(request):
-    if request.param == "triton" and DEVICE == "cpu" and isinstance(tlp._forward_kernel, triton.runtime.jit.JITFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
-    return request.param
-
-
-def call(h, w, b, labels, kernels, temperature=0.8, softcap=0.0, scale=1.0):
-    """The op's autograd with the chosen path, asking for the gradients of what requires one (as the op does)."""
-    forward = tlp.launch if kernels == "triton" else tlp.reference
-    backward = tlp.launch_backward if kernels == "triton" else tlp.reference_backward
-    settings = (IGNORE, temperature, softcap, scale)
-
-    class Head(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, h, w, b):
-            outs = forward(h, w, b, labels, *settings, h.requires_grad, w.requires_grad)
-            ctx.save_for_backward(h, w, b, outs[0], outs[1], outs[5])
-            return outs[0], outs[1]
-
-        @staticmethod
-        def backward(ctx, g_lp, g_ent):
-            h, w, b, lp, ent, lz = ctx.saved_tensors
-            needs = ctx.needs_input_grad
-            dh, dw, db = backward(g_lp, g_ent, h, w, b, labels, lp, ent, lz, *settings, needs[0], needs[1],
-                                  b is not None and needs[2])
-            return dh, dw if needs[1] else None, db if b is not None and needs[2] else None
-
-    return Head.apply(h, w, b)
 
 
 def frozen(bias, seed=0):

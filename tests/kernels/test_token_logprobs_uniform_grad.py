@@ -3,13 +3,12 @@
 recomputing backward, and the gradients equal a float64 computation over the full logits in every case."""
 import pytest
 import torch
-import triton
 
 from liger_compile.kernels import _uniform_grad
 from liger_compile.kernels import token_logprobs as tlp
 from models import DEVICE
 
-from test_kernel_token_logprobs import IGNORE, N, full_logits, make  # noqa: E402
+from test_kernel_token_logprobs import IGNORE, N, call, full_logits, kernels, make  # noqa: E402, F401
 
 
 @pytest.fixture(autouse=True)
@@ -18,35 +17,6 @@ def fresh_state(monkeypatch):
     _uniform_grad.reset()
     yield
     _uniform_grad.reset()
-
-
-@pytest.fixture(params=["torch", "triton"])
-def kernels(request):
-    """Both paths of the op: the Triton row kernels (interpreted on CPU) and the plain-torch twin."""
-    if request.param == "triton" and DEVICE == "cpu" and isinstance(tlp._forward_kernel, triton.runtime.jit.JITFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
-    return request.param
-
-
-def call(h, w, b, labels, kernels, temperature=0.8, softcap=0.0, scale=1.0):
-    forward = tlp.launch if kernels == "triton" else tlp.reference
-    backward = tlp.launch_backward if kernels == "triton" else tlp.reference_backward
-    settings = (IGNORE, temperature, softcap, scale)
-
-    class Head(torch.autograd.Function):  # the op's autograd, with the chosen path on CPU
-        @staticmethod
-        def forward(ctx, h, w, b):
-            outs = forward(h, w, b, labels, *settings, h.requires_grad, w.requires_grad)
-            ctx.save_for_backward(h, w, b, outs[0], outs[1], outs[5])
-            return outs[0], outs[1]
-
-        @staticmethod
-        def backward(ctx, g_lp, g_ent):
-            h, w, b, lp, ent, lz = ctx.saved_tensors
-            dh, dw, db = backward(g_lp, g_ent, h, w, b, labels, lp, ent, lz, *settings, True, True, b is not None)
-            return dh, dw, db if b is not None else None
-
-    return Head.apply(h, w, b)
 
 
 def params(bias, seed=0):
