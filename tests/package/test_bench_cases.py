@@ -65,3 +65,28 @@ def test_trainer_bench_reads_the_fused_variants_from_the_backends_log(monkeypatc
     assert fusions.counts() == {k: v for k, v in report.counts.items() if v}
     sys.modules.pop("bench_trainers", None)
     torch._dynamo.reset()
+
+
+def test_gpu_idle_finds_the_gaps_their_phase_and_the_sync_before_them(monkeypatch):
+    """bench/common.py's gpu_idle on a made-up timeline: kernels on two streams (overlapping), a host read that
+    drains the queue, then a backward the host launches slowly."""
+    from types import SimpleNamespace as Event
+
+    monkeypatch.syspath_prepend(BENCH)
+    from common import gpu_idle
+
+    def event(name, device, start, end):
+        return Event(name=name, device_type=Event(name=device), time_range=Event(start=start, end=end))
+
+    events = [event("k1", "CUDA", 0, 100), event("k2", "CUDA", 90, 200),  # overlapping: no gap between them
+              event("k3", "CUDA", 1200, 1300), event("k4", "CUDA", 1320, 1400), event("k5", "CUDA", 1600, 1700),
+              event("step", "CPU", 0, 2000), event("phase:compute_loss", "CPU", 0, 400),
+              event("aten::item", "CPU", 150, 210), event("phase:backward", "CPU", 400, 1900),
+              event("aten::mm", "CPU", 650, 750)]
+    idle = gpu_idle(events)
+    assert idle["idle_ms"] == 1.2 and idle["idle_gaps"] == 2  # 200-1200 and 1400-1600; 1300-1320 is under 50 us
+    assert idle["idle_by_phase"] == {"phase:backward": 1.2}  # both gaps' middles fall in the backward
+    longest = idle["longest_idle"][0]
+    assert longest["ms"] == 1.0 and longest["after"] == "aten::item" and longest["host"] == ["step", "phase:backward",
+                                                                                               "aten::mm"]
+    sys.modules.pop("common", None)
