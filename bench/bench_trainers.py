@@ -61,9 +61,10 @@ TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_l
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # the tokenizer's only tokens; data ids start after them
 # plain: no compile; liger_kernel: use_liger_kernel=True (Liger-Kernel's patches, no compile); inductor / liger:
 # torch_compile=True with that torch_compile_backend; unsloth (with --lora only): Unsloth's FastLanguageModel, no
-# compile; liger_offload: liger with LIGER_COMPILE_OFFLOAD_ACTIVATIONS=1 (saved activations in host memory)
-VARIANTS = ["plain", "liger_kernel", "inductor", "liger", "unsloth", "liger_offload"]
-OURS = ("liger", "liger_offload")
+# compile; liger_offload: liger with LIGER_COMPILE_OFFLOAD_ACTIVATIONS=1 (saved activations in host memory);
+# liger_cudagraphs: liger with torch_compile_mode="reduce-overhead" (Inductor's CUDA graphs: no launch per kernel)
+VARIANTS = ["plain", "liger_kernel", "inductor", "liger", "unsloth", "liger_offload", "liger_cudagraphs"]
+OURS = ("liger", "liger_offload", "liger_cudagraphs")
 
 
 def tokenizer(words: int = 0):
@@ -349,6 +350,8 @@ def make_trainer(args, variant, model, rows, device, amp, callbacks, steps):
         common["gradient_checkpointing"] = False
     elif variant == "inductor" or variant in OURS:
         common.update(torch_compile=True, torch_compile_backend="liger" if variant in OURS else variant)
+        if variant == "liger_cudagraphs":
+            common["torch_compile_mode"] = "reduce-overhead"
     if args.trainer == "grpo":
         import trl  # noqa: PLC0415
 

@@ -30,7 +30,8 @@
 #              four variants (SFT_VARIANTS; SFT_VARIANTS=unsloth for Unsloth's FastLanguageModel, whose wheels and
 #              TRL <= 1.15 must be in .whl); loracheckpoint the same with gradient checkpointing on;
 #              LIGER_COMPILE_DISABLE=lora_projection leaves the adapters unfused (results named _disable-...)
-#              OFFLOAD=1 adds TRL's activation_offloading=True (results named _offloading)
+#              OFFLOAD=1 adds TRL's activation_offloading=True (results named _offloading); variants liger_offload
+#              (offload_activations) and liger_cudagraphs (torch_compile_mode="reduce-overhead") in any trainer stage
 #   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
 #              (TRAINER_VARIANTS, TRAINER_TIMEOUT seconds per variant, TRAINER_STEPS; PAD_TO=2048 pads every batch
 #              to one shape, TRL's pad_to_multiple_of, so the compiled variants stop recompiling)

@@ -19,10 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 TRAINERS = ("sft", "dpo", "kto", "grpo", "gkd")
 VARIANTS = {"plain": "no compile", "liger_kernel": "use_liger_kernel=True", "inductor": "Inductor",
             "liger": 'backend "liger"', "unsloth": "Unsloth",
-            "liger_offload": 'backend "liger", offload_activations'}
+            "liger_offload": 'backend "liger", offload_activations',
+            "liger_cudagraphs": 'backend "liger", mode="reduce-overhead"'}
 COLORS = {"no compile": "tab:gray", "use_liger_kernel=True": "tab:orange", "Inductor": "tab:blue",
           'backend "liger"': "tab:green", "Unsloth": "tab:purple",
-          'backend "liger", offload_activations': "tab:olive"}
+          'backend "liger", offload_activations': "tab:olive", 'backend "liger", mode="reduce-overhead"': "tab:cyan"}
 TARGET = 1.15
 
 
