@@ -15,8 +15,8 @@ Math (W: [N, K], A: [r, K], B: [N, r], s the scaling, dy: [..., N] the incoming 
 Plain torch on every device: the matmuls are cuBLAS's (fp32 accumulation); every tensor shares one dtype (the
 pattern checks it). Opaque to Inductor (a custom_op): traced into (as a triton_op), its in-place adds become
 out-of-place ones, a second [tokens, out] buffer alive beside the first, and on the H200 the traced form took more
-GPU time and memory a LoRA SFT step for no faster step (bench/results/host_overhead_llama-1b.md). The price is a
-trip through the dispatcher and Python per call.
+GPU time and memory per LoRA SFT step without making the step faster (bench/results/host_overhead_llama-1b.md).
+The price is a trip through the dispatcher and Python per call.
 """
 from typing import Optional
 
