@@ -320,7 +320,7 @@ def label_phases(trainer):
 
         setattr(obj, name, run)
 
-    for name in ("compute_loss", "get_batch_samples", "_prepare_inputs"):
+    for name in ("training_step", "compute_loss", "get_batch_samples", "_prepare_inputs"):
         if hasattr(trainer, name):
             labelled(trainer, name)
     labelled(trainer.accelerator, "backward")
@@ -666,7 +666,8 @@ def main(argv=None):
     notes += [f"{r['variant']} the largest kernels of kind 'other': {'; '.join(r['other_kernels'])}" for r in ok
               if r.get("other_kernels")]
     notes += [f"{r['variant']} GPU idle in the profiled step: {r['idle_ms']} ms in {r['idle_gaps']} gaps of 50 us or "
-              f"more; by the step's phase: {r['idle_by_phase']}; the longest: {r['longest_idle']}"
+              f"more; by the step's phase: {r['idle_by_phase']}; host ms by phase: {r.get('host_ms_by_phase')}; "
+              f"the longest: {r['longest_idle']}"
               for r in ok if "idle_ms" in r]
     notes += [f"{r['variant']} graph calls by version: {r['assumed_calls']}" for r in ok if "assumed_calls" in r]
     notes += [f"{r['variant']} lm_head gradients from the forward (kept / used / recomputed): {r['forward_grads']}"

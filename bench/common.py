@@ -204,8 +204,8 @@ def gpu_idle(events, min_gap_us: float = 50.0, top: int = 8) -> dict:
     its kernels' intervals, their total, their sum by the step's phase (the outermost `phase:` host event at the
     gap's middle: record_function labels the benchmark puts on the trainer's methods), and for the longest ones the
     host's state: the host-blocking call that ended inside the gap, if one did (a read of a GPU value makes the host
-    wait, then the queue starts empty), and the outermost and innermost host events running at the gap's middle.
-    `events`: torch.profiler's `prof.events()`."""
+    wait, then the queue starts empty), and the outermost and innermost host events running at the gap's middle;
+    and the host's wall time in each phase. `events`: torch.profiler's `prof.events()`."""
     kernels = sorted((e.time_range.start, e.time_range.end) for e in events
                      if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
     host = [e for e in events if e.device_type.name == "CPU"]
@@ -238,8 +238,14 @@ def gpu_idle(events, min_gap_us: float = 50.0, top: int = 8) -> dict:
     for gap in gaps:
         name = phase(gap)
         by_phase[name] = by_phase.get(name, 0.0) + (gap[1] - gap[0]) / 1e3
+    host_ms: dict[str, float] = {}  # the host's time in each phase (outermost calls of it only)
+    for e in phases:
+        if not any(o is not e and o.name == e.name and o.time_range.start <= e.time_range.start
+                   and e.time_range.end <= o.time_range.end for o in phases):
+            host_ms[e.name] = host_ms.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e3
     return {"idle_ms": round(sum(b - a for a, b in gaps) / 1e3, 1), "idle_gaps": len(gaps),
             "idle_by_phase": {k: round(v, 1) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
+            "host_ms_by_phase": {k: round(v, 2) for k, v in sorted(host_ms.items(), key=lambda kv: -kv[1])},
             "longest_idle": [detail(g) for g in gaps[:top]]}
 
 

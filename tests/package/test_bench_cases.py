@@ -86,6 +86,7 @@ def test_gpu_idle_finds_the_gaps_their_phase_and_the_sync_before_them(monkeypatc
     idle = gpu_idle(events)
     assert idle["idle_ms"] == 1.2 and idle["idle_gaps"] == 2  # 200-1200 and 1400-1600; 1300-1320 is under 50 us
     assert idle["idle_by_phase"] == {"phase:backward": 1.2}  # both gaps' middles fall in the backward
+    assert idle["host_ms_by_phase"] == {"phase:backward": 1.5, "phase:compute_loss": 0.4}
     longest = idle["longest_idle"][0]
     assert longest["ms"] == 1.0 and longest["after"] == "aten::item" and longest["host"] == ["step", "phase:backward",
                                                                                                "aten::mm"]
