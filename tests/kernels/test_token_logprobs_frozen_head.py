@@ -101,3 +101,25 @@ def test_through_the_op_and_torch_compile():
         dh, = torch.autograd.grad(compiled(h, w), [h])
         check(dh, h, w, None, labels, per_sequence(weights))
     assert _frozen_head_grad.stats["used"] == 2
+
+
+def test_bf16_direction_is_as_accurate_as_recomputing(kernels):
+    """In bf16 the kept direction is rounded once before the per-token scaling: its d hidden is as close to a float64
+    computation as the recomputing backward's (which rounds the scaled logit gradient instead)."""
+    h, w, b, labels = make(torch.bfloat16, False)
+    h.requires_grad_()
+    weights = torch.linspace(0.5, 1.5, N, device=DEVICE)
+    lp, ent = call(h, w, b, labels, kernels)
+    kept, = torch.autograd.grad(per_sequence(weights)(lp, ent), [h])
+    _frozen_head_grad._off.add(_frozen_head_grad.weight_key(w))  # the same call, recomputed in backward
+    lp, ent = call(h, w, b, labels, kernels)
+    recomputed, = torch.autograd.grad(per_sequence(weights)(lp, ent), [h])
+    assert _frozen_head_grad.stats == {"kept": 1, "used": 1, "recomputed": 0}
+    expected = full_logits(h.double(), w.double(), None, labels, 0.8, 0.0, 1.0)
+    want, = torch.autograd.grad(per_sequence(weights)(expected[0], expected[1]), [h])
+    scale = want.abs().max().item()
+    err_kept = (kept.double() - want).abs().max().item() / scale
+    err_recomputed = (recomputed.double() - want).abs().max().item() / scale
+    print(f"bf16 d hidden error, largest |difference| / largest |gradient|: kept {err_kept:.2e}, recomputed "
+          f"{err_recomputed:.2e}")
+    assert err_kept <= max(2 * err_recomputed, 1e-2), (err_kept, err_recomputed)
