@@ -225,12 +225,12 @@ def gpu_idle(events, min_gap_us: float = 50.0, top: int = 8) -> dict:
         outer = running((gap[0] + gap[1]) / 2, phases)
         return outer[0].name if outer else "other"
 
-    blocking = [(e.time_range.end, e.name) for e in host if e.name in HOST_BLOCKING]
+    blocking = sorted((e.time_range.end, e.name) for e in host if e.name in HOST_BLOCKING)
 
     def detail(gap):
         inside = running((gap[0] + gap[1]) / 2, host)
         # a sync returns just after the last kernel before it ends: one ending inside the gap caused it
-        synced = [name for t, name in sorted(blocking) if gap[0] - 50 <= t <= gap[1]]
+        synced = [name for t, name in blocking if gap[0] - 50 <= t <= gap[1]]
         return {"ms": round((gap[1] - gap[0]) / 1e3, 2), "phase": phase(gap), "after": synced[-1] if synced else None,
                 "host": [e.name[:60] for e in (inside if len(inside) <= 4 else inside[:2] + inside[-2:])]}
 

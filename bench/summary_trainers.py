@@ -21,9 +21,9 @@ VARIANTS = {"plain": "no compile", "liger_kernel": "use_liger_kernel=True", "ind
             "liger": 'backend "liger"', "unsloth": "Unsloth",
             "liger_offload": 'backend "liger", offload_activations',
             "liger_cudagraphs": 'backend "liger", mode="reduce-overhead"'}
-COLORS = {"no compile": "tab:gray", "use_liger_kernel=True": "tab:orange", "Inductor": "tab:blue",
-          'backend "liger"': "tab:green", "Unsloth": "tab:purple",
-          'backend "liger", offload_activations': "tab:olive", 'backend "liger", mode="reduce-overhead"': "tab:cyan"}
+COLORS = {VARIANTS[v]: color for v, color in {  # by label, each label written once (VARIANTS)
+    "plain": "tab:gray", "liger_kernel": "tab:orange", "inductor": "tab:blue", "liger": "tab:green",
+    "unsloth": "tab:purple", "liger_offload": "tab:olive", "liger_cudagraphs": "tab:cyan"}.items()}
 TARGET = 1.15
 
 

@@ -13,26 +13,31 @@ import argparse
 import cProfile
 import datetime
 import io
+import os
 import pstats
+import sys
 import time
 
 import torch
 import torch._inductor.config
 import transformers
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/
+from bench_e2e import MODELS  # noqa: E402
+from bench_trainers import LORA_TARGETS  # noqa: E402
+
 
 def build(args):
-    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
-                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                      tie_word_embeddings=True, attn_implementation="sdpa", use_cache=False)
+    config_cls, model_cls, _, shape = MODELS["llama-1b"]
+    config = getattr(transformers, config_cls)(**{**shape, "num_hidden_layers": args.layers},
+                                               attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    model = getattr(transformers, model_cls)(config).to("cuda", torch.bfloat16)
     if args.lora:
         import peft  # noqa: PLC0415
 
         model = peft.get_peft_model(model, peft.LoraConfig(
-            r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, target_modules=[
-                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+            r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, target_modules=LORA_TARGETS),
             autocast_adapter_dtype=False)
     return model.train()
 
@@ -53,7 +58,7 @@ def measure(variant, args):
     else:  # ours_static: our Triton kernels launched by Inductor's static launcher, as its own are
         run = torch.compile(model, backend="liger", options={"static_launch_user_defined_triton_kernels": True}
                             if variant == "ours_static" else None)
-    ids = torch.randint(0, 128256, (1, args.tokens), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), device="cuda")
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
     for _ in range(3):
         step(run, batch)
