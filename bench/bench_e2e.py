@@ -30,6 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from common import is_gpu_work  # noqa: E402
 
 MODELS = {
     "llama-1b": ("LlamaConfig", "LlamaForCausalLM", "llama", dict(
@@ -174,7 +175,7 @@ def profile_step(run, opt, ids, path, layers: int) -> dict:
         torch.cuda.synchronize()
     events = prof.key_averages()
     table = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
-    kernels = [e for e in events if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    kernels = [e for e in events if is_gpu_work(e) and e.self_device_time_total > 0]
     attention_us = sum(e.self_device_time_total for e in kernels if is_attention_kernel(e.key))
     total_us = sum(e.self_device_time_total for e in kernels)
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -54,7 +54,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_e2e import MODELS  # noqa: E402
-from common import COMPILE_PHASES, compile_phases, gpu_idle, recompiles  # noqa: E402
+from common import COMPILE_PHASES, compile_phases, gpu_idle, is_gpu_work, recompiles  # noqa: E402
 
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, use_cache=False)
@@ -114,7 +114,7 @@ def attention_profile(prof, layers: int) -> dict:
     """From one profiled step: the attention kernels' GPU time per layer (forward + backward) and the step's."""
     from bench_e2e import is_attention_kernel  # noqa: PLC0415
 
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    kernels = [e for e in prof.key_averages() if is_gpu_work(e) and e.self_device_time_total > 0]
     attention_us = sum(e.self_device_time_total for e in kernels if is_attention_kernel(e.key))
     top = sorted((e for e in kernels if is_attention_kernel(e.key)), key=lambda e: -e.self_device_time_total)[:4]
     by_kind: dict[str, float] = {}

@@ -199,6 +199,12 @@ def print_profile(fn, row_limit: int = 16) -> None:
                                                              max_name_column_width=40, max_shapes_column_width=60))
 
 
+def is_gpu_work(e) -> bool:
+    """A profiler event (or key average) that is work on the GPU: a kernel, copy or memset. A record_function label
+    also has a span on the GPU's timeline, from its first kernel to its last, gaps included: not work."""
+    return e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)
+
+
 def gpu_idle(events, min_gap_us: float = 50.0, top: int = 8) -> dict:
     """Where a profiled step leaves the GPU without work: the gaps of at least `min_gap_us` between the union of
     its kernels' intervals, their total, their sum by the step's phase (the outermost `phase:` host event at the
@@ -207,7 +213,7 @@ def gpu_idle(events, min_gap_us: float = 50.0, top: int = 8) -> dict:
     wait, then the queue starts empty), and the outermost and innermost host events running at the gap's middle;
     and the host's wall time in each phase. `events`: torch.profiler's `prof.events()`."""
     kernels = sorted((e.time_range.start, e.time_range.end) for e in events
-                     if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+                     if is_gpu_work(e) and e.time_range.end > e.time_range.start)
     host = [e for e in events if e.device_type.name == "CPU"]
     phases = [e for e in host if e.name.startswith("phase:")]
     gaps, end = [], None

@@ -15,6 +15,7 @@ At most one forward per weight shape keeps gradients: a second forward before th
 them, and that first backward recomputes (correct, only slower).
 """
 import dataclasses
+import sys
 from typing import Optional
 
 import torch
@@ -42,7 +43,17 @@ def weight_key(weight: torch.Tensor) -> tuple:
 
 
 def capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+    """Inside a CUDA-graph capture, or inside the eager warm-up run that Inductor's CUDA-graph trees
+    (mode="reduce-overhead") make before one: that run allocates from the graphs' private pool, and a tensor kept
+    past the call there is refused ("tensor(s) in the cudagraph pool not tracked as outputs"). Both run on the tree
+    manager's own stream."""
+    if not t.is_cuda:
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return True
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")  # loaded by Inductor once it uses CUDA graphs
+    manager = trees.get_manager(t.device.index, create_if_none_exists=False) if trees is not None else None
+    return manager is not None and torch.cuda.current_stream(t.device) == manager.stream
 
 
 def guess(weight: torch.Tensor) -> Optional[float]:

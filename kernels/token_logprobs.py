@@ -203,7 +203,7 @@ def _grad_torch(tile, labels, log_probs, entropy, log_z, grad_lp, grad_ent, igno
 
 def _scored_rows(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
     """The indices of the rows to score, or None for all of them (see the module docstring's SKIP_FRACTION)."""
-    if not is_eager(labels) or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not is_eager(labels) or _uniform_grad.capturing(labels):
         return None
     rows = (labels != ignore_index).nonzero().squeeze(1)  # one host synchronisation: nonzero's length
     if rows.numel() > (1.0 - SKIP_FRACTION) * labels.numel():

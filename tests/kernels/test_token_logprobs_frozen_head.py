@@ -123,3 +123,25 @@ def test_bf16_direction_is_as_accurate_as_recomputing(kernels):
     print(f"bf16 d hidden error, largest |difference| / largest |gradient|: kept {err_kept:.2e}, recomputed "
           f"{err_recomputed:.2e}")
     assert err_kept <= max(2 * err_recomputed, 1e-2), (err_kept, err_recomputed)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+@pytest.mark.parametrize("trainable", [False, True])
+def test_under_cuda_graphs_nothing_is_kept_and_the_gradient_is_exact(trainable):
+    """torch.compile(mode="reduce-overhead"): Inductor's CUDA-graph trees run the op once eagerly in their private
+    memory pool, then capture and replay it, and refuse a tensor kept past the call in that pool. Neither the frozen
+    head's direction nor the trainable head's uniform-gradient guess is kept there, and d hidden stays exact."""
+    h, w, _, labels = frozen(False)
+    w.requires_grad_(trainable)
+    weights = torch.full((N,), 0.125, device=DEVICE) if trainable else torch.linspace(0.5, 1.5, N, device=DEVICE)
+
+    def f(h, w):
+        out = torch.ops.liger.token_logprobs(h, w, None, labels, IGNORE, 0.8, 0.0, 1.0, True, trainable)
+        return per_sequence(weights)(out[0], out[1])
+
+    compiled = torch.compile(f, mode="reduce-overhead")
+    for _ in range(4):  # warm-up, capture, replays
+        torch.compiler.cudagraph_mark_step_begin()
+        dh = torch.autograd.grad(compiled(h, w), [h])[0].clone()
+        check(dh, h, w, None, labels, per_sequence(weights))
+    assert _frozen_head_grad.stats["kept"] == 0 and _uniform_grad.stats["kept"] == 0

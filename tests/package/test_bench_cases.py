@@ -75,10 +75,12 @@ def test_gpu_idle_finds_the_gaps_their_phase_and_the_sync_before_them(monkeypatc
     monkeypatch.syspath_prepend(BENCH)
     from common import gpu_idle
 
-    def event(name, device, start, end):
-        return Event(name=name, device_type=Event(name=device), time_range=Event(start=start, end=end))
+    def event(name, device, start, end, annotation=False):
+        return Event(name=name, device_type=Event(name=device), time_range=Event(start=start, end=end),
+                     is_user_annotation=annotation)
 
     events = [event("k1", "CUDA", 0, 100), event("k2", "CUDA", 90, 200),  # overlapping: no gap between them
+              event("phase:backward", "CUDA", 0, 1700, annotation=True),  # a label's GPU span: covers the gaps
               event("k3", "CUDA", 1200, 1300), event("k4", "CUDA", 1320, 1400), event("k5", "CUDA", 1600, 1700),
               event("step", "CPU", 0, 2000), event("phase:compute_loss", "CPU", 0, 400),
               event("aten::item", "CPU", 150, 210), event("phase:backward", "CPU", 400, 1900),
