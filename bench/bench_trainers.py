@@ -39,6 +39,7 @@ miss). --pure-bf16 (bf16 weights, bf16=False) shows the run without that cast.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -62,9 +63,11 @@ SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # the tokenizer's only tokens; d
 # plain: no compile; liger_kernel: use_liger_kernel=True (Liger-Kernel's patches, no compile); inductor / liger:
 # torch_compile=True with that torch_compile_backend; unsloth (with --lora only): Unsloth's FastLanguageModel, no
 # compile; liger_offload: liger with LIGER_COMPILE_OFFLOAD_ACTIVATIONS=1 (saved activations in host memory);
-# liger_cudagraphs: liger with torch_compile_mode="reduce-overhead" (Inductor's CUDA graphs: no launch per kernel)
-VARIANTS = ["plain", "liger_kernel", "inductor", "liger", "unsloth", "liger_offload", "liger_cudagraphs"]
-OURS = ("liger", "liger_offload", "liger_cudagraphs")
+# liger_cudagraphs: liger with torch_compile_mode="reduce-overhead" (Inductor's CUDA graphs: no launch per kernel);
+# liger_gcfreeze: liger with gc.freeze() after the first step (what compiling left alive out of Python's collections)
+VARIANTS = ["plain", "liger_kernel", "inductor", "liger", "unsloth", "liger_offload", "liger_cudagraphs",
+            "liger_gcfreeze"]
+OURS = ("liger", "liger_offload", "liger_cudagraphs", "liger_gcfreeze")
 
 
 def tokenizer(words: int = 0):
@@ -437,8 +440,18 @@ def run_one(args) -> dict:
     profiled_step = args.steps if args.profile else None  # one step more, under torch.profiler, not timed
 
     class StepTimer(TrainerCallback):
+        """Each step's wall time, and the time Python's cyclic garbage collector took inside it."""
+
         def __init__(self):
-            self.times, self.prof, self.profile = [], None, {}
+            self.times, self.gc_ms, self.prof, self.profile = [], [], None, {}
+            self.gc_start, self.gc_now = None, 0.0
+            gc.callbacks.append(self.on_gc)
+
+        def on_gc(self, phase, info):
+            if phase == "start":
+                self.gc_start = time.perf_counter()
+            elif self.gc_start is not None:
+                self.gc_now += (time.perf_counter() - self.gc_start) * 1e3
 
         def on_step_begin(self, a, state, control, **kw):
             if state.global_step == profiled_step:
@@ -447,12 +460,16 @@ def run_one(args) -> dict:
                 self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.prof.__enter__()
             sync()
+            self.gc_now = 0.0
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             sync()
             if self.prof is None:
                 self.times.append(time.perf_counter() - self.t0)
+                self.gc_ms.append(self.gc_now)
+                if variant == "liger_gcfreeze" and len(self.times) == 1:
+                    gc.freeze()
                 print(f"step {len(self.times)}: {self.times[-1]:.3f} s", file=sys.stderr, flush=True)
                 return
             self.prof.__exit__(None, None, None)
@@ -486,6 +503,7 @@ def run_one(args) -> dict:
     result = {
         "variant": variant, "tokens/s": rows_per_step * args.seq * (2 if args.trainer == "dpo" else 1) / step,
         "rows_per_step": rows_per_step, "step_ms": step * 1e3, "peak_GiB": peak,
+        "gc_ms_per_step": statistics.mean(timer.gc_ms[args.warmup:]), "gc_ms_max": max(timer.gc_ms[args.warmup:]),
         "first_step_s": timer.times[0], "train_s": wall, "steps": len(timer.times), "timed_steps": len(timed),
         "first_loss": losses[0], "last_loss": losses[-1], "trainer": trainer_name,
         # the preference trainers' first policy log-probs: their loss starts at ln 2 from a difference of nearly
@@ -669,6 +687,8 @@ def main(argv=None):
               f"more; by the step's phase: {r['idle_by_phase']}; host ms by phase: {r.get('host_ms_by_phase')}; "
               f"the longest: {r['longest_idle']}"
               for r in ok if "idle_ms" in r]
+    notes += [f"{r['variant']} Python garbage collection per timed step: {r['gc_ms_per_step']:.2f} ms on average, at "
+              f"most {r['gc_ms_max']:.2f}" for r in ok if "gc_ms_per_step" in r]
     notes += [f"{r['variant']} graph calls by version: {r['assumed_calls']}" for r in ok if "assumed_calls" in r]
     notes += [f"{r['variant']} lm_head gradients from the forward (kept / used / recomputed): {r['forward_grads']}"
               for r in ok if r.get("forward_grads")]

@@ -147,23 +147,23 @@ for stage in "${@:-tests}"; do
                    --name profile_llama-1b_1x32768 --no-phases --steps 2 --warmup 2 --timeout 180 2>&1 | tail -6 ;;
     sft) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
            --timeout 200 --out "$R" > "$R/bench_sft.log" 2>&1
-         grep -E "^\| |agree|by version|by kernel kind|from the forward|GPU idle|kind 'other'" "$R/bench_sft.log" | cut -c1-300 | tail -14 ;;
+         grep -E "^\| |agree|by version|by kernel kind|from the forward|GPU idle|garbage collection|kind 'other'" "$R/bench_sft.log" | cut -c1-300 | tail -14 ;;
     sftpad) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
               --padding 0.25 --timeout 200 --out "$R" > "$R/bench_sft_padded.log" 2>&1
-            grep -E "^\| |agree|by version|by kernel kind|from the forward|GPU idle|kind 'other'" "$R/bench_sft_padded.log" | cut -c1-300 | tail -14 ;;
+            grep -E "^\| |agree|by version|by kernel kind|from the forward|GPU idle|garbage collection|kind 'other'" "$R/bench_sft_padded.log" | cut -c1-300 | tail -14 ;;
     lora|loracheckpoint) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
                --lora "${LORA_RANK:-16}" $([ "$stage" = loracheckpoint ] && echo --checkpointing) --timeout 200 \
                ${OFFLOAD:+--activation-offloading} \
                --out "$R" > "$R/bench_$stage.log" 2>&1
-             grep -E "^\| |agree|by version|by kernel kind|from the forward|GPU idle|kind 'other'" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
+             grep -E "^\| |agree|by version|by kernel kind|from the forward|GPU idle|garbage collection|kind 'other'" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
     sftfree) timeout 560 python3 bench/bench_trainers.py --variants "${SFT_VARIANTS:-plain,liger_kernel,inductor,liger}" \
                --padding-free --timeout 200 --out "$R" > "$R/bench_sft_padding_free.log" 2>&1
-             grep -E "^\| |agree|by version|by kernel kind|from the forward|GPU idle|kind 'other'" "$R/bench_sft_padding_free.log" | cut -c1-300 | tail -14 ;;
+             grep -E "^\| |agree|by version|by kernel kind|from the forward|GPU idle|garbage collection|kind 'other'" "$R/bench_sft_padding_free.log" | cut -c1-300 | tail -14 ;;
     dpo|kto|grpo|gkd) timeout 580 python3 bench/bench_trainers.py --trainer "$stage" --batch "${PAIRS:-2}" \
                --variants "${TRAINER_VARIANTS:-plain,liger_kernel,inductor,liger}" --timeout "${TRAINER_TIMEOUT:-200}" \
                --steps "${TRAINER_STEPS:-12}" ${PAD_TO:+--pad-to-multiple-of $PAD_TO} ${LORA_RANK:+--lora $LORA_RANK} --out "$R" \
                > "$R/bench_$stage.log" 2>&1
-             grep -E "^\| |agree|by version|by kernel kind|from the forward|GPU idle|kind 'other'" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
+             grep -E "^\| |agree|by version|by kernel kind|from the forward|GPU idle|garbage collection|kind 'other'" "$R/bench_$stage.log" | cut -c1-300 | tail -14 ;;
     attention) timeout 200 python3 bench/bench_attention.py --out "$R" > "$R/bench_attention.log" 2>&1
                grep -E "^\| |Error|error" "$R/bench_attention.log" | tail -8 ;;
     varlentests) timeout 300 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 240 \

@@ -20,10 +20,12 @@ TRAINERS = ("sft", "dpo", "kto", "grpo", "gkd")
 VARIANTS = {"plain": "no compile", "liger_kernel": "use_liger_kernel=True", "inductor": "Inductor",
             "liger": 'backend "liger"', "unsloth": "Unsloth",
             "liger_offload": 'backend "liger", offload_activations',
-            "liger_cudagraphs": 'backend "liger", mode="reduce-overhead"'}
+            "liger_cudagraphs": 'backend "liger", mode="reduce-overhead"',
+            "liger_gcfreeze": 'backend "liger", gc.freeze() after step 1'}
 COLORS = {VARIANTS[v]: color for v, color in {  # by label, each label written once (VARIANTS)
     "plain": "tab:gray", "liger_kernel": "tab:orange", "inductor": "tab:blue", "liger": "tab:green",
-    "unsloth": "tab:purple", "liger_offload": "tab:olive", "liger_cudagraphs": "tab:cyan"}.items()}
+    "unsloth": "tab:purple", "liger_offload": "tab:olive", "liger_cudagraphs": "tab:cyan",
+    "liger_gcfreeze": "tab:brown"}.items()}
 TARGET = 1.15
 
 
