@@ -9,7 +9,7 @@ the same way. It keeps x and h = x A^T ([tokens, r]); a frozen base weight (LoRA
 
 Math (W: [N, K], A: [r, K], B: [N, r], s the scaling, dy: [..., N] the incoming gradient):
     forward:   h = x A^T,   y = x W^T + bias,   y += s * h B^T
-    backward:  dh = s * (dy B)                [tokens, r]
+    backward:  dh = s * (dy B)                [tokens, r]  (addmm with beta 0 and alpha s: one call)
                dx = dy W + dh A
                dA = dh^T x,   dB = s * (dy^T h),   dW = dy^T x,   dbias = sum of dy over tokens
 Plain torch on every device: the matmuls are cuBLAS's (fp32 accumulation); every tensor shares one dtype (the
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import as_rows
+from ._uniform_grad import capturing
 from ._op import declare, sample
 
 
@@ -59,7 +60,8 @@ def lora_linear_backward(
     empty tensor (a frozen base weight and bias, LoRA's case)."""
     dy2, x2 = as_rows(dy), as_rows(x)
     empty = x.new_empty
-    dh = torch.mm(dy2, lora_b).mul_(scaling) if x_grad or lora_a_grad else None
+    zero = _zero(dy)  # addmm with beta 0 ignores it: a scaled product in one call, not a matmul and a multiply
+    dh = torch.addmm(zero, dy2, lora_b, beta=0, alpha=scaling) if x_grad or lora_a_grad else None
     dx = empty(0)
     if x_grad:
         dx = torch.matmul(dy, weight)  # x's shape, not a view
@@ -68,7 +70,23 @@ def lora_linear_backward(
             torch.mm(dy2.t(), x2) if weight_grad else empty(0),
             dy2.sum(0) if bias_grad else empty(0),
             torch.mm(dh.t(), x2) if lora_a_grad else empty(0),
-            torch.mm(dy2.t(), as_rows(h)).mul_(scaling) if lora_b_grad else empty(0))
+            torch.addmm(zero, dy2.t(), as_rows(h), beta=0, alpha=scaling) if lora_b_grad else empty(0))
+
+
+_zeros: dict = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim zero of like's dtype and device, made once: each call of an op on a CUDA tensor costs the host tens
+    of microseconds, and the backward runs once per adapter and step. Not kept when made inside a CUDA-graph capture
+    (the graph's pool refuses a tensor that outlives it); one made before is only read there."""
+    key = (like.device, like.dtype)
+    zero = _zeros.get(key)
+    if zero is None:
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        if not capturing(like):
+            _zeros[key] = zero
+    return zero
 
 
 def _fake(x, weight, bias, lora_a, lora_b, scaling):
