@@ -37,7 +37,7 @@ class Op:
     launcher: Callable  # the Triton path; callable directly on CPU tensors under TRITON_INTERPRET=1
     reference: Callable  # the plain-torch path, whose signature is the op's schema
     module: str  # the declaring module
-    triton: bool  # a triton_op (Inductor sees its kernels), else an opaque custom_op
+    triton: bool  # a triton_op (Inductor sees its kernels), else an opaque op (low-level torch.library)
     differentiable: bool  # has an autograd formula (the *_backward ops have none: they run inside one)
     # (device, width) -> argument tuples for the launcher, each a call small enough for Triton's interpreter that
     # launches at least one kernel; width is a row width where the op has one (it picks narrow or wide tiles)
@@ -60,7 +60,7 @@ def declare(name: str, launcher: Callable, reference: Callable, *, triton: bool 
     if qualname in REGISTRY:
         raise ValueError(f"{qualname} is declared twice ({REGISTRY[qualname].module} and {reference.__module__})")
     if not triton and fake is None:
-        raise ValueError(f"{qualname}: a custom_op needs a fake implementation for torch.compile")
+        raise ValueError(f"{qualname}: an opaque op needs a fake implementation for torch.compile")
 
     def dispatch(*args, **kwargs):
         device_of = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))

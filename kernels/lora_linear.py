@@ -13,10 +13,10 @@ Math (W: [N, K], A: [r, K], B: [N, r], s the scaling, dy: [..., N] the incoming 
                dx = dy W + dh A
                dA = dh^T x,   dB = s * (dy^T h),   dW = dy^T x,   dbias = sum of dy over tokens
 Plain torch on every device: the matmuls are cuBLAS's (fp32 accumulation); every tensor shares one dtype (the
-pattern checks it). Opaque to Inductor (a custom_op): traced into (as a triton_op), its in-place adds become
+pattern checks it). Opaque to Inductor (an opaque op, kernels/_op.py): traced into (as a triton_op), its in-place adds become
 out-of-place ones, a second [tokens, out] buffer alive beside the first, and on the H200 the traced form took more
 GPU time and memory per LoRA SFT step without making the step faster (bench/results/host_overhead_llama-1b.md).
-The price is a trip through the dispatcher and Python per call.
+The price is a trip through the dispatcher (and into Python) per call.
 """
 from typing import Optional
 

@@ -25,7 +25,7 @@ def accumulate_grad_weight(grad_w, a, b, first):
 
 
 def direct_launch(kernel):
-    """The kernel itself, to be launched as kernel[grid](...). This op is a custom_op, opaque to torch.compile, so its
+    """The kernel itself, to be launched as kernel[grid](...). This op is opaque to torch.compile, so its
     launches are never traced and need no torch.library.wrap_triton; and wrap_triton called outside tracing still
     files every call's non-tensor arguments in torch's kernel side table, for the life of the process: TMA
     descriptors among them would keep the tensors they point at (a chunk buffer, the hidden states) alive, step

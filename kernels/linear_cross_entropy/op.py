@@ -1,6 +1,6 @@
 """``liger::linear_cross_entropy``: the op's declaration, its argument checks, fake and autograd formula.
 
-A custom op rather than a triton_op: the work is three cuBLAS matmuls per chunk writing into slices of preallocated
+An opaque op (kernels/_op.py) rather than a triton_op: the work is three cuBLAS matmuls per chunk writing into slices of preallocated
 buffers and accumulating in place. Traced by Inductor, those in-place writes would be functionalised into copies of
 [N, H] and [V, H] buffers per chunk; run as one opaque call, the memory is exactly what the paths allocate (one
 chunk's working buffer plus the gradients). Nothing in it synchronises with the host, so it also runs inside CUDA

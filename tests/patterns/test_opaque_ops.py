@@ -1,5 +1,5 @@
 """What Inductor is left to call as opaque ops: the lm_head ops, once per graph, and the LoRA projection
-(kernels/lora_linear.py says why), never another op per layer. An opaque op (a torch.library custom_op) costs a trip
+(kernels/lora_linear.py says why), never another op per layer. An opaque op costs a trip
 through the dispatcher and Python at every call. The ops torch.compile traces into (triton_ops: norms, rotary, the
 gated MLP) leave no node of their own in the graphs Inductor compiles."""
 import pytest
