@@ -8,7 +8,8 @@ and the Triton launch (run here in the interpreter, on the GPU for real), plus a
 import pytest
 import torch
 
-from liger_compile.kernels import add_rms_norm, gated_down_proj, gated_mlp, rms_norm, rotary, varlen_attention  # noqa: F401
+from liger_compile.kernels import (add_rms_norm, gated_down_proj, gated_mlp, lora_linear, rms_norm, rotary,  # noqa: F401
+                                   varlen_attention)
 from models import DEVICE
 
 
@@ -30,6 +31,9 @@ CASES = {
     "gated_mlp": (torch.ops.liger.gated_mlp, lambda: (_t(2, 3, 16), _t(2, 3, 16), "silu"), gated_mlp.launch_forward, 0),
     "gated_down_proj": (torch.ops.liger.gated_down_proj, lambda: (_t(2, 3, 16), _t(2, 3, 16), _t(8, 16), "silu"),
                         None, 0),
+    # an opaque op (kernels/_op.py declares its autograd itself): a frozen base weight, a trainable adapter
+    "lora_linear": (torch.ops.liger.lora_linear, lambda: (_t(2, 3, 16), _t(8, 16, grad=False), None, _t(4, 16),
+                                                          _t(8, 4), 0.5), None, 0),
     "varlen_attention": (torch.ops.liger.varlen_attention, lambda: (
         _t(2, 4, 4, 8), _t(2, 4, 2, 8), _t(2, 4, 2, 8),
         (torch.ones(4, 4, dtype=torch.bool).tril() & torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)[
