@@ -29,7 +29,8 @@
 #   lora       TRL SFT with a PEFT LoRA adapter (rank LORA_RANK, default 16) on every projection, 4x2048, the same
 #              four variants (SFT_VARIANTS; SFT_VARIANTS=unsloth for Unsloth's FastLanguageModel, whose wheels and
 #              TRL <= 1.15 must be in .whl); loracheckpoint the same with gradient checkpointing on;
-#              LIGER_COMPILE_DISABLE=lora_projection leaves the adapters unfused (results named _disable-...)
+#              LIGER_COMPILE_DISABLE=lora_projection leaves the adapters unfused (results named _disable-...),
+#              LIGER_COMPILE_ENABLE=lora_shared_input groups q/k/v and gate/up adapters (results named _enable-...)
 #              OFFLOAD=1 adds TRL's activation_offloading=True (results named _offloading); variants liger_offload
 #              (offload_activations) and liger_cudagraphs (torch_compile_mode="reduce-overhead") in any trainer stage
 #   dpo, kto   TRL DPO (PAIRS pairs, default 2) / KTO (PAIRS rows) with a reference model, the same four variants
@@ -89,7 +90,7 @@ for stage in "${@:-tests}"; do
     tests) timeout 540 python3 -m pytest -v -n 4 -p no:logging --tb=short -rfs --timeout 240 tests/kernels \
              tests/models/test_gpu.py tests/models/test_gpu_families.py tests/models/test_gpu_training_shapes.py tests/models/test_gpu_lora.py \
              tests/patterns/test_graph_breaks.py tests/patterns/test_runtime_masks.py tests/patterns/test_rotary_forms.py \
-             tests/patterns/test_offload_activations.py tests/patterns/test_opaque_ops.py tests/trainers/test_trl_head.py \
+             tests/patterns/test_offload_activations.py tests/patterns/test_opaque_ops.py tests/patterns/test_lora_shared_input.py tests/trainers/test_trl_head.py \
              > "$R/gpu_tests.log" 2>&1
            grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -25 ;;
     trltests) timeout 200 python3 -m pytest -v -n 4 -p no:logging --tb=short -rf --timeout 110 \

@@ -13,12 +13,11 @@ On by default; `disable="lora_projection"` (or LIGER_COMPILE_DISABLE) leaves the
 import torch
 import torch.nn.functional as F
 
-from liger_compile.autocast import autocast_to
 from liger_compile.kernels import lora_linear as _op  # noqa: F401  (defines the op)
-from liger_compile.matcher import Match, op_name
+from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
 
-from ._lora import check_adapter
+from ._lora import adapter_sum, check_projection
 
 PRIORITY = 25
 
@@ -41,34 +40,11 @@ def fused(x, weight, bias, lora_a, lora_b, scaling, **_):
 
 
 def check(m: Match) -> str | None:
-    x, w, bias = (m.value(k) for k in ("x", "weight", "bias"))
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
-        return "the input is not a floating-point tensor of rank 2 or more"
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != x.shape[-1]:
-        return f"the base weight is not a matrix taking inputs of width {x.shape[-1]}"
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (w.shape[0],)):
-        return "the base layer's bias is not one value per output"
-    why = check_adapter(m, x, w)  # which also refuses autocast to another dtype than x's
-    if why:
-        return why
-    for name, t in (("weight", w), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype and not autocast_to(m.root, x):
-            return (f"the base {name} ({t.dtype}) and the input ({x.dtype}) differ in dtype outside autocast, so "
-                    "the matmul mixes dtypes")
-    return None
-
-
-def _adapter_sum(node) -> bool:
-    """A candidate site for near-miss reports: an add of a projection and a scaled projection of a projection."""
-    if op_name(node) != "add" or len(node.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in node.args):
-        return False
-    base, scaled = node.args
-    return (op_name(base) == "linear" and op_name(scaled) == "mul" and isinstance(scaled.args[0], torch.fx.Node)
-            and op_name(scaled.args[0]) == "linear")
+    return check_projection(m)
 
 
 PATTERNS = [
-    Pattern("lora_projection", "projection with LoRA", lora, fused, check, anchor=_adapter_sum),
+    Pattern("lora_projection", "projection with LoRA", lora, fused, check, anchor=adapter_sum),
     Pattern("lora_projection", "projection with LoRA, adapter input cast", lora_cast, fused, check,
-            anchor=_adapter_sum),
+            anchor=adapter_sum),
 ]
