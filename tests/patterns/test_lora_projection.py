@@ -45,7 +45,14 @@ def test_bf16_model_with_float32_adapters_under_autocast():
     model = lora_model(EVERY_PROJECTION, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = liger_compile.explain(model, **batch())
-        assert sites(report).get("lora_projection [projection with LoRA, adapter input cast]") == 12, report
+    assert sites(report).get("lora_projection [projection with LoRA, adapter input cast]") == 12, report
+    assert_autocast_step_within_bf16_noise(model)
+
+
+def assert_autocast_step_within_bf16_noise(model):
+    """Under bf16 autocast: our loss near eager's, every gradient in its parameter's dtype (float32 adapters) and
+    within 3x what Inductor alone differs from eager, or 2% of the largest gradient."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         eager_loss, eager_grads = loss_and_grads(model, batch())
         torch._dynamo.reset()
         loss, grads = loss_and_grads(model, batch(), torch.compile(model, backend="liger"))
@@ -55,7 +62,6 @@ def test_bf16_model_with_float32_adapters_under_autocast():
     assert grads.keys() == eager_grads.keys()
     for name, g in grads.items():
         assert g.dtype == torch.float32, name  # the adapters' gradients reach them in their own dtype
-        # bf16 rounding: bounded by 3x what Inductor alone differs from eager, and 2% of the largest gradient
         scale = eager_grads[name].abs().max().item()
         bound = max(3 * (inductor[name] - eager_grads[name]).abs().max().item(), 0.02 * scale) + 1e-6
         assert (g - eager_grads[name]).abs().max().item() <= bound, name

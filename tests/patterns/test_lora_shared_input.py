@@ -7,9 +7,9 @@ import torch
 
 import liger_compile
 from liger_compile.kernels import lora_linear_group
-from models import assert_matches_eager, batch, loss_and_grads
+from models import assert_matches_eager, batch
 from test_gated_down_proj_fusion import EVERY_PROJECTION, lora_model
-from test_lora_projection import sites
+from test_lora_projection import assert_autocast_step_within_bf16_noise, sites
 
 pytest.importorskip("peft")
 
@@ -41,20 +41,9 @@ def test_bf16_model_with_float32_adapters_under_autocast(enabled):
     model = lora_model(EVERY_PROJECTION, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = liger_compile.explain(model, **batch())
-        assert sites(report).get("lora_shared_input [q, k, v with LoRA, adapter input cast]") == 2, report
-        assert sites(report).get("lora_shared_input [gate, up with LoRA, adapter input cast]") == 2, report
-        eager_loss, eager_grads = loss_and_grads(model, batch())
-        torch._dynamo.reset()
-        loss, grads = loss_and_grads(model, batch(), torch.compile(model, backend="liger"))
-        torch._dynamo.reset()
-        _, inductor = loss_and_grads(model, batch(), torch.compile(model))
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-2, atol=1e-2)
-    assert grads.keys() == eager_grads.keys()
-    for name, g in grads.items():
-        assert g.dtype == torch.float32, name
-        scale = eager_grads[name].abs().max().item()  # bf16 rounding, as in test_lora_projection.py
-        bound = max(3 * (inductor[name] - eager_grads[name]).abs().max().item(), 0.02 * scale) + 1e-6
-        assert (g - eager_grads[name]).abs().max().item() <= bound, name
+    assert sites(report).get("lora_shared_input [q, k, v with LoRA, adapter input cast]") == 2, report
+    assert sites(report).get("lora_shared_input [gate, up with LoRA, adapter input cast]") == 2, report
+    assert_autocast_step_within_bf16_noise(model)
 
 
 def test_a_trained_base_layer_keeps_one_op_per_projection(enabled):
