@@ -183,12 +183,12 @@ def _examples(n: int, backward: bool):
     return examples
 
 
-FORWARD, BACKWARD = {}, {}
+FORWARD = {}  # n -> the forward function (the examples run it)
 for _n in (2, 3):
     _fake, _fake_backward = _make_fakes(_n)
     _setup_context, _backward = _autograd(_n)
     _forward, _backward_fn = _make_forward(_n), _make_backward(_n)
-    FORWARD[_n], BACKWARD[_n] = _forward, _backward_fn
+    FORWARD[_n] = _forward
     # No Triton kernel: the same torch code on every device (launcher and reference are one function)
     declare(f"lora_linear_group{_n}", _forward, _forward, triton=False, fake=_fake, setup_context=_setup_context,
             backward=_backward, examples=_examples(_n, backward=False))

@@ -10,25 +10,16 @@ one dtype and device (their A matrices are concatenated). Off unless the `enable
 names `lora_shared_input`: not yet measured in a training step on a GPU.
 """
 import torch
-import torch.nn.functional as F
 
 from liger_compile.kernels import lora_linear_group as _op  # noqa: F401  (defines the ops)
 from liger_compile.matcher import Match
 from liger_compile.pattern import Pattern
 
 from ._lora import adapter_sum, check_projection
+from .lora_projection import lora as _projection, lora_cast as _projection_cast  # one adapter projection
 
 ON_BY_DEFAULT = False
 PRIORITY = 24
-
-
-def _projection(x, weight, bias, lora_a, lora_b, scaling):
-    return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_a), lora_b) * scaling
-
-
-def _projection_cast(x, weight, bias, lora_a, lora_b, scaling, dtype):
-    """The adapter's input cast to the adapter's dtype first (PEFT does so where the two differ)."""
-    return F.linear(x, weight, bias) + F.linear(F.linear(x.to(dtype), lora_a), lora_b) * scaling
 
 
 def three(x, weight0, bias0, lora_a0, lora_b0, scaling0, weight1, bias1, lora_a1, lora_b1, scaling1,
